@@ -1,0 +1,34 @@
+"""Load one results folder, or many, into DataFrames."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Union
+
+import pandas as pd
+
+PathLike = Union[str, Path]
+
+
+def load_events(run_dir: PathLike) -> pd.DataFrame:
+    """The event log of one run (one row per event)."""
+    return pd.read_parquet(Path(run_dir) / "events.parquet")
+
+
+def load_run(run_dir: PathLike) -> tuple[pd.DataFrame, dict, dict]:
+    """(events, summary, scenario) of one results folder."""
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    scenario = json.loads((run_dir / "scenario.json").read_text())
+    return load_events(run_dir), summary, scenario
+
+
+def load_runs(run_dirs: Iterable[PathLike]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Many runs: (events of all runs with a ``run`` column, one summary row per run)."""
+    events, rows = [], []
+    for d in run_dirs:
+        ev, summary, _ = load_run(d)
+        events.append(ev.assign(run=str(d)))
+        flat = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
+        rows.append({"run": str(d), **flat})
+    return pd.concat(events, ignore_index=True), pd.DataFrame(rows)

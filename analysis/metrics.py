@@ -1,0 +1,89 @@
+"""Metrics derived from an event log (never accumulated inside the simulation)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import pandas as pd
+
+DEVICE_KINDS = ("compute", "uplink", "downlink")
+
+
+def accuracy_curve(events: pd.DataFrame) -> pd.DataFrame:
+    """Test accuracy after each evaluation: columns round, t_s (end of evaluation), accuracy."""
+    ev = events[events["kind"] == "evaluate"]
+    return pd.DataFrame({"round": ev["round"].to_numpy(), "t_s": (ev["t_s"] + ev["duration_s"]).to_numpy(),
+                         "accuracy": ev["accuracy"].to_numpy()})
+
+
+def time_to_accuracy_s(events: pd.DataFrame, target: float) -> Optional[float]:
+    """Simulated time when test accuracy first reached ``target`` (None if never) [s]."""
+    curve = accuracy_curve(events)
+    hit = curve[curve["accuracy"] >= target]
+    return None if hit.empty else float(hit["t_s"].iloc[0])
+
+
+def energy_per_device_j(events: pd.DataFrame) -> pd.Series:
+    """Total energy charged to each device (sum over its events) [J]."""
+    dev = events[events["node"].str.startswith("dev")]
+    return dev.groupby("node", sort=False)["energy_j"].sum()
+
+
+def round_breakdown(events: pd.DataFrame) -> pd.DataFrame:
+    """Per round: round latency and, on the critical path, the longest downlink, compute and
+    uplink; plus device-seconds spent computing and transmitting."""
+    starts = events[events["kind"] == "round_start"].set_index("round")["t_s"]
+    ends = events[events["kind"] == "round_end"].set_index("round")["t_s"]
+    dev = events[events["kind"].isin(DEVICE_KINDS)]
+    busy = dev.pivot_table(index="round", columns="kind", values="duration_s", aggfunc="sum").reindex(
+        columns=list(DEVICE_KINDS), fill_value=0.0).fillna(0.0)
+    longest = dev.pivot_table(index="round", columns="kind", values="duration_s", aggfunc="max").reindex(
+        columns=list(DEVICE_KINDS), fill_value=0.0).fillna(0.0)
+    out = pd.DataFrame({"latency_s": ends - starts})
+    for k in DEVICE_KINDS:
+        out[f"{k}_device_s"] = busy[k]
+        out[f"{k}_max_s"] = longest[k]
+    return out.reset_index()
+
+
+def summarize(events: pd.DataFrame, *, num_classes: int, stop_reason: str, target_accuracy: Optional[float],
+              memory_exceeded_devices: Optional[list] = None) -> dict:
+    """Headline metrics of one run (what ``summary.json`` holds)."""
+    curve = accuracy_curve(events)
+    initial = float(curve["accuracy"].iloc[0])
+    final = float(curve["accuracy"].iloc[-1])
+    chance = 1.0 / num_classes
+    energy = energy_per_device_j(events)
+    dev = events[events["kind"].isin(DEVICE_KINDS)]
+    seconds = dev.groupby("kind")["duration_s"].sum().reindex(list(DEVICE_KINDS), fill_value=0.0)
+    busy_total = float(seconds.sum())
+    comm = float(seconds["uplink"] + seconds["downlink"])
+    exceeded = sorted(set(events.loc[events["kind"] == "memory_exceeded", "node"].tolist()))
+    summary = {
+        "rounds_completed": int(curve["round"].iloc[-1]),
+        "stop_reason": stop_reason,
+        "chance_accuracy": chance,
+        "initial_accuracy": initial,
+        "final_accuracy": final,
+        "best_accuracy": float(curve["accuracy"].max()),
+        "accuracy_gain_over_initial": final - initial,
+        "accuracy_gain_over_chance": final - chance,
+        "trained_above_initial_and_chance": bool(final > initial and final > chance),
+        "sim_time_s": float((events["t_s"] + events["duration_s"]).max()),
+        "time_to_final_accuracy_s": time_to_accuracy_s(events, final),
+        "target_accuracy": target_accuracy,
+        "time_to_target_accuracy_s": None if target_accuracy is None else time_to_accuracy_s(events, target_accuracy),
+        "total_device_energy_j": float(energy.sum()),
+        "mean_device_energy_j": float(energy.mean()) if len(energy) else 0.0,
+        "energy_per_device_j": {k: float(v) for k, v in energy.items()},
+        "device_compute_s": float(seconds["compute"]),
+        "device_uplink_s": float(seconds["uplink"]),
+        "device_downlink_s": float(seconds["downlink"]),
+        "compute_share": float(seconds["compute"]) / busy_total if busy_total > 0 else math.nan,
+        "communication_share": comm / busy_total if busy_total > 0 else math.nan,
+        "total_flops": float(events["flops"].sum()),
+        "total_bytes_sent": int(events.loc[events["kind"].isin(["broadcast", "uplink"]), "bytes"].sum()),
+        "memory_exceeded_devices": exceeded,
+        "num_events": int(len(events)),
+    }
+    return summary

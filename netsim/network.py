@@ -1,0 +1,135 @@
+"""The network: devices, edge servers, their radio links and the device-to-device graph.
+
+Built once per run from a :class:`~netsim.scenario.Scenario` and a seed. Every random quantity
+comes from its own generator, derived from the run seed and a fixed key, so adding a device
+does not change the draws of another entity's link:
+
+=============================  ===========================
+what                           ``SeedSequence`` spawn key
+=============================  ===========================
+device positions (group g)     (0, 0, g)
+shadowing of uplink of dev i   (0, 1, i)
+fading of uplink of device i   (0, 2, i)
+fading of downlink of dev i    (0, 3, i)
+device selection per round     (0, 4)
+sidelink (i, j) fading         (0, 5, i, j)
+=============================  ===========================
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+
+from .channel import BlockFading, Link, db_to_linear, pathloss_db
+from .scenario import DeviceGroup, EdgeServerSpec, Scenario
+
+
+def child_rng(seed: int, *key: int) -> np.random.Generator:
+    """Independent generator for one entity: ``SeedSequence(seed, spawn_key=key)``."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=tuple(key)))
+
+
+@dataclass
+class EdgeServer:
+    index: int
+    spec: EdgeServerSpec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def position_m(self) -> tuple[float, float]:
+        return self.spec.position_m
+
+
+@dataclass
+class Device:
+    """A phone-class device: its hardware profile, position and links to its edge server."""
+
+    index: int
+    group: DeviceGroup
+    position_m: tuple[float, float]
+    server: int
+    uplink: Link = field(repr=False)
+    downlink: Link = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"dev{self.index}"
+
+
+def drop_positions(group: DeviceGroup, centre: tuple[float, float], rng: np.random.Generator) -> list[tuple[float, float]]:
+    """Uniform drop in the annulus [min_distance_m, max_distance_m] around ``centre``."""
+    p = group.placement
+    u = rng.random(group.count)
+    r = np.sqrt(u * (p.max_distance_m**2 - p.min_distance_m**2) + p.min_distance_m**2)
+    phi = rng.random(group.count) * 2.0 * math.pi
+    return [(centre[0] + float(ri * math.cos(a)), centre[1] + float(ri * math.sin(a))) for ri, a in zip(r, phi)]
+
+
+def distance_3d_m(a: tuple[float, float], b: tuple[float, float], height_a_m: float, height_b_m: float) -> float:
+    return math.sqrt((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2 + (height_a_m - height_b_m) ** 2)
+
+
+class Network:
+    """Devices and edge servers with their links; the D2D graph as ``self.d2d`` (networkx)."""
+
+    def __init__(self, scenario: Scenario, seed: int):
+        self.scenario = scenario
+        self.seed = seed
+        ch = scenario.channel
+        self.servers = [EdgeServer(i, s) for i, s in enumerate(scenario.edge_servers)]
+        self.devices: list[Device] = []
+        for g_index, group in enumerate(scenario.devices):
+            server = self.servers[group.placement.around_server]
+            positions = drop_positions(group, server.position_m, child_rng(seed, 0, 0, g_index))
+            for pos in positions:
+                i = len(self.devices)
+                d = distance_3d_m(pos, server.position_m, group.antenna_height_m, server.spec.antenna_height_m)
+                shadow_db = child_rng(seed, 0, 1, i).normal(0.0, ch.pathloss.shadowing_std_db) if ch.pathloss.shadowing_std_db > 0 else 0.0
+                gain = db_to_linear(-(pathloss_db(ch.pathloss, d, ch.carrier_hz, group.antenna_height_m) + shadow_db))
+                up = Link(gain, group.tx_power_w, BlockFading(ch.fading, ch.coherence_time_s, child_rng(seed, 0, 2, i)), ch)
+                down = Link(gain, server.spec.tx_power_w, BlockFading(ch.fading, ch.coherence_time_s, child_rng(seed, 0, 3, i)), ch)
+                self.devices.append(Device(i, group, pos, server.index, up, down))
+        self.d2d = build_d2d_graph(scenario, self.devices, seed)
+
+    def uplink_weights(self) -> list[float]:
+        shares = self.scenario.channel.uplink_shares
+        return [1.0] * len(self.devices) if shares == "equal" else list(shares)
+
+
+def build_d2d_graph(scenario: Scenario, devices: list[Device], seed: int) -> nx.Graph:
+    """Device-to-device graph. Nodes are device indices (attribute ``pos_m``); every edge has
+    ``distance_m``, a sidelink :class:`Link` (``link``) with its own Rayleigh block fading, and
+    ``mean_snr_db`` over ``d2d.bandwidth_hz``."""
+    spec = scenario.d2d
+    ch = scenario.channel
+    graph = nx.Graph()
+    for dev in devices:
+        graph.add_node(dev.index, pos_m=dev.position_m)
+    if spec.kind == "none" or len(devices) < 2:
+        return graph
+    pos = np.array([d.position_m for d in devices])
+    pairs: set[tuple[int, int]] = set()
+    if spec.kind == "distance":
+        for i in range(len(devices)):
+            dist = np.hypot(*(pos[i + 1 :] - pos[i]).T)
+            for j in np.nonzero(dist <= spec.threshold_m)[0]:
+                pairs.add((i, i + 1 + int(j)))
+    else:
+        for i in range(len(devices)):
+            dist = np.hypot(*(pos - pos[i]).T)
+            dist[i] = np.inf
+            for j in np.argsort(dist, kind="stable")[: spec.k]:
+                pairs.add((min(i, int(j)), max(i, int(j))))
+    for i, j in sorted(pairs):
+        a, b = devices[i], devices[j]
+        d = distance_3d_m(a.position_m, b.position_m, a.group.antenna_height_m, b.group.antenna_height_m)
+        gain = db_to_linear(-pathloss_db(ch.pathloss, d, ch.carrier_hz, a.group.antenna_height_m))
+        link = Link(gain, a.group.tx_power_w, BlockFading(ch.fading, ch.coherence_time_s, child_rng(seed, 0, 5, i, j)), ch)
+        graph.add_edge(i, j, distance_m=d, link=link, mean_snr_db=link.mean_snr_db(spec.bandwidth_hz))
+    return graph

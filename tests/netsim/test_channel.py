@@ -1,0 +1,68 @@
+"""Channel maths against theory."""
+import math
+
+import numpy as np
+import pytest
+
+from netsim.channel import BlockFading, Link, noise_power_w, pathloss_db, shannon_rate_bps, transfer_duration_s
+from netsim.scenario import ChannelSpec, PathLossSpec
+
+
+def test_rayleigh_mean_power_gain_is_one():
+    fading = BlockFading("rayleigh", 0.01, np.random.default_rng(1))
+    n = 200_000
+    gains = np.array([fading.power_gain(b) for b in range(n)])
+    # |h|^2 ~ Exp(1): mean 1, std 1, so the sample mean has std 1/sqrt(n).
+    assert abs(gains.mean() - 1.0) < 4.0 / math.sqrt(n)
+    # and the exponential law: P(g > 1) = e^-1
+    assert abs((gains > 1.0).mean() - math.exp(-1.0)) < 4.0 * math.sqrt(math.exp(-1) * (1 - math.exp(-1)) / n)
+
+
+def test_fading_block_does_not_depend_on_query_order():
+    a = BlockFading("rayleigh", 0.01, np.random.default_rng(5))
+    b = BlockFading("rayleigh", 0.01, np.random.default_rng(5))
+    late = a.power_gain(500)
+    early = [b.power_gain(i) for i in range(501)]
+    assert early[500] == late
+    assert a.power_gain(3) == early[3]
+
+
+@pytest.mark.parametrize("size_bits,rate_bps", [(1e6, 1e6), (8 * 301_072, 3.7e6), (5.0, 1e9)])
+def test_fixed_rate_transfer_takes_s_over_r(size_bits, rate_bps):
+    for start in (0.0, 0.0123, 7.5):
+        t = transfer_duration_s(size_bits, start, 0.01, lambda b: rate_bps)
+        assert t == pytest.approx(size_bits / rate_bps, rel=1e-9)
+
+
+def test_transfer_uses_each_blocks_rate():
+    rates = {0: 1000.0, 1: 3000.0, 2: 500.0}
+    # start at 0.5 of block 0 (T_c = 1 s): 500 bits in block 0, 3000 in block 1, then 250 bits at 500 bit/s
+    t = transfer_duration_s(3750, 0.5, 1.0, lambda b: rates[b])
+    assert t == pytest.approx(0.5 + 1.0 + 0.5)
+
+
+def test_pathloss_umi_matches_38901_formula():
+    spec = PathLossSpec(model="umi_los")
+    assert pathloss_db(spec, 100.0, 3.5e9) == pytest.approx(32.4 + 21 * 2 + 20 * math.log10(3.5))
+    nlos = PathLossSpec(model="umi_nlos")
+    assert pathloss_db(nlos, 100.0, 3.5e9) == pytest.approx(35.3 * 2 + 22.4 + 21.3 * math.log10(3.5))
+    # NLOS is never below LOS, and loss grows with distance
+    for d in (10, 50, 200, 1000):
+        assert pathloss_db(nlos, d, 3.5e9) >= pathloss_db(spec, d, 3.5e9)
+        assert pathloss_db(nlos, d * 2, 3.5e9) > pathloss_db(nlos, d, 3.5e9)
+    assert pathloss_db(PathLossSpec(model="log_distance", exponent=3, ref_loss_db=40), 100, 2e9) == pytest.approx(100.0)
+
+
+def test_noise_and_shannon():
+    ch = ChannelSpec(noise_psd_dbm_per_hz=-174, noise_figure_db=0)
+    # -174 dBm/Hz over 1 MHz = -114 dBm = 10^-14.4 W
+    assert noise_power_w(ch, 1e6) == pytest.approx(10 ** (-14.4), rel=1e-9)
+    assert shannon_rate_bps(1e6, 1.0) == pytest.approx(1e6)
+    assert shannon_rate_bps(2e6, 3.0) == pytest.approx(4e6)
+
+
+def test_link_snr_scales_with_bandwidth_and_no_fading():
+    ch = ChannelSpec(fading="none")
+    link = Link(1e-10, 0.2, BlockFading("none", 0.01, np.random.default_rng(0)), ch)
+    assert link.snr(0, 1e6) == pytest.approx(2 * link.snr(0, 2e6))
+    assert 10 * math.log10(link.snr(7, 1e6)) == pytest.approx(link.mean_snr_db(1e6))
