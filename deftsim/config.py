@@ -5,6 +5,7 @@ path, the bad value and what is allowed. The CLI prints it and exits with code 2
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -12,6 +13,26 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from netsim.scenario import Scenario
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``3.5e9`` / ``-20e6`` as floats (YAML 1.2 style; PyYAML's
+    YAML 1.1 resolver would read them as strings)."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 class ScenarioError(Exception):
@@ -56,9 +77,12 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"  {path}: unknown field (value {_short(e.get('input'))}); allowed fields here: {allowed}")
         elif e["type"] == "missing":
             lines.append(f"  {path}: required field is missing")
+        elif e["type"] == "value_error":
+            # Our own cross-field checks: the message names the fields and values itself.
+            prefix = "" if not loc else f"{path}: "
+            lines.append(f"  {prefix}{e['msg'].removeprefix('Value error, ')}")
         else:
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"  {path} = {_short(e.get('input'))}: {msg}")
+            lines.append(f"  {path} = {_short(e.get('input'))}: {e['msg']}")
     lines.append("Run `deftsim schema` for every field, its type and its default.")
     return "\n".join(lines)
 
@@ -78,7 +102,7 @@ def read_scenario_dict(path: Path) -> dict:
     if "\x00" in text:
         raise ScenarioError(f"scenario file {str(path)!r} contains NUL bytes: expected a YAML text file")
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -102,7 +126,7 @@ def apply_override(data: dict, assignment: str) -> None:
     if not key.strip() or any(not p for p in parts):
         raise ScenarioError(f"--set {assignment!r}: empty key path")
     try:
-        value = yaml.safe_load(text)
+        value = parse_yaml(text)
     except yaml.YAMLError:
         value = text
     node: Any = data
