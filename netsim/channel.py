@@ -63,20 +63,47 @@ def shannon_rate_bps(bandwidth_hz: float, snr: float) -> float:
     return bandwidth_hz * math.log2(1.0 + snr)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    """SplitMix64 finaliser (Steele, Lea, Flood 2014): a bijective 64-bit mixer whose outputs
+    pass BigCrush; used as a counter-based random number generator."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+_U64 = np.uint64
+
+
+def splitmix64_array(x: np.ndarray) -> np.ndarray:
+    """:func:`splitmix64` on a uint64 array (wrap-around arithmetic, same outputs)."""
+    x = x + _U64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return x ^ (x >> _U64(31))
+
+
 class BlockFading:
     """Small-scale fading of one link, constant within a coherence block and independent across
     blocks (block fading).
 
     Rayleigh: h ~ CN(0, 1), so the power gain |h|^2 ~ Exp(1) with mean 1. Block b covers
-    simulated time [b T_c, (b+1) T_c). The gain of block b is always the b-th draw of this
-    link's own generator, so it does not depend on the order in which blocks are queried.
+    simulated time [b T_c, (b+1) T_c). The gain of block b is a pure function of the link's key
+    (drawn once from the link's own generator) and b, through a counter-based generator:
+    u_b = (SplitMix64(key XOR SplitMix64(b)) + 1/2) 2^-64 in (0, 1), |h_b|^2 = -ln u_b.
+    So it does not depend on the order in which blocks are queried, and a link costs O(1)
+    memory however long the run.
     """
 
     def __init__(self, kind: str, coherence_time_s: float, rng: np.random.Generator):
         self.kind = kind
         self.coherence_time_s = coherence_time_s
-        self._rng = rng
-        self._gains: list[float] = []
+        self._key = int(rng.integers(0, 2**63, dtype=np.int64))
+        self._last_block = -1
+        self._last_gain = 1.0
 
     def block_index(self, t_s: float) -> int:
         # Small epsilon so a time exactly on a boundary belongs to the next block despite
@@ -87,9 +114,20 @@ class BlockFading:
         """|h|^2 of coherence block ``block`` (1.0 for ``none``)."""
         if self.kind == "none":
             return 1.0
-        while len(self._gains) <= block:
-            self._gains.extend(self._rng.exponential(1.0, size=max(64, len(self._gains))).tolist())
-        return self._gains[block]
+        if block != self._last_block:
+            u = ((splitmix64(self._key ^ splitmix64(block)) >> 11) + 0.5) * 2.0**-53
+            self._last_block, self._last_gain = block, -math.log(u)
+        return self._last_gain
+
+    def power_gains(self, first_block: int, count: int) -> np.ndarray:
+        """|h|^2 of blocks first_block .. first_block + count - 1 (same values as
+        :meth:`power_gain`, computed in one vectorised pass)."""
+        if self.kind == "none":
+            return np.ones(count)
+        blocks = np.arange(first_block, first_block + count, dtype=np.uint64)
+        h = splitmix64_array(_U64(self._key) ^ splitmix64_array(blocks))
+        u = ((h >> _U64(11)).astype(np.float64) + 0.5) * 2.0**-53
+        return -np.log(u)
 
 
 class Link:
@@ -121,13 +159,27 @@ class Link:
     def rate_bps(self, block: int, bandwidth_hz: float) -> float:
         return shannon_rate_bps(bandwidth_hz, self.snr(block, bandwidth_hz))
 
+    def rates_bps(self, first_block: int, count: int, bandwidth_hz: float) -> np.ndarray:
+        """Shannon rates of ``count`` consecutive coherence blocks [bit/s] (vectorised)."""
+        snr = self.tx_power_w * self.large_scale_gain * self.fading.power_gains(first_block, count) / (
+            self._noise_w_per_hz * bandwidth_hz)
+        return bandwidth_hz * np.log2(1.0 + snr)
+
+    def transfer_duration_s(self, size_bits: float, start_s: float, bandwidth_hz: float) -> float:
+        """Time to send ``size_bits`` over this link from ``start_s`` [s] (see
+        :func:`transfer_duration_s`)."""
+        return transfer_duration_s(size_bits, start_s, self.fading.coherence_time_s,
+                                   lambda b: self.rate_bps(b, bandwidth_hz),
+                                   lambda b, n: self.rates_bps(b, n, bandwidth_hz))
+
     def mean_snr_db(self, bandwidth_hz: float) -> float:
         """SNR with the fading averaged out (E|h|^2 = 1) [dB]."""
         snr = self.tx_power_w * self.large_scale_gain / (self._noise_w_per_hz * bandwidth_hz)
         return 10.0 * math.log10(snr)
 
 
-def transfer_duration_s(size_bits: float, start_s: float, coherence_time_s: float, rate_of_block) -> float:
+def transfer_duration_s(size_bits: float, start_s: float, coherence_time_s: float, rate_of_block,
+                        rates_of_blocks=None, scalar_blocks: int = 16) -> float:
     """Time to send ``size_bits`` starting at ``start_s`` over a block-fading channel [s].
 
     The part of the payload sent in coherence block b goes at that block's rate R_b:
@@ -135,21 +187,36 @@ def transfer_duration_s(size_bits: float, start_s: float, coherence_time_s: floa
     .. math::
         S = \\sum_b R_b \\, \\tau_b, \\qquad T = \\sum_b \\tau_b
 
-    where tau_b is the time spent in block b. ``rate_of_block(b)`` returns R_b [bit/s]. With a
-    constant rate R this is S / R exactly.
+    where tau_b is the time spent in block b (T_c, or less in the first and last block). With
+    a constant rate R this is S / R.
+
+    ``rate_of_block(b)`` gives R_b [bit/s]. For long transfers, ``rates_of_blocks(b, n)``
+    (optional) gives the rates of n consecutive blocks as an array: after ``scalar_blocks``
+    blocks walked one by one, the rest is walked in growing vectorised chunks.
     """
     if size_bits <= 0:
         return 0.0
     remaining = float(size_bits)
     t = float(start_s)
     block = int(math.floor(t / coherence_time_s + 1e-9))
-    while True:
+    for _ in range(scalar_blocks if rates_of_blocks is not None else 1 << 62):
         rate = rate_of_block(block)
         block_end = (block + 1) * coherence_time_s
         available_s = max(block_end - t, 0.0)
         if rate * available_s >= remaining:
-            t += remaining / rate
-            return t - start_s
+            return t + remaining / rate - start_s
         remaining -= rate * available_s
         t = block_end
         block += 1
+    chunk = 64
+    while True:
+        rates = np.asarray(rates_of_blocks(block, chunk), dtype=np.float64)
+        sent = np.cumsum(rates * coherence_time_s)
+        if sent[-1] >= remaining:
+            i = int(np.searchsorted(sent, remaining))
+            before_bits = float(sent[i - 1]) if i > 0 else 0.0
+            return t + i * coherence_time_s + (remaining - before_bits) / float(rates[i]) - start_s
+        remaining -= float(sent[-1])
+        t += chunk * coherence_time_s
+        block += chunk
+        chunk = min(chunk * 4, 1 << 16)

@@ -5,8 +5,8 @@ One round (McMahan et al. 2017, with PEFT parameters only):
 1. the edge samples ``training.devices_per_round`` devices (uniformly, without replacement);
    a sampled device whose memory cannot hold the job is recorded (``memory_exceeded``) and
    sits the round out;
-2. each edge server multicasts the global adapter to its sampled devices at the rate the
-   weakest of them can decode in each coherence block (downlink broadcast);
+2. each edge server multicasts the global adapter to its sampled devices with rateless coding:
+   each device decodes once it has accumulated the payload at its own per-block rate;
 3. every device runs E real local steps; their compute time is counted FLOPs / device speed;
 4. every device uploads its update over its FDMA share of its server's uplink band
    (shares proportional to ``channel.uplink_shares`` among the round's devices);
@@ -27,7 +27,6 @@ from typing import Callable, Optional
 import simpy
 
 from .budgets import bandwidth_shares, compute_time_s, energy_j
-from .channel import transfer_duration_s
 from .interfaces import LocalJob, LocalResult, Trainer
 from .network import Device, Network, child_rng
 from .records import Recorder
@@ -94,13 +93,16 @@ class FedAvgSimulation:
                 reason = "no_device_fits_memory"
                 break
             self.recorder.emit("round_start", t_s=self.env.now, node=self._edge_name, round=r)
-            yield from self._broadcast(r, devices)
+            download_s = self._broadcast(r, devices)
+            # Local training depends only on the global state, not on timing: all jobs of the
+            # round go to the trainer at once (so it may batch them).
             results = self.trainer.local_train(
                 [LocalJob(d.index, r, sc.training.local_steps, sc.training.batch_size) for d in devices]
             )
             shares = self._uplink_shares(devices)
-            yield simpy.AllOf(self.env, [self.env.process(self._device_round(r, d, res, shares[d.index]))
-                                         for d, res in zip(devices, results)])
+            yield simpy.AllOf(self.env, [
+                self.env.process(self._device_round(r, d, download_s[d.index], res, shares[d.index]))
+                for d, res in zip(devices, results)])
             yield from self._aggregate(r, results)
             accuracy = yield from self._evaluate(r)
             rounds_done = r
@@ -142,41 +144,42 @@ class FedAvgSimulation:
         return shares
 
     # ------------------------------------------------------------- transfers
-    def _broadcast(self, r: int, devices: list[Device]):
-        """Each server multicasts the adapter at the weakest receiver's rate; devices of all
-        servers receive in parallel (separate cells)."""
+    def _broadcast(self, r: int, devices: list[Device]) -> dict[int, float]:
+        """Each server multicasts the adapter to its devices with rateless (fountain) coding:
+        a device decodes once the bits it has accumulated at its own per-block rate reach the
+        payload, so each device has its own download time; the server transmits until its last
+        device has decoded. Returns device index -> download time [s]."""
         ch = self.scenario.channel
         size_bytes = self.trainer.adapter_bytes()
         t0 = self.env.now
-        longest = 0.0
+        download_s: dict[int, float] = {}
         for server in self.network.servers:
             members = [d for d in devices if d.server == server.index]
             if not members:
                 continue
-            def weakest_rate(block: int, members=members) -> float:
-                return min(d.downlink.rate_bps(block, ch.downlink_bandwidth_hz) for d in members)
-            duration = transfer_duration_s(8 * size_bytes, t0, ch.coherence_time_s, weakest_rate)
-            longest = max(longest, duration)
-            self.recorder.emit("broadcast", t_s=t0, duration_s=duration, node=server.name, round=r,
-                               bytes=size_bytes, energy_j=energy_j(server.spec.tx_power_w, duration))
             for d in members:
-                self.recorder.emit("downlink", t_s=t0, duration_s=duration, node=d.name, peer=server.name,
-                                   round=r, bytes=size_bytes, energy_j=energy_j(d.group.rx_power_w, duration))
-        yield self.env.timeout(longest)
+                download_s[d.index] = d.downlink.transfer_duration_s(8 * size_bytes, t0, ch.downlink_bandwidth_hz)
+            longest = max(download_s[d.index] for d in members)
+            self.recorder.emit("broadcast", t_s=t0, duration_s=longest, node=server.name, round=r,
+                               bytes=size_bytes, energy_j=energy_j(server.spec.tx_power_w, longest))
+        return download_s
 
-    def _device_round(self, r: int, device: Device, result: LocalResult, share: float):
-        """Local compute, then upload over the device's FDMA share."""
+    def _device_round(self, r: int, device: Device, download_s: float, result: LocalResult, share: float):
+        """Download the global adapter, run the local steps, upload over the FDMA share."""
         g = device.group
+        ch = self.scenario.channel
         server_name = self.network.servers[device.server].name
+        size_bytes = self.trainer.adapter_bytes()
+        self.recorder.emit("downlink", t_s=self.env.now, duration_s=download_s, node=device.name, peer=server_name,
+                           round=r, bytes=size_bytes, energy_j=energy_j(g.rx_power_w, download_s))
+        yield self.env.timeout(download_s)
         t_compute = compute_time_s(result.flops, g.compute_flops_per_s)
         self.recorder.emit("compute", t_s=self.env.now, duration_s=t_compute, node=device.name, round=r,
                            flops=result.flops, memory_bytes=result.peak_memory_bytes,
                            energy_j=energy_j(g.compute_power_w, t_compute), loss=result.loss)
         yield self.env.timeout(t_compute)
-        ch = self.scenario.channel
-        bandwidth_hz = share * ch.uplink_bandwidth_hz
-        t_up = transfer_duration_s(8 * result.update_bytes, self.env.now, ch.coherence_time_s,
-                                   lambda b: device.uplink.rate_bps(b, bandwidth_hz))
+        t_up = device.uplink.transfer_duration_s(8 * result.update_bytes, self.env.now,
+                                                 share * ch.uplink_bandwidth_hz)
         self.recorder.emit("uplink", t_s=self.env.now, duration_s=t_up, node=device.name, peer=server_name,
                            round=r, bytes=result.update_bytes, energy_j=energy_j(g.tx_power_w, t_up))
         yield self.env.timeout(t_up)

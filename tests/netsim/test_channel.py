@@ -18,6 +18,31 @@ def test_rayleigh_mean_power_gain_is_one():
     assert abs((gains > 1.0).mean() - math.exp(-1.0)) < 4.0 * math.sqrt(math.exp(-1) * (1 - math.exp(-1)) / n)
 
 
+def test_vectorised_gains_equal_scalar_gains():
+    fading = BlockFading("rayleigh", 0.01, np.random.default_rng(2))
+    vec = fading.power_gains(100, 50)
+    assert vec.tolist() == [fading.power_gain(b) for b in range(100, 150)]
+
+
+def test_long_transfer_over_fading_matches_block_by_block_sum():
+    ch = ChannelSpec()
+    link = Link(1e-11, 0.2, BlockFading("rayleigh", 0.01, np.random.default_rng(3)), ch)
+    size, start, bw = 5e6, 0.0137, 1e5
+    t = link.transfer_duration_s(size, start, bw)
+    # independent reference: walk block by block with the scalar rate
+    left, now, b = size, start, int(start / 0.01)
+    while True:
+        r = link.rate_bps(b, bw)
+        span = (b + 1) * 0.01 - now
+        if r * span >= left:
+            now += left / r
+            break
+        left -= r * span
+        now, b = (b + 1) * 0.01, b + 1
+    assert t == pytest.approx(now - start, rel=1e-9)
+    assert t > 0.5  # spans many coherence blocks
+
+
 def test_fading_block_does_not_depend_on_query_order():
     a = BlockFading("rayleigh", 0.01, np.random.default_rng(5))
     b = BlockFading("rayleigh", 0.01, np.random.default_rng(5))
@@ -32,12 +57,18 @@ def test_fixed_rate_transfer_takes_s_over_r(size_bits, rate_bps):
     for start in (0.0, 0.0123, 7.5):
         t = transfer_duration_s(size_bits, start, 0.01, lambda b: rate_bps)
         assert t == pytest.approx(size_bits / rate_bps, rel=1e-9)
+        t = transfer_duration_s(size_bits, start, 0.01, lambda b: rate_bps, lambda b, n: np.full(n, rate_bps),
+                                scalar_blocks=0)
+        assert t == pytest.approx(size_bits / rate_bps, rel=1e-9)
 
 
 def test_transfer_uses_each_blocks_rate():
     rates = {0: 1000.0, 1: 3000.0, 2: 500.0}
     # start at 0.5 of block 0 (T_c = 1 s): 500 bits in block 0, 3000 in block 1, then 250 bits at 500 bit/s
     t = transfer_duration_s(3750, 0.5, 1.0, lambda b: rates[b])
+    assert t == pytest.approx(0.5 + 1.0 + 0.5)
+    t = transfer_duration_s(3750, 0.5, 1.0, lambda b: rates[b],
+                            lambda b, n: np.array([rates.get(b + i, 1.0) for i in range(n)]), scalar_blocks=1)
     assert t == pytest.approx(0.5 + 1.0 + 0.5)
 
 
