@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerBase
 
 EVAL_BATCH_SIZE = 64
+CHARS_PER_TOKEN_BOUND = 12  # texts are cut near 12 characters per wanted token
 THREADS_ENV = "DEFTSIM_TORCH_THREADS"
 
 PeftState = dict[str, torch.Tensor]
@@ -66,13 +67,49 @@ class TokenizedTexts:
         )
 
 
+def _cut_at_whitespace(text: str, max_chars: int) -> str:
+    """``text`` cut at the last space or newline before ``max_chars`` characters (unchanged if
+    it is shorter or has no such whitespace)."""
+    if len(text) <= max_chars:
+        return text
+    cut = max(text.rfind(" ", 0, max_chars), text.rfind("\n", 0, max_chars))
+    return text[:cut] if cut > 0 else text
+
+
+def truncated_texts(
+    tokenizer: "PreTrainedTokenizerBase", texts: list[str], max_length_tokens: int
+) -> list[str]:
+    """Texts shortened for fast tokenization without changing their first tokens.
+
+    Long texts are cut at a whitespace after about ``CHARS_PER_TOKEN_BOUND * max_length_tokens``
+    characters; a cut text is kept only if it still yields at least ``max_length_tokens`` tokens
+    (otherwise the full text is used). Tokenizers split text into words before sub-word
+    tokenization, so the kept prefix tokenizes to the same first ``max_length_tokens`` tokens
+    as the full text (checked against full tokenization in the tests)."""
+    max_chars = CHARS_PER_TOKEN_BOUND * max_length_tokens
+    cut = [_cut_at_whitespace(t, max_chars) for t in texts]
+    shortened = [i for i, (c, t) in enumerate(zip(cut, texts)) if len(c) < len(t)]
+    if not shortened:
+        return cut
+    counts = tokenizer(
+        [cut[i] for i in shortened],
+        add_special_tokens=False,
+        truncation=True,
+        max_length=max_length_tokens,
+    )["input_ids"]
+    for i, ids in zip(shortened, counts):
+        if len(ids) < max_length_tokens:
+            cut[i] = texts[i]
+    return cut
+
+
 def tokenize_all(
     tokenizer: "PreTrainedTokenizerBase", texts: list[str], labels: np.ndarray, max_length_tokens: int
 ) -> TokenizedTexts:
-    """Tokenize all texts in one call (truncation and padding to ``max_length_tokens``)."""
+    """Tokenize all texts once (truncation and right padding to ``max_length_tokens``)."""
     tokenizer.padding_side = "right"  # dynamic padding cuts the padding columns on the right
     encoded = tokenizer(
-        texts,
+        truncated_texts(tokenizer, texts, max_length_tokens),
         truncation=True,
         max_length=max_length_tokens,
         padding="max_length",

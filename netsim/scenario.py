@@ -134,7 +134,6 @@ class ModelSpec(Spec):
 
     path: Optional[str] = None
     max_length_tokens: int = Field(32, ge=4, le=4096)
-    dtype_bytes: int = Field(4, description="bytes per parameter/activation value (float32: 4)")
 
     @model_validator(mode="after")
     def _path_exists(self) -> "ModelSpec":
