@@ -7,6 +7,8 @@
 ``DIR/accuracy_vs_time.png``
 ``DIR/timing.json``     host wall-clock timings (the only non-deterministic file)
 
+What is run is the scenario's ``experiment`` (``deftsim.experiments``): ``fedavg`` by default.
+
 Every file is written to a temporary name and renamed into place, ``summary.json`` last, so
 a folder with ``summary.json`` is complete.
 """
@@ -36,12 +38,16 @@ PACKAGES = ("deftsim", "simpy", "numpy", "pandas", "networkx", "pydantic", "torc
 
 
 def make_trainer(scenario: Scenario, seed: int):
-    """The trainer a scenario asks for; the real one is imported only when needed."""
+    """The trainer a scenario asks for; the real one is imported only when needed. Errors in
+    the scenario found while building it become :class:`ScenarioError`."""
     if scenario.trainer == "fake":
         return FakeTrainer(scenario, seed)
     from fomo import build_trainer
 
-    return build_trainer(scenario, seed)
+    try:
+        return build_trainer(scenario, seed)
+    except (ValueError, OSError) as err:
+        raise ScenarioError(f"cannot build the trainer for scenario {scenario.name!r}: {err}") from None
 
 
 def package_versions() -> dict[str, Optional[str]]:
@@ -94,30 +100,23 @@ def topology_record(network: Network) -> dict:
 
 
 def run_scenario(scenario: Scenario, out_dir: str | Path, on_round=None) -> dict:
-    """Run ``scenario`` (its ``seed``) and write the results folder. Returns the summary."""
+    """Run ``scenario`` (its ``seed`` and ``experiment``) and write the results folder.
+    Returns the summary."""
+    from .experiments import get_experiment
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    seed = scenario.seed
     t0 = time.perf_counter()
-    try:
-        trainer = make_trainer(scenario, seed)
-    except (ValueError, OSError) as err:
-        raise ScenarioError(f"cannot build the trainer for scenario {scenario.name!r}: {err}") from None
-    t_setup = time.perf_counter() - t0
-    sim = FedAvgSimulation(scenario, seed, trainer, on_round=on_round)
-    outcome = sim.run()
-    t_run = time.perf_counter() - t0 - t_setup
-    events = sim.recorder.to_frame()
-    summary = summarize(events, num_classes=trainer.num_classes, stop_reason=outcome.stop_reason,
-                        target_accuracy=scenario.stop.target_accuracy)
-    resolved = {"scenario": scenario.model_dump(mode="json"), "seed": seed, "versions": package_versions(),
-                "git_revision": git_revision()}
+    result = get_experiment(scenario.experiment)(scenario, on_round)
+    wall_s = time.perf_counter() - t0
+    resolved = {"scenario": scenario.model_dump(mode="json"), "seed": scenario.seed,
+                "versions": package_versions(), "git_revision": git_revision()}
     _write_json(out / "scenario.json", resolved)
-    _write_json(out / "topology.json", topology_record(sim.network))
-    _write_atomic(out / "events.parquet", lambda p: events.to_parquet(p, index=False))
-    _write_atomic(out / "accuracy_vs_time.png",
-                  lambda p: plot_accuracy_vs_time(events, p, title=f"{scenario.name} (seed {seed})",
-                                                  chance=summary["chance_accuracy"]))
-    _write_json(out / "timing.json", {"setup_wall_s": t_setup, "simulation_wall_s": t_run})
-    _write_json(out / "summary.json", summary)
-    return summary
+    if result.topology is not None:
+        _write_json(out / "topology.json", result.topology)
+    _write_atomic(out / "events.parquet", lambda p: result.events.to_parquet(p, index=False))
+    for name, write in result.figures.items():
+        _write_atomic(out / name, write)
+    _write_json(out / "timing.json", {"wall_s": wall_s, **result.timing})
+    _write_json(out / "summary.json", result.summary)
+    return result.summary

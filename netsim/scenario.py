@@ -16,6 +16,7 @@ The tree::
     ├── data: DataSpec                data set, partition across devices, test split
     ├── training: TrainingSpec        rounds, local steps, batch, optimizer, selection
     ├── stop: StopSpec                target accuracy, round limit, simulated-time horizon
+    ├── execution: ExecutionSpec      how the host runs the real steps (never changes the timeline)
     └── trainer: "real" | "fake"      real PyTorch steps or the torch-free stand-in
 """
 from __future__ import annotations
@@ -200,6 +201,39 @@ class TrainingSpec(Spec):
     )
 
 
+class ExecutionSpec(Spec):
+    """How the host runs the real PEFT steps: execution strategies, not model changes.
+
+    Whatever is chosen here, the simulated timeline is the same (every device reports the
+    FLOPs and memory of its own, uncached, one-device step, so durations and energies do not
+    change), and losses and updates equal the sequential, uncached path up to float32 rounding
+    (tested within 1e-5). Ignored by the fake trainer.
+
+    ``strategy``
+        ``sequential``: one device's local steps after another. ``batched``: the devices of a
+        round that share (local_steps, batch_size) run their steps together, up to
+        ``max_devices_per_pass`` at a time, as one forward/backward over the shared frozen model
+        with per-device LoRA matrices and heads (``torch.bmm``) and per-device optimizer state.
+        Batched applies to LoRA without dropout (``peft.dropout: 0``); prompt tuning and LoRA
+        with dropout run sequentially whatever is asked.
+    ``activation_cache_bytes``
+        When only the top blocks are trainable (``peft.layers``, e.g. ``[4, 5]``), keep the
+        frozen lower blocks' output per example, up to this many bytes (least recently used
+        evicted first), instead of recomputing it every step. 0 switches the cache off. A
+        32-token example of all-MiniLM-L6-v2 takes 32 x 384 x 4 = 49 kB.
+    """
+
+    strategy: Literal["sequential", "batched"] = Field(
+        "sequential", description="sequential: one device at a time; batched: a round's devices in one pass"
+    )
+    max_devices_per_pass: int = Field(
+        16, ge=1, le=4096, description="batched only: devices per batched forward/backward"
+    )
+    activation_cache_bytes: int = Field(
+        0, ge=0, description="frozen-prefix activation cache size [bytes] (0: off)"
+    )
+
+
 class StopSpec(Spec):
     """The run stops at whichever comes first."""
 
@@ -221,6 +255,9 @@ class FakeTrainerSpec(Spec):
 class Scenario(Spec):
     name: str = "scenario"
     seed: int = Field(0, ge=0)
+    experiment: Literal["fedavg"] = Field(
+        "fedavg", description="what `deftsim run` does with the scenario (deftsim/experiments.py)"
+    )
     trainer: Literal["real", "fake"] = "real"
     devices: list[DeviceGroup] = Field(default_factory=lambda: [DeviceGroup()], min_length=1)
     edge_servers: list[EdgeServerSpec] = Field(
@@ -233,6 +270,7 @@ class Scenario(Spec):
     data: DataSpec = DataSpec()
     training: TrainingSpec = TrainingSpec()
     stop: StopSpec = StopSpec()
+    execution: ExecutionSpec = ExecutionSpec()
     fake: FakeTrainerSpec = FakeTrainerSpec()
 
     @property
