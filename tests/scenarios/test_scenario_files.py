@@ -1,0 +1,26 @@
+"""Every shipped scenario file validates; the fake-trainer ones also run (short)."""
+from pathlib import Path
+
+import pytest
+
+from deftsim.checks import check_scenario_resources
+from deftsim.config import load_scenario, read_scenario_dict
+from deftsim.runner import run_scenario
+
+SCENARIOS = sorted(p for p in (Path(__file__).resolve().parents[2] / "scenarios").glob("*.yaml")
+                   if not p.name.startswith("sweep"))
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.name)
+def test_scenario_file_validates(path):
+    scenario = load_scenario(path)
+    check_scenario_resources(scenario)
+    assert scenario.name
+
+
+@pytest.mark.parametrize("path", [p for p in SCENARIOS if read_scenario_dict(p).get("trainer") == "fake"],
+                         ids=lambda p: p.name)
+def test_fake_scenario_runs_short(path, tmp_path):
+    scenario = load_scenario(path, ["training.rounds=2"])
+    summary = run_scenario(scenario, tmp_path)
+    assert (tmp_path / "summary.json").exists() and summary["num_events"] > 0
