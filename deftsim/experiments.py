@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import pandas as pd
 
+from netsim.aircomp_fedavg import AirCompFedAvgSimulation, aircomp_summary, make_simulation
 from netsim.fedavg import FedAvgSimulation
 from netsim.scenario import Scenario
 
@@ -39,11 +40,13 @@ def fedavg(scenario: Scenario, on_round=None) -> ExperimentResult:
     t0 = time.perf_counter()
     trainer = make_trainer(scenario, scenario.seed)
     setup_s = time.perf_counter() - t0
-    sim = FedAvgSimulation(scenario, scenario.seed, trainer, on_round=on_round)
+    sim = make_simulation(scenario, scenario.seed, trainer, on_round=on_round)
     outcome = sim.run()
     events = sim.recorder.to_frame()
     summary = summarize(events, num_classes=trainer.num_classes, stop_reason=outcome.stop_reason,
                         target_accuracy=scenario.stop.target_accuracy)
+    if isinstance(sim, AirCompFedAvgSimulation):
+        summary["aircomp"] = aircomp_summary(sim.aircomp_log)
     title = f"{scenario.name} (seed {scenario.seed})"
     figures = {"accuracy_vs_time.png": lambda p: plot_accuracy_vs_time(events, p, title=title,
                                                                       chance=summary["chance_accuracy"])}
@@ -51,8 +54,27 @@ def fedavg(scenario: Scenario, on_round=None) -> ExperimentResult:
                             {"setup_wall_s": setup_s, "simulation_wall_s": time.perf_counter() - t0 - setup_s})
 
 
+def aircomp_vs_ofdma(scenario: Scenario, on_round=None) -> ExperimentResult:
+    """FedAvg with OFDMA vs. over-the-air (AirComp) aggregation at several device counts K
+    (``aircomp.device_counts``, used as ``training.devices_per_round``), same seed everywhere.
+    Implemented in :mod:`deftsim.aircomp_experiment`."""
+    from .aircomp_experiment import run_aircomp_vs_ofdma
+
+    return run_aircomp_vs_ofdma(scenario, on_round)
+
+
+def lola_compare(scenario: Scenario, on_round=None) -> ExperimentResult:
+    """LoLa cooperative fine-tuning: every block-allocation algorithm of ``scenario.lola`` on
+    the same devices, channels and seed (``netsim.lola``; deftsim/lola_experiment.py)."""
+    from .lola_experiment import run_lola_compare
+
+    return run_lola_compare(scenario, on_round)
+
+
 EXPERIMENTS: dict[str, Experiment] = {
     "fedavg": fedavg,
+    "aircomp_vs_ofdma": aircomp_vs_ofdma,
+    "lola_compare": lola_compare,
 }
 
 

@@ -8,7 +8,38 @@ def _fmt_s(x) -> str:
     return "never" if x is None else f"{x:.3f} s"
 
 
+def print_comparison(summary: dict, out_dir: str) -> None:
+    """Console table of an uplink comparison (experiment ``aircomp_vs_ofdma``)."""
+    lat, acc = summary["aggregation_latency_s"], summary["final_accuracy"]
+    click.echo("")
+    click.echo(f"  {'K':>5}  {'OFDMA air time':>15}  {'AirComp air time':>16}  {'ratio':>7}  "
+               f"{'acc OFDMA':>9}  {'acc AirComp':>11}")
+    for k in summary["device_counts"]:
+        key = str(k)
+        click.echo(f"  {k:>5}  {1e3 * lat['ofdma'][key]:>12.2f} ms  {1e3 * lat['aircomp'][key]:>13.2f} ms  "
+                   f"{lat['ofdma'][key] / lat['aircomp'][key]:>7.1f}  {acc['ofdma'][key]:>9.3f}  "
+                   f"{acc['aircomp'][key]:>11.3f}")
+    click.echo(f"\n  results: {out_dir}/ (events.parquet, summary.json, latency_vs_devices.png, accuracy_vs_time.png)")
+
+
+def print_lola(summary: dict, out_dir: str) -> None:
+    """Console table of experiment ``lola_compare``: mean per-round latency per algorithm."""
+    lat = summary["mean_round_latency_s"]
+    best = min(lat.values())
+    click.echo("")
+    click.echo(f"  {'algorithm':<16} {'mean round latency':>19}  {'vs best':>8}")
+    for name, value in lat.items():
+        click.echo(f"  {name:<16} {1e3 * value:>16.2f} ms  {value / best:>7.2f}x")
+    click.echo(f"\n  results: {out_dir}/ (summary.json, events.parquet, lola_latency.png)")
+
+
 def print_summary(summary: dict, out_dir: str) -> None:
+    if summary.get("experiment") == "lola_compare":
+        print_lola(summary, out_dir)
+        return
+    if isinstance(summary.get("final_accuracy"), dict):
+        print_comparison(summary, out_dir)
+        return
     energy = summary["energy_per_device_j"]
     rows = [
         ("stop reason", summary["stop_reason"]),

@@ -167,7 +167,6 @@ class FedAvgSimulation:
     def _device_round(self, r: int, device: Device, download_s: float, result: LocalResult, share: float):
         """Download the global adapter, run the local steps, upload over the FDMA share."""
         g = device.group
-        ch = self.scenario.channel
         server_name = self.network.servers[device.server].name
         size_bytes = self.trainer.adapter_bytes()
         self.recorder.emit("downlink", t_s=self.env.now, duration_s=download_s, node=device.name, peer=server_name,
@@ -178,10 +177,15 @@ class FedAvgSimulation:
                            flops=result.flops, memory_bytes=result.peak_memory_bytes,
                            energy_j=energy_j(g.compute_power_w, t_compute), loss=result.loss)
         yield self.env.timeout(t_compute)
+        yield from self._upload(r, device, result, share)
+
+    def _upload(self, r: int, device: Device, result: LocalResult, share: float):
+        """Upload the update over the device's FDMA share (overridden by AirComp uplinks)."""
         t_up = device.uplink.transfer_duration_s(8 * result.update_bytes, self.env.now,
-                                                 share * ch.uplink_bandwidth_hz)
-        self.recorder.emit("uplink", t_s=self.env.now, duration_s=t_up, node=device.name, peer=server_name,
-                           round=r, bytes=result.update_bytes, energy_j=energy_j(g.tx_power_w, t_up))
+                                                 share * self.scenario.channel.uplink_bandwidth_hz)
+        self.recorder.emit("uplink", t_s=self.env.now, duration_s=t_up, node=device.name,
+                           peer=self.network.servers[device.server].name, round=r, bytes=result.update_bytes,
+                           energy_j=energy_j(device.group.tx_power_w, t_up))
         yield self.env.timeout(t_up)
 
     # ------------------------------------------------------------ edge work

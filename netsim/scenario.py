@@ -116,6 +116,10 @@ class ChannelSpec(Spec):
         description="'equal' or one weight per device; each round the selected devices split "
         "the uplink band in proportion to their weights",
     )
+    uplink_access: Literal["ofdma", "aircomp"] = Field(
+        "ofdma", description="how updates go up: 'ofdma' (digital, FDMA shares) or 'aircomp' (broadband "
+        "analog over-the-air aggregation, see the aircomp section and docs/aircomp.md)",
+    )
 
 
 class D2DSpec(Spec):
@@ -161,6 +165,41 @@ class PeftSpec(Spec):
         None, description="transformer blocks that get LoRA (null: all)"
     )
     num_virtual_tokens: int = Field(8, ge=1, le=512, description="prompt tuning only")
+    rank_per_layer: Optional[Union[dict[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0, le=1024)]],
+                                   list[Annotated[int, Field(ge=0, le=1024)]]]] = Field(
+        None, description="LoRA only: rank per transformer block, a mapping {block index: rank} or a list "
+        "with one rank per block (its length = the model's depth); rank 0 or absent = no LoRA on that "
+        "block (peft rank_pattern/alpha_pattern; each block keeps the scale alpha/rank, see "
+        "fomo.models.peft_config). null: peft.rank on peft.layers",
+    )
+
+    def layer_ranks(self) -> Optional[dict[int, int]]:
+        """{block index: rank} of the blocks with a positive ``rank_per_layer`` entry (None when
+        ``rank_per_layer`` is not set)."""
+        if self.rank_per_layer is None:
+            return None
+        items = self.rank_per_layer.items() if isinstance(self.rank_per_layer, dict) else enumerate(self.rank_per_layer)
+        return {int(i): int(r) for i, r in sorted(items) if r > 0}
+
+    def trainable_layers(self) -> Optional[list[int]]:
+        """Blocks that get LoRA: those of ``rank_per_layer`` with rank > 0, else ``layers``
+        (None: all blocks)."""
+        ranks = self.layer_ranks()
+        return sorted(ranks) if ranks is not None else (list(self.layers) if self.layers is not None else None)
+
+    @model_validator(mode="after")
+    def _rank_per_layer_consistent(self) -> "PeftSpec":
+        ranks = self.layer_ranks()
+        if ranks is None:
+            return self
+        if self.method != "lora":
+            raise ValueError(f"peft.rank_per_layer applies to LoRA only, not peft.method={self.method!r}")
+        if not ranks:
+            raise ValueError(f"peft.rank_per_layer={self.rank_per_layer}: every rank is 0, nothing to train")
+        if self.layers is not None and sorted(set(self.layers)) != sorted(ranks):
+            raise ValueError(f"peft.layers={self.layers} disagrees with the blocks of positive rank in "
+                             f"peft.rank_per_layer ({sorted(ranks)}); set only one of them")
+        return self
 
 
 class DataSpec(Spec):
@@ -252,10 +291,80 @@ class FakeTrainerSpec(Spec):
     learning_speed: PositiveFloat = Field(0.02, description="accuracy gain rate per local step")
 
 
+class AirCompSpec(Spec):
+    """Broadband analog aggregation (``channel.uplink_access: aircomp``; netsim/aircomp.py).
+
+    Truncated channel inversion: a device sends on a sub-carrier only if its small-scale gain
+    |h|^2 >= ``truncation_threshold``; every device arrives with the same receive power rho0, the
+    largest the weakest scheduled device's budget allows (``average``: E|p|^2 <= P/M, BAA;
+    ``peak``: |p|^2 <= P/M on every symbol). ``interior_radius_m`` schedules only devices within
+    that distance of their server (cell-interior scheduling)."""
+
+    num_subcarriers: Optional[int] = Field(
+        None, ge=1, description="M sub-carriers (null: floor(uplink_bandwidth_hz / subcarrier_spacing_hz))"
+    )
+    subcarrier_spacing_hz: PositiveFloat = 15e3
+    cyclic_prefix_fraction: NonNegFloat = Field(0.07, description="CP length / useful symbol length")
+    truncation_threshold: PositiveFloat = Field(0.1, description="g_th on |h|^2 (Rayleigh, mean 1)")
+    power_policy: Literal["average", "peak"] = "average"
+    interior_radius_m: Optional[PositiveFloat] = Field(
+        None, description="schedule only devices within this distance of their server (null: all)"
+    )
+    device_counts: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [5, 10, 20], min_length=1,
+        description="experiment aircomp_vs_ofdma: devices per round K compared",
+    )
+
+
+class LolaAnalyticModelSpec(Spec):
+    """Dimensions of the BERT-style encoder of the analytic depth profile (used when the
+    profile is not measured; defaults: all-MiniLM-L6-v2). Formulas: netsim/lola/profile.py."""
+
+    num_layers: int = Field(6, ge=1, le=1024)
+    hidden_size: int = Field(384, ge=1)
+    ffn_size: int = Field(1536, ge=1)
+    num_heads: int = Field(12, ge=1)
+    vocab_size: int = Field(30522, ge=1)
+
+
+LolaAlgorithm = Literal["crunch", "jbba", "random", "greedy", "depth_unaware", "equal_bandwidth", "offloading"]
+
+
+class LolaSpec(Spec):
+    """LoLa cooperative fine-tuning (experiment ``lola_compare``; netsim/lola, docs/lola.md).
+
+    The PEFT parameters (LoRA, ``peft.rank`` on ``peft.target_modules``) are split into
+    ``num_blocks`` blocks of consecutive transformer layers (block 0 next to the output). Each
+    round every block is trained by one device (forward + backward down to that block's
+    depth, ``steps_per_round`` steps of ``training.batch_size``) which uploads the block's
+    update; the round lasts until the slowest involved device is done. Every algorithm in
+    ``algorithms`` is simulated on the same devices, channels and seed."""
+
+    algorithms: list[LolaAlgorithm] = Field(
+        default_factory=lambda: ["crunch", "jbba", "random", "greedy", "depth_unaware", "equal_bandwidth", "offloading"],
+        min_length=1, description="allocation algorithms compared (names of netsim/lola/allocation.py)",
+    )
+    num_blocks: int = Field(3, ge=1, le=1024, description="N parameter blocks (N <= number of devices)")
+    rounds: int = Field(20, ge=1, le=100_000, description="simulated rounds per algorithm")
+    steps_per_round: int = Field(1, ge=1, description="local steps per device and round")
+    total_bandwidth_hz: Optional[PositiveFloat] = Field(
+        None, description="uplink band B shared by the involved devices (null: channel.uplink_bandwidth_hz)"
+    )
+    profile: Literal["auto", "measured", "analytic"] = Field(
+        "auto", description="depth cost profile: measured on the real model (fomo/depth_profile.py), "
+        "the analytic formula, or auto (measured if trainer is real, else analytic)",
+    )
+    offload_bytes_per_sample: Optional[PositiveFloat] = Field(
+        None, description="offloading: raw bytes a device uploads per sample (null: 4 x model.max_length_tokens)"
+    )
+    jbba_iterations: int = Field(60, ge=0, le=100_000, description="dual-ascent iterations of jbba")
+    analytic: LolaAnalyticModelSpec = LolaAnalyticModelSpec()
+
+
 class Scenario(Spec):
     name: str = "scenario"
     seed: int = Field(0, ge=0)
-    experiment: Literal["fedavg"] = Field(
+    experiment: Literal["fedavg", "aircomp_vs_ofdma", "lola_compare"] = Field(
         "fedavg", description="what `deftsim run` does with the scenario (deftsim/experiments.py)"
     )
     trainer: Literal["real", "fake"] = "real"
@@ -272,6 +381,17 @@ class Scenario(Spec):
     stop: StopSpec = StopSpec()
     execution: ExecutionSpec = ExecutionSpec()
     fake: FakeTrainerSpec = FakeTrainerSpec()
+    aircomp: AirCompSpec = AirCompSpec()
+    lola: Optional[LolaSpec] = Field(None, description="experiment lola_compare (null: its defaults)")
+
+    @model_validator(mode="after")
+    def _lola_checks(self) -> "Scenario":
+        if self.lola is not None and self.lola.num_blocks > self.num_devices:
+            raise ValueError(
+                f"lola.num_blocks={self.lola.num_blocks} exceeds the number of devices "
+                f"({self.num_devices}): every block needs its own device"
+            )
+        return self
 
     @property
     def num_devices(self) -> int:

@@ -1,0 +1,143 @@
+"""Experiment ``aircomp_vs_ofdma``: FedAvg with digital OFDMA uploads vs. over-the-air
+aggregation (broadband analog aggregation, :mod:`netsim.aircomp_fedavg`) at several device
+counts, on the same seed.
+
+For every K in ``aircomp.device_counts`` and every uplink in (ofdma, aircomp) the scenario is run
+with ``training.devices_per_round = K`` and ``channel.uplink_access`` set, a fresh trainer each
+time (same population, data split, selections and initial state: only the uplink differs).
+
+``summary.json``::
+
+    aggregation_latency_s: {"aircomp": {K: s}, "ofdma": {K: s}}   # mean over rounds of the air
+        time to collect all updates: the longest OFDMA upload of the round / the AirComp slot
+    final_accuracy:        {"aircomp": {K: acc}, "ofdma": {K: acc}}
+    latency_ratio_ofdma_over_aircomp: {K: ratio}
+    runs: {"aircomp": {K: {...}}, "ofdma": {K: {...}}}   # sim time, energy, rounds, and for
+        AirComp the mean truncation ratio, receive SNR, MSE (measured and closed form), NMSE
+
+``events.parquet`` holds every run's events with two more columns, ``uplink_access`` and
+``device_count``.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from netsim.aircomp_fedavg import aircomp_summary, make_simulation
+from netsim.scenario import Scenario
+
+UPLINKS = ("ofdma", "aircomp")
+
+
+def aggregation_latency_s(events: pd.DataFrame) -> float:
+    """Mean over rounds of the longest ``uplink`` event of the round [s]."""
+    up = events[events["kind"] == "uplink"]
+    if up.empty:
+        return float("nan")
+    return float(up.groupby("round")["duration_s"].max().mean())
+
+
+def variant(scenario: Scenario, uplink: str, k: int) -> Scenario:
+    data = scenario.model_dump(mode="python")
+    data["experiment"] = "fedavg"
+    data["channel"]["uplink_access"] = uplink
+    data["training"]["devices_per_round"] = k
+    data["name"] = f"{scenario.name}-{uplink}-K{k}"
+    return Scenario.model_validate(data)
+
+
+def run_aircomp_vs_ofdma(scenario: Scenario, on_round=None):
+    from analysis.metrics import summarize
+
+    from .config import ScenarioError
+    from .experiments import ExperimentResult
+    from .runner import make_trainer, topology_record
+
+    counts = sorted(set(scenario.aircomp.device_counts))
+    if counts[-1] > scenario.num_devices:
+        raise ScenarioError(f"aircomp.device_counts={scenario.aircomp.device_counts}: K={counts[-1]} exceeds the "
+                            f"number of devices ({scenario.num_devices})")
+    t0 = time.perf_counter()
+    frames, runs, topology = [], {u: {} for u in UPLINKS}, None
+    latency = {u: {} for u in UPLINKS}
+    accuracy = {u: {} for u in UPLINKS}
+    for k in counts:
+        for uplink in UPLINKS:
+            sc = variant(scenario, uplink, k)
+            trainer = make_trainer(sc, sc.seed)
+            sim = make_simulation(sc, sc.seed, trainer, on_round=on_round)
+            outcome = sim.run()
+            events = sim.recorder.to_frame()
+            s = summarize(events, num_classes=trainer.num_classes, stop_reason=outcome.stop_reason,
+                          target_accuracy=sc.stop.target_accuracy)
+            key = str(k)
+            latency[uplink][key] = aggregation_latency_s(events)
+            accuracy[uplink][key] = s["final_accuracy"]
+            run = {name: s[name] for name in ("rounds_completed", "stop_reason", "initial_accuracy", "final_accuracy",
+                                              "best_accuracy", "sim_time_s", "time_to_final_accuracy_s",
+                                              "total_device_energy_j", "mean_device_energy_j", "device_uplink_s")}
+            up = events[events["kind"] == "uplink"]
+            run["uplink_energy_j"] = float(up["energy_j"].sum())
+            if uplink == "aircomp":
+                run["aircomp"] = aircomp_summary(sim.aircomp_log)
+            runs[uplink][key] = run
+            frames.append(events.assign(uplink_access=uplink, device_count=k))
+            if topology is None:
+                topology = topology_record(sim.network)
+    events = pd.concat(frames, ignore_index=True)
+    summary = {
+        "experiment": "aircomp_vs_ofdma",
+        "device_counts": counts,
+        "aggregation_latency_s": latency,
+        "final_accuracy": accuracy,
+        "latency_ratio_ofdma_over_aircomp": {str(k): latency["ofdma"][str(k)] / latency["aircomp"][str(k)]
+                                             for k in counts},
+        "runs": runs,
+    }
+    figures = {"latency_vs_devices.png": lambda p: plot_latency(summary, p),
+               "accuracy_vs_time.png": lambda p: plot_accuracy(events, p, scenario.name)}
+    return ExperimentResult(events, summary, topology, figures, {"simulation_wall_s": time.perf_counter() - t0})
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_latency(summary: dict, path: Path) -> None:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ks = summary["device_counts"]
+    for uplink, marker in zip(UPLINKS, "os"):
+        ax.plot(ks, [summary["aggregation_latency_s"][uplink][str(k)] * 1e3 for k in ks], marker=marker, label=uplink)
+    ax.set_xlabel("devices per round K")
+    ax.set_ylabel("aggregation air time per round [ms]")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy(events: pd.DataFrame, path: Path, title: str) -> None:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ev = events[events["kind"] == "evaluate"]
+    for (uplink, k), grp in ev.groupby(["uplink_access", "device_count"]):
+        ax.plot(grp["t_s"] + grp["duration_s"], grp["accuracy"], marker=".",
+                linestyle="-" if uplink == "aircomp" else "--", label=f"{uplink} K={k}")
+    ax.set_xlabel("simulated time [s]")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,80 @@
+"""Experiment ``lola_compare``: per-round latency of every LoLa block-allocation algorithm.
+
+The depth cost profile is measured on the real model (``fomo.depth_profile``) when
+``lola.profile`` is ``measured``, or ``auto`` with ``trainer: real``; otherwise the analytic
+formula of ``netsim.lola.profile`` is used (no torch). Then ``netsim.lola.simulate.compare``
+runs each algorithm's rounds on its own SimPy timeline over the same devices and channels.
+
+Writes (besides the runner's files): ``summary.json`` with ``mean_round_latency_s:
+{algorithm: seconds}``, the allocations and the profile; ``events.parquet`` with an extra
+``algorithm`` column; ``lola_latency.png`` (bar chart).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from netsim.lola.simulate import compare, default_profile
+from netsim.scenario import LolaSpec, Scenario
+
+from .config import ScenarioError
+
+
+def _profile(scenario: Scenario):
+    lola = scenario.lola
+    use_measured = lola.profile == "measured" or (lola.profile == "auto" and scenario.trainer == "real")
+    if not use_measured:
+        return default_profile(scenario)
+    from fomo.depth_profile import scenario_depth_profile
+
+    try:
+        return scenario_depth_profile(scenario)
+    except (ValueError, OSError) as err:
+        raise ScenarioError(f"cannot measure the depth profile for scenario {scenario.name!r}: {err}") from None
+
+
+def plot_latency(summary: dict, path: Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lat = summary["mean_round_latency_s"]
+    names = list(lat)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=120)
+    bars = ax.bar(names, [lat[n] * 1e3 for n in names],
+                  color=["tab:red" if n in ("crunch", "jbba") else "tab:grey" for n in names])
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_ylabel("mean per-round latency [ms]")
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=30)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def run_lola_compare(scenario: Scenario, on_round=None):
+    from netsim.lola.allocation import InfeasibleError
+
+    from .experiments import ExperimentResult
+    from .runner import topology_record
+
+    if scenario.lola is None:
+        scenario = scenario.model_copy(update={"lola": LolaSpec()})
+    t0 = time.perf_counter()
+    profile = _profile(scenario)
+    t1 = time.perf_counter()
+    if profile.num_blocks != scenario.lola.num_blocks:
+        raise ScenarioError(f"lola.num_blocks={scenario.lola.num_blocks} but the model has only "
+                            f"{profile.num_blocks} layers")
+    try:
+        summary, events, network = compare(scenario, profile)
+    except InfeasibleError as err:
+        raise ScenarioError(f"scenario {scenario.name!r}: {err} (raise devices.*.memory_bytes or lower "
+                            "lola.num_blocks)") from None
+    title = f"{scenario.name} (seed {scenario.seed}, N={profile.num_blocks}, K={len(network.devices)})"
+    figures = {"lola_latency.png": lambda p: plot_latency(summary, p, title)}
+    return ExperimentResult(events, summary, topology_record(network), figures,
+                            {"profile_wall_s": t1 - t0, "simulation_wall_s": time.perf_counter() - t1})

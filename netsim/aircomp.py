@@ -1,0 +1,229 @@
+"""Broadband analog aggregation (BAA): over-the-air computation over M OFDM sub-carriers.
+
+Torch-free (numpy + scipy). Model after Zhu, Wang and Huang, "Broadband Analog Aggregation for
+Low-Latency Federated Edge Learning", IEEE TWC 2020 (see docs/aircomp.md).
+
+Channel. Device k, sub-carrier m, coherence block b:
+``h_{k,m} = sqrt(g_k) * h~_{k,m}`` with g_k the link's large-scale gain (path loss and
+shadowing, :class:`netsim.channel.Link`) and ``|h~|^2 ~ Exp(1)`` Rayleigh block fading,
+independent across sub-carriers and coherence blocks. Sub-carrier m of block b is draw number
+``b * M + m`` of the device's own uplink fading stream (``Link.fading``): deterministic, O(1)
+memory, and injective in (b, m), so all draws are independent.
+
+Power control (truncated channel inversion). Device k transmits on sub-carrier m only if
+``|h~_{k,m}|^2 >= g_th`` and then pre-equalises the channel so that every transmitting device
+arrives with the same amplitude ``sqrt(rho0)``:
+
+.. math::
+    p_{k,m} = \\sqrt{\\rho_0} / (\\sqrt{g_k}\\, \\tilde h_{k,m})  \\text{ if } |\\tilde h_{k,m}|^2 \\ge g_{th},
+    \\text{ else } 0.
+
+rho0 (the common receive power per sub-carrier) is the largest value every scheduled device's
+power budget P_k allows (per-sub-carrier budget P_k / M):
+
+* ``average`` (BAA): E[|p|^2] = rho0 E1(g_th) / g_k <= P_k / M, E1 the exponential integral,
+  so rho0 = min_k (P_k / M) g_k / E1(g_th);
+* ``peak``: |p|^2 <= rho0 / (g_k g_th) <= P_k / M for every symbol, rho0 = min_k (P_k/M) g_k g_th.
+
+Both are limited by the weakest scheduled device (near-far problem): hence cell-interior
+scheduling (only devices within ``radius_m`` of the server transmit).
+
+Signal. Device k sends the real symbols u_k = K a_k x_k / s (one real value per sub-carrier per
+OFDM symbol, on the in-phase axis), a_k the aggregation weights (sum 1 over scheduled devices),
+s the RMS of the K a_k x_k (one scalar of side information, so E|u|^2 = 1). The edge receives
+``y_m = sum_{k transmitting} sqrt(rho0) u_k + n_m``, n ~ CN(0, sigma^2), sigma^2 = N0 NF Delta_f,
+and estimates
+
+.. math::
+    \\hat x = \\frac{s}{K \\sqrt{\\rho_0}} \\Re(y) = \\sum_k a_k x_k \\chi_{k,m} + \\frac{s}{K\\sqrt{\\rho_0}} n_R
+
+(truncated entries count as zeros, as in BAA's estimator ``y / (sqrt(rho0) |K_in|)``).
+Receive SNR = rho0 / sigma^2. Expected MSE per value, given x (closed form, tested):
+
+.. math::
+    \\mathrm{MSE} = \\frac{1}{q}\\sum_j\\Big[\\sum_k a_k^2 x_{kj}^2 p_k (1 - p_k) + \\big(\\sum_k a_k x_{kj} p_k\\big)^2\\Big]
+                + \\frac{s^2 \\sigma^2}{2 K^2 \\rho_0}
+
+with p_k = 1 - exp(-g_th) the truncation probability (Rayleigh, mean small-scale gain 1).
+
+Latency. q values over M sub-carriers take ``ceil(q / M)`` OFDM symbols of ``(1 + cp) /
+Delta_f`` seconds, whatever K. OFDMA: each of K devices sends q values of ``bits_per_value``
+bits over its share of the band at its Shannon rate; time grows linearly with K.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+from scipy.special import exp1
+
+from .channel import Link, shannon_rate_bps
+
+POWER_POLICIES = ("average", "peak")
+
+
+# ---------------------------------------------------------------------------- latency
+def ofdm_symbol_s(subcarrier_spacing_hz: float, cyclic_prefix_fraction: float = 0.0) -> float:
+    """Duration of one OFDM symbol including the cyclic prefix [s]."""
+    return (1.0 + cyclic_prefix_fraction) / subcarrier_spacing_hz
+
+
+def aircomp_symbols(num_values: int, num_subcarriers: int) -> int:
+    """OFDM symbols to send ``num_values`` analog values, one per sub-carrier: ceil(q / M)."""
+    return int(math.ceil(num_values / num_subcarriers))
+
+
+def aircomp_latency_s(num_values: int, num_subcarriers: int, subcarrier_spacing_hz: float,
+                      cyclic_prefix_fraction: float = 0.0) -> float:
+    """Air time of one over-the-air aggregation of q values (independent of K) [s]."""
+    return aircomp_symbols(num_values, num_subcarriers) * ofdm_symbol_s(subcarrier_spacing_hz, cyclic_prefix_fraction)
+
+
+def ofdma_latency_s(num_values: int, bits_per_value: int, bandwidth_hz: float, snrs: Sequence[float]) -> float:
+    """Time for K devices (one SNR each, measured over their own share B / K) to send q values
+    of ``bits_per_value`` bits over equal OFDMA shares at their Shannon rates: the slowest
+    device decides [s]."""
+    k = len(snrs)
+    if k == 0:
+        return 0.0
+    share = bandwidth_hz / k
+    return max(num_values * bits_per_value / shannon_rate_bps(share, float(s)) for s in snrs)
+
+
+# ---------------------------------------------------------------------------- power control
+def truncation_probability(g_th: float, mean_gain: float = 1.0) -> float:
+    """P(|h|^2 < g_th) for Rayleigh fading with E|h|^2 = mean_gain: 1 - exp(-g_th / mean_gain)."""
+    return 1.0 - math.exp(-g_th / mean_gain)
+
+
+def receive_power(policy: str, g_th: float, budgets_w_per_subcarrier: np.ndarray,
+                  large_scale_gains: np.ndarray) -> float:
+    """Common receive power rho0 per sub-carrier that every device's budget allows [W]."""
+    if g_th <= 0:
+        raise ValueError(f"truncation threshold must be > 0, got {g_th}")
+    budgets = np.asarray(budgets_w_per_subcarrier, dtype=float)
+    gains = np.asarray(large_scale_gains, dtype=float)
+    if policy == "average":
+        return float(np.min(budgets * gains / exp1(g_th)))
+    if policy == "peak":
+        return float(np.min(budgets * gains * g_th))
+    raise ValueError(f"power policy {policy!r} unknown; allowed: {POWER_POLICIES}")
+
+
+def subcarrier_gains(links: Sequence[Link], num_subcarriers: int, block: int) -> np.ndarray:
+    """(K, M) small-scale power gains |h~_{k,m}|^2 of coherence block ``block``: draw
+    ``block * M + m`` of each link's fading stream."""
+    return np.stack([link.fading.power_gains(block * num_subcarriers, num_subcarriers) for link in links])
+
+
+# ---------------------------------------------------------------------------- aggregation
+@dataclass
+class AirCompStats:
+    """What one over-the-air aggregation did.
+
+    truncation_ratio : fraction of (device, value) entries not transmitted (truncated).
+    receive_snr_db : 10 log10(rho0 / sigma^2).
+    mse : measured mean squared error per value of the estimate vs. the exact weighted sum.
+    mse_theory : the closed-form expectation of ``mse`` given the inputs (module docstring).
+    signal_power : mean squared value of the exact weighted sum (for a normalised MSE).
+    latency_s, num_symbols, rho0_w, noise_w, tx_energy_j (per device, realised).
+    """
+
+    num_devices: int
+    num_values: int
+    num_symbols: int
+    latency_s: float
+    rho0_w: float
+    noise_w: float
+    receive_snr_db: float
+    truncation_ratio: float
+    mse: float
+    mse_theory: float
+    signal_power: float
+    tx_energy_j: list[float] = field(default_factory=list)
+
+    @property
+    def nmse(self) -> float:
+        return self.mse / self.signal_power if self.signal_power > 0 else float("nan")
+
+
+def expected_mse(updates: np.ndarray, weights: np.ndarray, p_trunc: np.ndarray, scale: float,
+                 noise_w: float, rho0_w: float) -> float:
+    """Closed-form E[MSE] per value given the updates (module docstring)."""
+    k = updates.shape[0]
+    a = weights[:, None] * updates
+    p = np.asarray(p_trunc, dtype=float)[:, None]
+    trunc = np.sum(a**2 * p * (1.0 - p), axis=0) + np.sum(a * p, axis=0) ** 2
+    return float(np.mean(trunc) + scale**2 * noise_w / (2.0 * k**2 * rho0_w))
+
+
+def over_the_air_sum(updates: np.ndarray, weights: Optional[np.ndarray], links: Sequence[Link], *,
+                     num_subcarriers: int, subcarrier_spacing_hz: float, noise_w_per_subcarrier: float,
+                     truncation_threshold: float, power_policy: str = "average",
+                     tx_power_w: Optional[Sequence[float]] = None, start_s: float = 0.0,
+                     coherence_time_s: Optional[float] = None, cyclic_prefix_fraction: float = 0.0,
+                     rng: Optional[np.random.Generator] = None) -> tuple[np.ndarray, AirCompStats]:
+    """Aggregate K update vectors over the air.
+
+    Parameters
+    ----------
+    updates : (K, q) float array, one row per scheduled device.
+    weights : (K,) aggregation weights a_k (None: 1/K, the mean); the estimate targets
+        ``sum_k a_k x_k``.
+    links : K uplinks (large-scale gain, power budget ``tx_power_w`` and fading stream).
+    noise_w_per_subcarrier : sigma^2 = N0 NF Delta_f [W].
+    start_s, coherence_time_s : when the slot starts; symbol i lies in coherence block
+        floor((start_s + i T_sym) / T_c) and sees that block's fading (None: one block).
+    rng : generator for the receiver noise.
+
+    Returns the (q,) estimate and :class:`AirCompStats`.
+    """
+    x = np.asarray(updates, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"updates must be (K, q), got shape {x.shape}")
+    k, q = x.shape
+    if k != len(links):
+        raise ValueError(f"{k} updates but {len(links)} links")
+    m = int(num_subcarriers)
+    a = np.full(k, 1.0 / k) if weights is None else np.asarray(weights, dtype=np.float64)
+    rng = rng if rng is not None else np.random.default_rng(0)
+    powers = np.array([l.tx_power_w for l in links] if tx_power_w is None else tx_power_w, dtype=float)
+    g = np.array([l.large_scale_gain for l in links], dtype=float)
+    rho0 = receive_power(power_policy, truncation_threshold, powers / m, g)
+    t_sym = ofdm_symbol_s(subcarrier_spacing_hz, cyclic_prefix_fraction)
+    n_sym = aircomp_symbols(q, m)
+
+    scaled = k * a[:, None] * x                        # K a_k x_k: exact sum is mean over k
+    scale = float(np.sqrt(np.mean(scaled**2))) or 1.0  # s: RMS, so E|u|^2 = 1
+    # Fading per value: value j goes on sub-carrier j % M in symbol j // M.
+    sym_of_value = np.arange(q) // m
+    sc_of_value = np.arange(q) % m
+    if coherence_time_s is None:
+        block_of_sym = np.zeros(n_sym, dtype=np.int64)
+    else:
+        block_of_sym = np.floor((start_s + np.arange(n_sym) * t_sym) / coherence_time_s + 1e-9).astype(np.int64)
+    block_of_value = block_of_sym[sym_of_value]
+    # the slot's blocks are consecutive: block b's sub-carriers are draws b*M .. b*M+M-1, so the
+    # whole slot is one contiguous run of draws per link
+    b0, nb = int(block_of_sym[0]), int(block_of_sym[-1] - block_of_sym[0]) + 1
+    h2 = np.stack([l.fading.power_gains(b0 * m, nb * m) for l in links])[:, (block_of_value - b0) * m + sc_of_value]
+    transmit = h2 >= truncation_threshold
+    inv_gain_sum = np.sum(np.where(transmit, 1.0 / h2, 0.0), axis=1)   # sum of 1/|h~|^2 sent
+    noise = rng.standard_normal(q) * math.sqrt(noise_w_per_subcarrier / 2.0)
+    received = math.sqrt(rho0) * np.sum(np.where(transmit, scaled / scale, 0.0), axis=0) + noise
+    estimate = scale * received / (k * math.sqrt(rho0))
+
+    exact = np.sum(a[:, None] * x, axis=0)
+    p_trunc = np.full(k, truncation_probability(truncation_threshold))
+    latency = n_sym * t_sym
+    # realised transmit energy: |p|^2 E|u|^2 per transmitted entry, for one symbol time each
+    energy = (rho0 / g) * inv_gain_sum * t_sym
+    stats = AirCompStats(
+        num_devices=k, num_values=q, num_symbols=n_sym, latency_s=latency, rho0_w=rho0,
+        noise_w=noise_w_per_subcarrier, receive_snr_db=10.0 * math.log10(rho0 / noise_w_per_subcarrier),
+        truncation_ratio=float(1.0 - transmit.mean()), mse=float(np.mean((estimate - exact) ** 2)),
+        mse_theory=expected_mse(x, a, p_trunc, scale, noise_w_per_subcarrier, rho0),
+        signal_power=float(np.mean(exact**2)), tx_energy_j=[float(e) for e in energy])
+    return estimate, stats

@@ -1,0 +1,152 @@
+"""FedAvg with the uplink aggregation done over the air (``channel.uplink_access: aircomp``).
+
+Same rounds as :class:`netsim.fedavg.FedAvgSimulation` (selection, memory check, multicast,
+real local steps), except the upload + aggregation:
+
+1. no per-device FDMA upload: a device that has finished its local steps waits;
+2. when the last device of the round has finished, the scheduled devices (all, or those within
+   ``aircomp.interior_radius_m`` of their server) transmit their flattened updates at once over
+   M OFDM sub-carriers with truncated channel inversion (:func:`netsim.aircomp.over_the_air_sum`):
+   ceil(q / M) OFDM symbols, whatever the device count; fading is the devices' own uplink block
+   fading at that simulated time;
+3. the edge applies the received, noisy and truncated estimate of sum_k w_k x_k
+   (w_k = n_k / sum over scheduled devices) to the global state: the distortion reaches the real
+   tensors (``trainer.aggregate_flat``).
+
+With several edge servers each aggregates its own devices on its own band at the same time and
+the estimates are added (ideal backhaul, as in FedAvg).
+
+The trainer must offer ``flatten_update(result) -> np.ndarray`` and ``aggregate_flat(vector)``
+(``FakeTrainer`` and ``fomo.PeftTrainer`` do). Each round's statistics (truncation ratio,
+receive SNR, measured and theoretical MSE, air time) are kept in ``self.aircomp_log``.
+
+Events: one ``uplink`` per scheduled device (duration = air time, realised transmit energy),
+``not_scheduled`` for a device outside the interior radius, then ``aggregate`` at the edge.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from .aircomp import over_the_air_sum
+from .budgets import compute_time_s
+from .channel import noise_power_w
+from .fedavg import FedAvgSimulation, RoundCallback
+from .interfaces import LocalResult, Trainer
+from .network import Device, child_rng
+from .scenario import Scenario
+
+
+def num_subcarriers(scenario: Scenario) -> int:
+    """M: ``aircomp.num_subcarriers`` or floor(uplink_bandwidth_hz / subcarrier_spacing_hz)."""
+    ac = scenario.aircomp
+    if ac.num_subcarriers is not None:
+        return int(ac.num_subcarriers)
+    return max(int(scenario.channel.uplink_bandwidth_hz // ac.subcarrier_spacing_hz), 1)
+
+
+class AirCompFedAvgSimulation(FedAvgSimulation):
+    """FedAvg whose aggregation is broadband analog over-the-air computation."""
+
+    def __init__(self, scenario: Scenario, seed: int, trainer: Trainer, on_round: Optional[RoundCallback] = None):
+        super().__init__(scenario, seed, trainer, on_round)
+        for method in ("flatten_update", "aggregate_flat"):
+            if not callable(getattr(trainer, method, None)):
+                raise TypeError(f"uplink_access=aircomp needs a trainer with {method}(); "
+                                f"{type(trainer).__name__} has none")
+        self.num_subcarriers = num_subcarriers(scenario)
+        self.noise_w = noise_power_w(scenario.channel, scenario.aircomp.subcarrier_spacing_hz)
+        self._noise_rng = child_rng(seed, 0, 6)   # receiver noise of the over-the-air slots
+        self.aircomp_log: list[dict] = []
+
+    def scheduled(self, device: Device) -> bool:
+        """Cell-interior scheduling: within ``aircomp.interior_radius_m`` of its server."""
+        radius = self.scenario.aircomp.interior_radius_m
+        if radius is None:
+            return True
+        sx, sy = self.network.servers[device.server].position_m
+        return math.hypot(device.position_m[0] - sx, device.position_m[1] - sy) <= radius
+
+    # ------------------------------------------------------------------ hooks
+    def _upload(self, r: int, device: Device, result: LocalResult, share: float):
+        """No individual upload: everyone transmits together in :meth:`_aggregate`."""
+        return
+        yield  # pragma: no cover  (makes this a generator)
+
+    def _aggregate(self, r: int, results: list[LocalResult]):
+        ac = self.scenario.aircomp
+        by_index = {d.index: d for d in self.network.devices}
+        t0 = self.env.now
+        chosen = []
+        for res in results:
+            dev = by_index[res.device_id]
+            if self.scheduled(dev):
+                chosen.append((dev, res))
+            else:
+                self.recorder.emit("not_scheduled", t_s=t0, node=dev.name, round=r)
+        if not chosen:
+            self.aircomp_log.append({"round": r, "scheduled": 0, "selected": len(results)})
+            return
+        total = float(sum(res.num_examples for _, res in chosen))
+        estimate = None
+        latency, per_server = 0.0, []
+        for server in self.network.servers:
+            members = [(d, res) for d, res in chosen if d.server == server.index]
+            if not members:
+                continue
+            w = np.array([res.num_examples / total for _, res in members])
+            x = np.stack([self.trainer.flatten_update(res) for _, res in members])
+            est, st = over_the_air_sum(
+                x, w / w.sum(), [d.uplink for d, _ in members], num_subcarriers=self.num_subcarriers,
+                subcarrier_spacing_hz=ac.subcarrier_spacing_hz, noise_w_per_subcarrier=self.noise_w,
+                truncation_threshold=ac.truncation_threshold, power_policy=ac.power_policy, start_s=t0,
+                coherence_time_s=self.scenario.channel.coherence_time_s,
+                cyclic_prefix_fraction=ac.cyclic_prefix_fraction, rng=self._noise_rng)
+            est = est * w.sum()
+            estimate = est if estimate is None else estimate + est
+            latency = max(latency, st.latency_s)
+            per_server.append(st)
+            for (d, res), e in zip(members, st.tx_energy_j):
+                self.recorder.emit("uplink", t_s=t0, duration_s=st.latency_s, node=d.name, peer=server.name,
+                                   round=r, bytes=res.update_bytes, energy_j=e)
+        yield self.env.timeout(latency)
+        self.trainer.aggregate_flat(estimate)
+        q = int(estimate.size)
+        flops = 2.0 * q   # the channel did the sum; the edge scales and adds to the global state
+        duration = compute_time_s(flops, self.network.servers[0].spec.compute_flops_per_s)
+        self.recorder.emit("aggregate", t_s=self.env.now, duration_s=duration, node=self._edge_name, round=r,
+                           flops=flops)
+        k_all = sum(st.num_devices for st in per_server)
+        self.aircomp_log.append({
+            "round": r, "selected": len(results), "scheduled": k_all, "num_values": q,
+            "latency_s": latency, "num_symbols": max(st.num_symbols for st in per_server),
+            "truncation_ratio": float(np.average([st.truncation_ratio for st in per_server],
+                                                 weights=[st.num_devices for st in per_server])),
+            "receive_snr_db": float(min(st.receive_snr_db for st in per_server)),
+            "mse": float(sum(st.mse for st in per_server)),
+            "mse_theory": float(sum(st.mse_theory for st in per_server)),
+            "nmse": float(np.mean([st.nmse for st in per_server])),
+        })
+        yield self.env.timeout(duration)
+
+
+def make_simulation(scenario: Scenario, seed: int, trainer: Trainer,
+                    on_round: Optional[RoundCallback] = None) -> FedAvgSimulation:
+    """The FedAvg simulation for the scenario's ``channel.uplink_access``."""
+    if scenario.channel.uplink_access == "aircomp":
+        return AirCompFedAvgSimulation(scenario, seed, trainer, on_round)
+    return FedAvgSimulation(scenario, seed, trainer, on_round)
+
+
+def aircomp_summary(log: list[dict]) -> dict:
+    """Means over rounds of the over-the-air statistics (empty dict without rounds)."""
+    rows = [row for row in log if row.get("scheduled", 0) > 0]
+    if not rows:
+        return {"rounds_aggregated": 0}
+    keys = ("latency_s", "truncation_ratio", "receive_snr_db", "mse", "mse_theory", "nmse", "scheduled")
+    out = {f"mean_{k}": float(np.mean([row[k] for row in rows])) for k in keys}
+    out["rounds_aggregated"] = len(rows)
+    out["num_values"] = int(rows[0]["num_values"])
+    return out
