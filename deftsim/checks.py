@@ -31,6 +31,23 @@ def model_depth(model_dir: str) -> int:
     raise ValueError(f"model.path={model_dir!r}: config.json names no layer count (num_hidden_layers)")
 
 
+def check_rank_per_layer(rank_per_layer, depth: int) -> None:
+    """``peft.rank_per_layer`` against the model depth: a list needs exactly one rank per block,
+    a mapping only indices 0..depth-1."""
+    if rank_per_layer is None:
+        return
+    if isinstance(rank_per_layer, list):
+        if len(rank_per_layer) != depth:
+            raise ValueError(f"peft.rank_per_layer={rank_per_layer}: {len(rank_per_layer)} entries but the model has "
+                             f"{depth} blocks; give one rank per block (0 = not trainable) or a mapping "
+                             "{block index: rank}")
+        return
+    bad = sorted(i for i in rank_per_layer if i >= depth)
+    if bad:
+        raise ValueError(f"peft.rank_per_layer={rank_per_layer}: block(s) {bad} do not exist; the model has "
+                         f"{depth} blocks, allowed indices 0..{depth - 1}")
+
+
 def check_scenario_resources(scenario: Scenario) -> None:
     if scenario.trainer != "real":
         return
@@ -42,6 +59,7 @@ def check_scenario_resources(scenario: Scenario) -> None:
     if bad:
         raise ValueError(f"peft.layers={scenario.peft.layers}: block(s) {bad} do not exist; the model has "
                          f"{depth} blocks, allowed indices 0..{depth - 1}")
+    check_rank_per_layer(scenario.peft.rank_per_layer, depth)
     from fomo.data import check_data_fits
 
     check_data_fits(scenario)

@@ -7,7 +7,7 @@ runs each algorithm's rounds on its own SimPy timeline over the same devices and
 
 Writes (besides the runner's files): ``summary.json`` with ``mean_round_latency_s:
 {algorithm: seconds}``, the allocations and the profile; ``events.parquet`` with an extra
-``algorithm`` column; ``lola_latency.png`` (bar chart).
+``algorithm`` column; ``lola_latency.png`` (bar chart); ``depth_profile.png``/``.csv`` (``analysis.depth``).
 """
 from __future__ import annotations
 
@@ -76,5 +76,9 @@ def run_lola_compare(scenario: Scenario, on_round=None):
                             "lola.num_blocks)") from None
     title = f"{scenario.name} (seed {scenario.seed}, N={profile.num_blocks}, K={len(network.devices)})"
     figures = {"lola_latency.png": lambda p: plot_latency(summary, p, title)}
+    from analysis.depth import plot_profile, profile_table  # depth profile table and plot (issue 5 item 2)
+
+    figures["depth_profile.png"] = lambda p: plot_profile(profile, p)
+    figures["depth_profile.csv"] = lambda p: profile_table(profile).to_csv(p, index=False)
     return ExperimentResult(events, summary, topology_record(network), figures,
                             {"profile_wall_s": t1 - t0, "simulation_wall_s": time.perf_counter() - t1})

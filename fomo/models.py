@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
@@ -159,18 +160,97 @@ def check_target_modules(model: nn.Module, targets: list[str]) -> None:
         )
 
 
-def peft_config(peft_spec: "PeftSpec") -> Any:
+_LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")  # peft's rule: the first numbered segment
+
+
+def layer_index(module_name: str) -> Optional[int]:
+    """Transformer block index of a module name, by peft's rule for ``layers_to_transform``
+    (the first numbered path segment: ``bert.encoder.layer.3.attention.self.query`` -> 3)."""
+    match = _LAYER_INDEX.match(module_name)
+    return int(match.group("idx")) if match else None
+
+
+def check_rank_per_layer(model: nn.Module, peft_spec: "PeftSpec") -> None:
+    """Raise ValueError naming ``peft.rank_per_layer`` if a block index is out of range or a
+    list does not have one entry per block."""
+    if peft_spec.rank_per_layer is None:
+        return
+    n_layers = num_hidden_layers(model.config)
+    if n_layers is None:
+        return
+    rpl = peft_spec.rank_per_layer
+    if isinstance(rpl, list) and len(rpl) != n_layers:
+        raise ValueError(f"peft.rank_per_layer has {len(rpl)} entries but the model has {n_layers} transformer "
+                         "blocks: give one rank per block, or a mapping {block index: rank}")
+    bad = [i for i in (rpl if isinstance(rpl, dict) else []) if i >= n_layers]
+    if bad:
+        raise ValueError(f"peft.rank_per_layer: block(s) {sorted(bad)} out of range; the model has {n_layers} "
+                         f"transformer blocks (allowed indices: 0..{n_layers - 1})")
+
+
+def rank_patterns(model: nn.Module, peft_spec: "PeftSpec") -> tuple[dict[str, int], dict[str, float]]:
+    """peft ``rank_pattern`` and ``alpha_pattern`` of ``peft.rank_per_layer``: one exact
+    (regex-escaped) module name per targeted module of every block with a positive rank. Block i
+    gets rank r_i and alpha = ``peft.alpha`` x r_i / ``peft.rank``, so every block keeps the LoRA
+    scale alpha / rank of the scenario. Empty dicts when ``rank_per_layer`` is not set."""
+    ranks = peft_spec.layer_ranks()
+    if not ranks:
+        return {}, {}
+    targets = list(peft_spec.target_modules)
+    rank_pat: dict[str, int] = {}
+    alpha_pat: dict[str, float] = {}
+    for name, module in model.named_modules():
+        idx = layer_index(name)
+        if idx is None or idx not in ranks:
+            continue
+        if ALL_LINEAR in targets:
+            hit = isinstance(module, nn.Linear)
+        else:
+            hit = any(name == t or name.endswith("." + t) for t in targets)
+        if hit:
+            rank_pat[re.escape(name)] = ranks[idx]
+            alpha_pat[re.escape(name)] = float(peft_spec.alpha) * ranks[idx] / peft_spec.rank
+    return rank_pat, alpha_pat
+
+
+def _lora_targets(peft_spec: "PeftSpec", layers: Optional[list[int]], model: Optional[nn.Module]) -> Any:
+    """``target_modules`` for LoraConfig. peft knows "all-linear" only as a plain string, and
+    refuses it together with ``layers_to_transform``: then it is expanded to the names of the
+    linear modules inside the transformer blocks (needs ``model``)."""
+    targets = list(peft_spec.target_modules)
+    if ALL_LINEAR not in targets:
+        return targets
+    if layers is None:
+        return ALL_LINEAR
+    if model is None:
+        raise ValueError("peft.target_modules=all-linear with chosen blocks: peft_config needs the model")
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and layer_index(name) is not None})
+
+
+def peft_config(peft_spec: "PeftSpec", model: Optional[nn.Module] = None) -> Any:
     """The ``peft`` config object for the scenario's method (task type SEQ_CLS, so the
-    classification head is trainable and part of the adapter)."""
+    classification head is trainable and part of the adapter). ``peft.rank_per_layer`` needs
+    ``model`` (its module names become ``rank_pattern``/``alpha_pattern`` keys, see
+    :func:`rank_patterns`); its blocks of positive rank become ``layers_to_transform``."""
     from peft import LoraConfig, PromptTuningConfig
 
     if peft_spec.method == "lora":
+        layers = peft_spec.trainable_layers()
+        rank_pat: dict[str, int] = {}
+        alpha_pat: dict[str, float] = {}
+        if peft_spec.rank_per_layer is not None:
+            if model is None:
+                raise ValueError("peft.rank_per_layer: peft_config needs the model to name the per-block modules")
+            rank_pat, alpha_pat = rank_patterns(model, peft_spec)
         return LoraConfig(
             r=peft_spec.rank,
             lora_alpha=peft_spec.alpha,
             lora_dropout=peft_spec.dropout,
-            target_modules=list(peft_spec.target_modules),
-            layers_to_transform=list(peft_spec.layers) if peft_spec.layers is not None else None,
+            target_modules=_lora_targets(peft_spec, layers, model),
+            layers_to_transform=list(layers) if layers is not None else None,
+            rank_pattern=rank_pat,
+            alpha_pattern=alpha_pat,
             task_type="SEQ_CLS",
         )
     if peft_spec.method == "prompt_tuning":
@@ -185,9 +265,10 @@ def apply_peft(model: "PreTrainedModel", peft_spec: "PeftSpec") -> nn.Module:
 
     if peft_spec.method == "lora":
         check_layers(model, peft_spec.layers)
+        check_rank_per_layer(model, peft_spec)
         check_target_modules(model, list(peft_spec.target_modules))
     with quiet_hf():
-        peft_model = get_peft_model(model, peft_config(peft_spec))
+        peft_model = get_peft_model(model, peft_config(peft_spec, model))
     peft_model.train()
     return peft_model
 

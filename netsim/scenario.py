@@ -316,6 +316,33 @@ class AirCompSpec(Spec):
     )
 
 
+class NeuralAirCompSpec(Spec):
+    """Experiment ``neural_aircomp``: split fine-tuning with a neural connection over the air
+    (fomo/neural_connection.py, netsim/neural_aircomp.py, docs/aircomp.md).
+
+    Every example's tokens are cut into K = number of devices segments of ``segment_tokens``;
+    device k runs the frozen encoder on segment k and a trainable projection to ``feature_dim``
+    values; the edge's head (MLP with ``head_hidden_dim`` hidden units, 0: linear) consumes the
+    sum or mean of the K feature vectors, received over the air (AirComp, the ``aircomp``
+    section's radio settings, at each receive SNR of ``receive_snr_db``) or digitally (OFDMA,
+    noiseless). Batch size, learning rate and optimizer come from ``training``."""
+
+    segment_tokens: int = Field(32, ge=1, le=510, description="tokens per device segment L (without [CLS]/[SEP])")
+    feature_dim: int = Field(64, ge=1, le=65536, description="feature values d per example and device")
+    head_hidden_dim: int = Field(64, ge=0, le=65536, description="hidden units of the edge MLP (0: linear head)")
+    combine: Literal["sum", "mean"] = Field("mean", description="the edge consumes sum_k f_k or (1/K) sum_k f_k")
+    steps: int = Field(200, ge=1, le=1_000_000, description="training steps per variant")
+    eval_every_steps: int = Field(25, ge=1, description="test accuracy every this many steps (and at the end)")
+    receive_snr_db: list[Optional[float]] = Field(
+        default_factory=lambda: [None, -10.0, 0.0, 10.0], min_length=1,
+        description="AirComp variants: receive SNR rho0/sigma^2 [dB]; null: the real noise N0 NF Delta_f of the links",
+    )
+    include_digital: bool = Field(True, description="also run the noiseless digital (OFDMA) connection")
+    max_train_examples: Optional[int] = Field(
+        None, ge=1, description="use at most this many training examples (null: all); test: data.max_test_examples"
+    )
+
+
 class LolaAnalyticModelSpec(Spec):
     """Dimensions of the BERT-style encoder of the analytic depth profile (used when the
     profile is not measured; defaults: all-MiniLM-L6-v2). Formulas: netsim/lola/profile.py."""
@@ -364,7 +391,7 @@ class LolaSpec(Spec):
 class Scenario(Spec):
     name: str = "scenario"
     seed: int = Field(0, ge=0)
-    experiment: Literal["fedavg", "aircomp_vs_ofdma", "lola_compare"] = Field(
+    experiment: Literal["fedavg", "aircomp_vs_ofdma", "lola_compare", "neural_aircomp"] = Field(
         "fedavg", description="what `deftsim run` does with the scenario (deftsim/experiments.py)"
     )
     trainer: Literal["real", "fake"] = "real"
@@ -383,6 +410,9 @@ class Scenario(Spec):
     fake: FakeTrainerSpec = FakeTrainerSpec()
     aircomp: AirCompSpec = AirCompSpec()
     lola: Optional[LolaSpec] = Field(None, description="experiment lola_compare (null: its defaults)")
+    neural_aircomp: NeuralAirCompSpec = Field(
+        default_factory=NeuralAirCompSpec, description="experiment neural_aircomp: split fine-tuning over the air"
+    )
 
     @model_validator(mode="after")
     def _lola_checks(self) -> "Scenario":
