@@ -71,10 +71,20 @@ def lola_compare(scenario: Scenario, on_round=None) -> ExperimentResult:
     return run_lola_compare(scenario, on_round)
 
 
+def neural_aircomp(scenario: Scenario, on_round=None) -> ExperimentResult:
+    """Split fine-tuning with a neural connection: the edge consumes the over-the-air sum/mean of
+    the devices' features (AirComp at several receive SNRs) vs. a digital OFDMA connection
+    (deftsim/neural_experiment.py, docs/aircomp.md)."""
+    from .neural_experiment import run_neural_aircomp
+
+    return run_neural_aircomp(scenario, on_round)
+
+
 EXPERIMENTS: dict[str, Experiment] = {
     "fedavg": fedavg,
     "aircomp_vs_ofdma": aircomp_vs_ofdma,
     "lola_compare": lola_compare,
+    "neural_aircomp": neural_aircomp,
 }
 
 

@@ -37,6 +37,11 @@ def print_summary(summary: dict, out_dir: str) -> None:
     if summary.get("experiment") == "lola_compare":
         print_lola(summary, out_dir)
         return
+    if summary.get("experiment") == "neural_aircomp":
+        from .neural_experiment import print_neural
+
+        print_neural(summary, out_dir)
+        return
     if isinstance(summary.get("final_accuracy"), dict):
         print_comparison(summary, out_dir)
         return
