@@ -87,3 +87,81 @@ def summarize(events: pd.DataFrame, *, num_classes: int, stop_reason: str, targe
         "num_events": int(len(events)),
     }
     return summary
+
+
+def energy_to_accuracy_j(events: pd.DataFrame, target: float) -> Optional[float]:
+    """Total device energy spent until test accuracy first reached ``target`` (None if never)
+    [J]: the energy of every device event that ended by then."""
+    t_hit = time_to_accuracy_s(events, target)
+    if t_hit is None:
+        return None
+    dev = events[events["node"].str.startswith("dev")]
+    done = dev[dev["t_s"] + dev["duration_s"] <= t_hit + 1e-12]
+    return float(done["energy_j"].sum())
+
+
+LATENCY_PARTS = ("downlink_s", "compute_s", "uplink_s", "waiting_s", "edge_s")
+
+
+def latency_breakdown(events: pd.DataFrame) -> pd.DataFrame:
+    """Where a round's latency goes, seen from the average participating device.
+
+    One row per round: ``latency_s`` (round start to round end) and its split, averaged over the
+    devices that took part: ``downlink_s`` (receiving the global adapter), ``compute_s`` (local
+    steps), ``uplink_s`` (sending the update), ``waiting_s`` (idle until the last upload of the
+    round arrives: waiting for stragglers) and ``edge_s`` (aggregation and evaluation at the
+    edge). The five parts add up to ``latency_s``; ``devices`` is the number of participants.
+    """
+    starts = events[events["kind"] == "round_start"].set_index("round")["t_s"]
+    ends = events[events["kind"] == "round_end"].set_index("round")["t_s"]
+    rounds = starts.index.intersection(ends.index)
+    latency = (ends - starts).loc[rounds]
+    edge = events[events["kind"].isin(["aggregate", "evaluate"]) & events["round"].isin(rounds)]
+    edge_s = edge.groupby("round")["duration_s"].sum().reindex(rounds, fill_value=0.0)
+    dev = events[events["kind"].isin(DEVICE_KINDS) & events["round"].isin(rounds)]
+    per_device = dev.pivot_table(index=["round", "node"], columns="kind", values="duration_s",
+                                 aggfunc="sum").reindex(columns=list(DEVICE_KINDS), fill_value=0.0).fillna(0.0)
+    mean = per_device.groupby(level="round").mean().reindex(rounds).fillna(0.0)
+    count = per_device.groupby(level="round").size().reindex(rounds, fill_value=0)
+    out = pd.DataFrame({"round": rounds.to_numpy(), "latency_s": latency.to_numpy(),
+                        "downlink_s": mean["downlink"].to_numpy(), "compute_s": mean["compute"].to_numpy(),
+                        "uplink_s": mean["uplink"].to_numpy(), "edge_s": edge_s.to_numpy(),
+                        "devices": count.to_numpy()})
+    busy = out["downlink_s"] + out["compute_s"] + out["uplink_s"]
+    out["waiting_s"] = (out["latency_s"] - out["edge_s"] - busy).clip(lower=0.0)
+    return out[["round", "latency_s", *LATENCY_PARTS, "devices"]]
+
+
+def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float, int]:
+    """(mean, lower, upper, n) of the finite values: Student-t confidence interval of the mean
+    (NaN bounds for fewer than two values)."""
+    import numpy as np
+    from scipy import stats
+
+    x = np.asarray([v for v in values if v is not None], dtype=float)
+    x = x[np.isfinite(x)]
+    n = int(x.size)
+    if n == 0:
+        return math.nan, math.nan, math.nan, 0
+    m = float(x.mean())
+    if n < 2:
+        return m, math.nan, math.nan, n
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+    return m, m - half, m + half, n
+
+
+def pareto_mask(frame: pd.DataFrame, maximize: list[str], minimize: list[str]) -> pd.Series:
+    """True for the rows no other row dominates (at least as good in every objective, better in
+    one). Rows with a missing objective are never on the front."""
+    import numpy as np
+
+    cols = list(maximize) + list(minimize)
+    values = np.array(frame[cols].astype(float).to_numpy(), dtype=float, copy=True)
+    values[:, :len(maximize)] *= -1.0  # everything minimised
+    ok = np.isfinite(values).all(axis=1)
+    mask = np.zeros(len(frame), dtype=bool)
+    for i in np.flatnonzero(ok):
+        others = values[ok]
+        dominated = ((others <= values[i]).all(axis=1) & (others < values[i]).any(axis=1)).any()
+        mask[i] = not dominated
+    return pd.Series(mask, index=frame.index)
