@@ -8,6 +8,9 @@ runs each algorithm's rounds on its own SimPy timeline over the same devices and
 Writes (besides the runner's files): ``summary.json`` with ``mean_round_latency_s:
 {algorithm: seconds}``, the allocations and the profile; ``events.parquet`` with an extra
 ``algorithm`` column; ``lola_latency.png`` (bar chart); ``depth_profile.png``/``.csv`` (``analysis.depth``).
+With ``lola.train_rounds > 0`` and ``trainer: real``, also real block fine-tuning of
+``lola.train_algorithms`` (``fomo.block_training``): ``accuracy_vs_time: {algorithm: [[t_s,
+accuracy], ...]}`` and ``final_accuracy`` in the summary, ``lola_accuracy_vs_time.png``.
 """
 from __future__ import annotations
 
@@ -80,5 +83,19 @@ def run_lola_compare(scenario: Scenario, on_round=None):
 
     figures["depth_profile.png"] = lambda p: plot_profile(profile, p)
     figures["depth_profile.csv"] = lambda p: profile_table(profile).to_csv(p, index=False)
-    return ExperimentResult(events, summary, topology_record(network), figures,
-                            {"profile_wall_s": t1 - t0, "simulation_wall_s": time.perf_counter() - t1})
+    timings = {"profile_wall_s": t1 - t0, "simulation_wall_s": time.perf_counter() - t1}
+    if scenario.lola.train_rounds > 0 and scenario.trainer != "real":
+        summary["accuracy_vs_time_skipped"] = "lola.train_rounds > 0 needs trainer: real (trainer is fake)"
+    elif scenario.lola.train_rounds > 0:  # real block fine-tuning: accuracy vs. simulated time (item 6)
+        from fomo.block_training import accuracy_vs_time, plot_accuracy_vs_time
+
+        t2 = time.perf_counter()
+        train_rounds = min(scenario.lola.train_rounds, scenario.lola.rounds)  # simulated rounds give the times
+        curves, final = accuracy_vs_time(scenario, summary, events, network, scenario.lola.train_algorithms,
+                                         train_rounds)
+        summary["train_rounds"] = train_rounds
+        summary["accuracy_vs_time"] = curves
+        summary["final_accuracy"] = final
+        figures["lola_accuracy_vs_time.png"] = lambda p: plot_accuracy_vs_time(curves, p, title)
+        timings["training_wall_s"] = time.perf_counter() - t2
+    return ExperimentResult(events, summary, topology_record(network), figures, timings)

@@ -385,6 +385,15 @@ class LolaSpec(Spec):
         None, description="offloading: raw bytes a device uploads per sample (null: 4 x model.max_length_tokens)"
     )
     jbba_iterations: int = Field(60, ge=0, le=100_000, description="dual-ascent iterations of jbba")
+    train_rounds: int = Field(
+        0, ge=0, le=100_000, description="rounds of REAL cooperative block fine-tuning per algorithm of "
+        "train_algorithms (fomo/block_training.py; accuracy vs. simulated time); 0 = latency only. "
+        "Capped at lola.rounds; needs trainer: real (skipped with trainer: fake)",
+    )
+    train_algorithms: list[LolaAlgorithm] = Field(
+        default_factory=lambda: ["crunch", "jbba", "offloading"],
+        description="algorithms (also in lola.algorithms) fine-tuned for real when train_rounds > 0",
+    )
     analytic: LolaAnalyticModelSpec = LolaAnalyticModelSpec()
 
 
