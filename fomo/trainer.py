@@ -1,10 +1,27 @@
-"""The real trainer: PEFT fine-tuning of a pre-trained transformer, one device at a time.
+"""The real trainer: PEFT fine-tuning of a pre-trained transformer.
 
 :class:`PeftTrainer` implements :class:`netsim.interfaces.Trainer`. It holds the global PEFT
 state (the trainable tensors: adapter + classification head) and one base model. A local job
 loads the global state into the model, runs ``job.steps`` real AdamW/SGD steps on batches drawn
 from the device's own data, and returns local minus global as the update. FLOPs and memory come
 from :mod:`fomo.profiling`, profiled once per (batch_size, seq_len) shape and cached.
+
+Execution strategies (``scenario.execution``; they never change the simulated timeline):
+
+* ``sequential``: one job after another;
+* ``batched``: the jobs of a call that share (steps, batch_size) run together, up to
+  ``max_devices_per_pass`` at a time, as one forward/backward per step with per-device LoRA
+  tensors and optimizer state (:mod:`fomo.batched`);
+* ``activation_cache_bytes > 0``: the frozen lower blocks' output is cached per example
+  (:mod:`fomo.prefix_cache`), for training and evaluation.
+
+Every device still reports the FLOPs and saved activations of its own uncached step of its own
+shape, so the simulated timeline is the same for every strategy.
+
+Shared base, per-device state only while active: there is one model whatever the device count;
+a device's data indices are a slice of the partition, its batch-sampling generator is created
+on its first job, and its PEFT tensors and optimizer state exist only during its job (the
+update it returns lives until :meth:`PeftTrainer.aggregate`).
 
 Determinism: all randomness comes from the run seed (see :mod:`fomo.data`), base-model dropout
 is off, so the same calls in the same order give bit-identical numbers.
@@ -22,8 +39,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fomo import batched as fbatched
 from fomo import data as fdata
 from fomo import models, profiling
+from fomo.prefix_cache import ActivationCache, find_frozen_prefix
 from fomo.profiling import StepProfile
 from netsim.interfaces import EvalResult, LocalJob, LocalResult
 
@@ -54,6 +73,10 @@ class TokenizedTexts:
     attention_mask: torch.Tensor
     lengths_tokens: np.ndarray
     labels: torch.Tensor
+
+    def seq_len(self, examples: np.ndarray) -> int:
+        """Tokens of the longest of ``examples`` (the dynamic-padding length of their batch)."""
+        return int(self.lengths_tokens[examples].max())
 
     def batch(self, examples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask, labels) of the given example indices, cut to the longest
@@ -149,6 +172,13 @@ class PeftTrainer:
     num_classes : int
     class_names : list[str]
     model : the PEFT-wrapped model (holds the global state outside :meth:`local_train`)
+    strategy : str
+        The execution strategy in use: ``"batched"`` or ``"sequential"`` (``"sequential"``
+        when batched was asked for but does not apply; ``execution_notes`` says why).
+    activation_cache : ActivationCache or None
+        The frozen-prefix cache, if asked for and applicable.
+    execution_notes : list[str]
+        Why an asked-for strategy or cache does not apply (empty if everything applies).
     """
 
     def __init__(self, scenario: "Scenario", seed: int) -> None:
@@ -166,7 +196,8 @@ class PeftTrainer:
         self._train_examples: np.ndarray = train_idx
         self._device_examples: list[np.ndarray] = [train_idx[p] for p in parts]
         self._test_examples: np.ndarray = test_idx[: scenario.data.max_test_examples]
-        self._device_rngs = [fdata.device_rng(self.seed, d) for d in range(len(parts))]
+        # batch-sampling generators, created on a device's first job (see _device_rng)
+        self._device_rngs: dict[int, np.random.Generator] = {}
 
         torch.manual_seed(fdata.torch_init_seed(self.seed))
         tokenizer, base = models.load_base(scenario.model, self.num_classes)
@@ -180,6 +211,32 @@ class PeftTrainer:
         self._weight_ptrs = profiling.storage_ptrs(self.model)
         self._step_profiles: dict[tuple[int, int], StepProfile] = {}
         self._eval_flops: dict[tuple[int, int], float] = {}
+        self._configure_execution(scenario)
+
+    def _configure_execution(self, scenario: "Scenario") -> None:
+        """Choose the execution strategy and the activation cache (``scenario.execution``)."""
+        spec = scenario.execution
+        self.execution_notes: list[str] = []
+        self.strategy = "sequential"
+        self._max_devices_per_pass = int(spec.max_devices_per_pass)
+        if spec.strategy == "batched":
+            reason = fbatched.unsupported_reason(self.model, scenario.peft.method, float(scenario.peft.dropout))
+            if reason is None:
+                self.strategy = "batched"
+            else:
+                self.execution_notes.append(f"execution.strategy=batched not applied: {reason}")
+        self.activation_cache: ActivationCache | None = None
+        if spec.activation_cache_bytes > 0:
+            probe = self._train_examples[:1]
+            input_ids, mask, _ = self._tokens.batch(probe)
+            prefix, reason = find_frozen_prefix(self.model, input_ids, mask)
+            if prefix is None:
+                self.execution_notes.append(f"execution.activation_cache_bytes not applied: {reason}")
+            else:
+                self.activation_cache = ActivationCache(
+                    self.model, prefix, self._tokens.batch, self._tokens.lengths_tokens,
+                    spec.activation_cache_bytes,
+                )
 
     # ---------------------------------------------------------------- sizes
     def num_devices(self) -> int:
@@ -212,8 +269,11 @@ class PeftTrainer:
 
     # ---------------------------------------------------------------- training
     def local_train(self, jobs: Sequence[LocalJob]) -> list[LocalResult]:
-        """Run the jobs one after another, each from the current global state; the model holds
-        the global state again afterwards."""
+        """Run the jobs, each from the current global state (one after another, or batched:
+        see the module docstring); results in job order. The model holds the global state
+        again afterwards."""
+        if self.strategy == "batched" and jobs:
+            return self._run_batched(jobs)
         results = [self._run_job(job) for job in jobs]
         self._load_state(self._global)
         return results
@@ -231,6 +291,27 @@ class PeftTrainer:
         self._global = new_state
         self._load_state(self._global)
 
+    def flatten_update(self, result: LocalResult) -> np.ndarray:
+        """A result's update as one float64 vector, tensors in global-state order (for
+        over-the-air aggregation, netsim.aircomp_fedavg)."""
+        return np.concatenate([result.update[n].detach().reshape(-1).double().numpy() for n in self._global])
+
+    def aggregate_flat(self, vector: np.ndarray) -> None:
+        """global <- global + vector (an already weighted sum of flat updates, as received over
+        the air), split back into the global-state tensors."""
+        flat = torch.as_tensor(np.asarray(vector, dtype=np.float64))
+        if flat.numel() != sum(t.numel() for t in self._global.values()):
+            raise ValueError(f"flat update has {flat.numel()} values, the PEFT state has "
+                             f"{sum(t.numel() for t in self._global.values())}")
+        new_state: PeftState = {}
+        offset = 0
+        for name, tensor in self._global.items():
+            n = tensor.numel()
+            new_state[name] = tensor + flat[offset:offset + n].reshape(tensor.shape).to(tensor.dtype)
+            offset += n
+        self._global = new_state
+        self._load_state(self._global)
+
     def evaluate(self) -> EvalResult:
         """Accuracy and mean cross-entropy of the global model on the first
         ``data.max_test_examples`` test examples (batches of 64, forward FLOPs counted once per
@@ -243,7 +324,7 @@ class PeftTrainer:
                 for start in range(0, len(self._test_examples), EVAL_BATCH_SIZE):
                     examples = self._test_examples[start:start + EVAL_BATCH_SIZE]
                     input_ids, mask, labels = self._tokens.batch(examples)
-                    logits, batch_flops = self._eval_forward(input_ids, mask)
+                    logits, batch_flops = self._eval_forward(input_ids, mask, examples)
                     flops += batch_flops
                     loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
                     correct += int((logits.argmax(dim=-1) == labels).sum())
@@ -262,7 +343,10 @@ class PeftTrainer:
         flops, saved_bytes = 0.0, 0
         for _ in range(job.steps):
             examples = self._sample_batch(job.device_id, job.batch_size)
-            loss, profile = self._train_step(optimizer, *self._tokens.batch(examples))
+            if self.activation_cache is None:
+                loss, profile = self._train_step(optimizer, *self._tokens.batch(examples))
+            else:
+                loss, profile = self._cached_train_step(optimizer, examples)
             losses.append(loss)
             flops += profile.flops
             saved_bytes = max(saved_bytes, profile.saved_activation_bytes)
@@ -301,21 +385,127 @@ class PeftTrainer:
         optimizer.step()
         return loss, profile
 
-    def _eval_forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Logits of an evaluation batch and its forward FLOPs (counted once per shape)."""
+    def _cached_train_step(
+        self, optimizer: torch.optim.Optimizer, examples: np.ndarray
+    ) -> tuple[torch.Tensor, StepProfile]:
+        """One optimizer step through the activation cache; the profile is the uncached
+        step's."""
+        optimizer.zero_grad(set_to_none=True)
+        profile = self._step_profile(examples)
+        input_ids, mask, labels = self._tokens.batch(examples)
+        loss = F.cross_entropy(self._logits(input_ids, mask, examples), labels)
+        loss.backward()
+        optimizer.step()
+        return loss.detach(), profile
+
+    def _run_batched(self, jobs: Sequence[LocalJob]) -> list[LocalResult]:
+        """Batched strategy: jobs grouped by (steps, batch_size), in job order, each group cut
+        into passes of at most ``max_devices_per_pass`` devices."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault((job.steps, job.batch_size), []).append(i)
+        results: list[LocalResult | None] = [None] * len(jobs)
+        for members in groups.values():
+            for start in range(0, len(members), self._max_devices_per_pass):
+                chunk = members[start:start + self._max_devices_per_pass]
+                if len(chunk) == 1:  # nothing to batch: the one-device path is the reference
+                    results[chunk[0]] = self._run_job(jobs[chunk[0]])
+                    self._load_state(self._global)
+                    continue
+                for i, result in zip(chunk, self._run_pass([jobs[i] for i in chunk])):
+                    results[i] = result
+        # leave torch's global RNG where the sequential strategy leaves it (nothing in a LoRA
+        # step without dropout draws from it)
+        torch.manual_seed(fdata.job_torch_seed(self.seed, jobs[-1].device_id, jobs[-1].round))
+        return [r for r in results if r is not None]
+
+    def _run_pass(self, jobs: Sequence[LocalJob]) -> list[LocalResult]:
+        """K jobs with the same (steps, batch_size) as one forward/backward per step over the
+        combined batch (device-major rows), with per-device trainable tensors and optimizer
+        state (:class:`fomo.batched.DeviceStack`). The loss is the sum of the devices' mean
+        losses, so each device's gradient is the one it gets alone."""
+        k, steps, batch_size = len(jobs), jobs[0].steps, jobs[0].batch_size
+        stack = fbatched.DeviceStack(self._global, k)
+        optimizer = self._make_optimizer(stack.parameters())
+        losses: list[list[torch.Tensor]] = [[] for _ in range(k)]
+        flops = [0.0] * k
+        saved = [0] * k
+        for _ in range(steps):
+            batches = [self._sample_batch(job.device_id, batch_size) for job in jobs]
+            for d, examples in enumerate(batches):
+                profile = self._step_profile(examples)
+                flops[d] += profile.flops
+                saved[d] = max(saved[d], profile.saved_activation_bytes)
+            examples = np.concatenate(batches)
+            input_ids, mask, labels = self._tokens.batch(examples)
+            optimizer.zero_grad(set_to_none=True)
+            with fbatched.per_device_modules(self.model, stack, k * batch_size):
+                logits = self._logits(input_ids, mask, examples)
+            per_device = torch.stack([
+                F.cross_entropy(lg, lb) for lg, lb in zip(logits.split(batch_size), labels.split(batch_size))
+            ])
+            per_device.sum().backward()
+            optimizer.step()
+            for d, loss in enumerate(per_device.detach().unbind()):
+                losses[d].append(loss)
+        updates = stack.updates(self._global)
+        return [
+            LocalResult(
+                device_id=job.device_id,
+                update=updates[d],
+                num_examples=self.device_num_examples(job.device_id),
+                loss=float(torch.stack(losses[d]).mean()),
+                flops=flops[d],
+                peak_memory_bytes=self._memory_of(StepProfile(0.0, saved[d])),
+                update_bytes=self._adapter_bytes,
+            )
+            for d, job in enumerate(jobs)
+        ]
+
+    def _eval_forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, examples: np.ndarray
+    ) -> tuple[torch.Tensor, float]:
+        """Logits of an evaluation batch and its forward FLOPs (counted once per shape, on the
+        uncached forward)."""
         shape = (int(input_ids.shape[0]), int(input_ids.shape[1]))
         if shape not in self._eval_flops:
             logits, self._eval_flops[shape] = profiling.counted_forward(self.model, input_ids, mask)
             return logits, self._eval_flops[shape]
-        return profiling.classification_logits(self.model, input_ids, mask), self._eval_flops[shape]
+        return self._logits(input_ids, mask, examples), self._eval_flops[shape]
+
+    def _logits(self, input_ids: torch.Tensor, mask: torch.Tensor, examples: np.ndarray) -> torch.Tensor:
+        """Logits of a batch of ``examples``, through the activation cache if there is one."""
+        if self.activation_cache is None:
+            return profiling.classification_logits(self.model, input_ids, mask)
+        hidden = self.activation_cache.hidden_states(examples, int(input_ids.shape[1]))
+        with self.activation_cache.substituted(hidden):
+            return profiling.classification_logits(self.model, input_ids, mask)
+
+    def _step_profile(self, examples: np.ndarray) -> StepProfile:
+        """Profile of the uncached one-device step of this batch's shape (profiled by a separate
+        forward/backward that changes nothing, once per shape)."""
+        shape = (len(examples), self._tokens.seq_len(examples))
+        profile = self._step_profiles.get(shape)
+        if profile is None:
+            profile = profiling.count_step_flops(self.model, *self._tokens.batch(examples), self._weight_ptrs)
+            self._step_profiles[shape] = profile
+        return profile
 
     def _sample_batch(self, device_id: int, batch_size: int) -> np.ndarray:
         """Example indices of one batch from the device's data: without replacement, or with
         replacement if the device has fewer examples than ``batch_size``."""
         examples = self._device_examples[device_id]
-        rng = self._device_rngs[device_id]
+        rng = self._device_rng(device_id)
         picks = rng.choice(len(examples), size=batch_size, replace=batch_size > len(examples))
         return examples[picks]
+
+    def _device_rng(self, device_id: int) -> np.random.Generator:
+        """The device's persistent batch-sampling generator (created on first use: the stream
+        depends only on the seed and the device, not on when it is created)."""
+        rng = self._device_rngs.get(device_id)
+        if rng is None:
+            rng = self._device_rngs[device_id] = fdata.device_rng(self.seed, device_id)
+        return rng
 
     def _full_length_batch(self, examples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A batch padded to ``model.max_length_tokens`` (the worst-case shape)."""
@@ -326,9 +516,12 @@ class PeftTrainer:
             self._tokens.labels[index],
         )
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        """A fresh optimizer over the trainable parameters (no state carried across jobs)."""
-        params = [p for _, p in self._trainable]
+    def _make_optimizer(self, params: list[torch.Tensor] | None = None) -> torch.optim.Optimizer:
+        """A fresh optimizer over ``params`` (default: the model's trainable parameters); no
+        state is carried across jobs. Both are element-wise, so over devices' tensors stacked
+        along a device axis they act as one independent optimizer per device."""
+        if params is None:
+            params = [p for _, p in self._trainable]
         if self._optimizer_name == "adamw":
             return torch.optim.AdamW(params, lr=self._learning_rate)
         if self._optimizer_name == "sgd":
