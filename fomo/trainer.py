@@ -32,6 +32,7 @@ Threads: ``torch.set_num_threads`` is called only if the environment variable
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -237,6 +238,8 @@ class PeftTrainer:
                     self.model, prefix, self._tokens.batch, self._tokens.lengths_tokens,
                     spec.activation_cache_bytes,
                 )
+        for note in self.execution_notes:  # results are unaffected: say so, don't fail
+            warnings.warn(note, RuntimeWarning, stacklevel=3)
 
     # ---------------------------------------------------------------- sizes
     def num_devices(self) -> int:

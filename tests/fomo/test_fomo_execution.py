@@ -138,13 +138,15 @@ def test_batched_sgd_and_uneven_lengths_match(tmp_path: Path) -> None:
 
 
 def test_batched_falls_back_for_prompt_tuning_and_dropout() -> None:
-    prompt = build_trainer(scenario(peft={"method": "prompt_tuning", "num_virtual_tokens": 2},
-                                    execution={"strategy": "batched"}), seed=0)
+    with pytest.warns(RuntimeWarning, match="prompt tuning runs sequentially"):
+        prompt = build_trainer(scenario(peft={"method": "prompt_tuning", "num_virtual_tokens": 2},
+                                        execution={"strategy": "batched"}), seed=0)
     assert prompt.strategy == "sequential"
     assert "prompt tuning runs sequentially" in prompt.execution_notes[0]
     (result,) = prompt.local_train(jobs(1, [1]))
     assert result.flops > 0
-    dropout = build_trainer(scenario(peft={"dropout": 0.1}, execution={"strategy": "batched"}), seed=0)
+    with pytest.warns(RuntimeWarning, match="dropout"):
+        dropout = build_trainer(scenario(peft={"dropout": 0.1}, execution={"strategy": "batched"}), seed=0)
     assert dropout.strategy == "sequential" and "dropout" in dropout.execution_notes[0]
 
 
@@ -173,7 +175,8 @@ def test_activation_cache_is_exact_bounded_and_counts_full_flops() -> None:
 
 
 def test_activation_cache_needs_a_frozen_prefix() -> None:
-    trainer = build_trainer(scenario(execution={"activation_cache_bytes": 1_000_000}), seed=0)
+    with pytest.warns(RuntimeWarning, match="activation_cache_bytes not applied"):
+        trainer = build_trainer(scenario(execution={"activation_cache_bytes": 1_000_000}), seed=0)
     assert trainer.activation_cache is None
     assert "block 0 holds trainable parameters" in trainer.execution_notes[0]
 
