@@ -105,11 +105,6 @@ class BlockFading:
         self._last_block = -1
         self._last_gain = 1.0
 
-    def block_index(self, t_s: float) -> int:
-        # Small epsilon so a time exactly on a boundary belongs to the next block despite
-        # floating-point error in b * T_c.
-        return int(math.floor(t_s / self.coherence_time_s + 1e-9))
-
     def power_gain(self, block: int) -> float:
         """|h|^2 of coherence block ``block`` (1.0 for ``none``)."""
         if self.kind == "none":

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import simpy
 
-from .budgets import bandwidth_shares, compute_time_s, energy_j
+from .budgets import bandwidth_shares, compute_time_s, energy_j, fits_in_memory
 from .interfaces import LocalJob, LocalResult, Trainer
 from .network import Device, Network, child_rng
 from .records import Recorder
@@ -127,7 +127,7 @@ class FedAvgSimulation:
         need = self.trainer.job_memory_bytes(self.scenario.training.batch_size)
         fit = []
         for d in selected:
-            if need <= d.group.memory_bytes:
+            if fits_in_memory(need, d.group.memory_bytes):
                 fit.append(d)
             else:
                 self.recorder.emit("memory_exceeded", t_s=self.env.now, node=d.name, round=r, memory_bytes=need)
