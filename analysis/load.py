@@ -23,12 +23,24 @@ def load_run(run_dir: PathLike) -> tuple[pd.DataFrame, dict, dict]:
     return load_events(run_dir), summary, scenario
 
 
+def flatten_summary(summary: dict, prefix: str = "") -> dict:
+    """Scalar entries of a ``summary.json``, nested mappings flattened with dots
+    (``{"aircomp": {"mean_nmse": x}}`` -> ``aircomp.mean_nmse``); lists are left out."""
+    out = {}
+    for key, value in summary.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten_summary(value, f"{name}."))
+        elif not isinstance(value, list):
+            out[name] = value
+    return out
+
+
 def load_runs(run_dirs: Iterable[PathLike]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Many runs: (events of all runs with a ``run`` column, one summary row per run)."""
     events, rows = [], []
     for d in run_dirs:
         ev, summary, _ = load_run(d)
         events.append(ev.assign(run=str(d)))
-        flat = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
-        rows.append({"run": str(d), **flat})
+        rows.append({"run": str(d), **flatten_summary(summary)})
     return pd.concat(events, ignore_index=True), pd.DataFrame(rows)

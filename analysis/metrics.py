@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import pandas as pd
 
 DEVICE_KINDS = ("compute", "uplink", "downlink")
@@ -21,6 +22,19 @@ def time_to_accuracy_s(events: pd.DataFrame, target: float) -> Optional[float]:
     curve = accuracy_curve(events)
     hit = curve[curve["accuracy"] >= target]
     return None if hit.empty else float(hit["t_s"].iloc[0])
+
+
+def accuracy_energy_curve(events: pd.DataFrame) -> pd.DataFrame:
+    """Test accuracy after each evaluation against the total device energy of the events that
+    ended by then: columns ``round, energy_j, accuracy`` (one run's events)."""
+    curve = accuracy_curve(events)
+    dev = events[events["node"].str.startswith("dev")]
+    ends = np.sort((dev["t_s"] + dev["duration_s"]).to_numpy())
+    energy = dev["energy_j"].fillna(0.0).to_numpy()[np.argsort((dev["t_s"] + dev["duration_s"]).to_numpy(),
+                                                             kind="stable")]
+    spent = np.concatenate([[0.0], np.cumsum(energy)])
+    idx = np.searchsorted(ends, curve["t_s"].to_numpy() + 1e-12, side="right")
+    return pd.DataFrame({"round": curve["round"], "energy_j": spent[idx], "accuracy": curve["accuracy"]})
 
 
 def energy_per_device_j(events: pd.DataFrame) -> pd.Series:

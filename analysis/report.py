@@ -11,10 +11,13 @@ Writes into ``DIR/report/`` (or ``out_dir``):
                            uplink / waiting / edge (see :func:`analysis.metrics.latency_breakdown`)
 ``latency_per_round.png``  the same split round by round (first seed of each point)
 ``pareto.png``             points on the accuracy / delay / energy Pareto front
+``aircomp.png``            (runs with ``channel.uplink_access: aircomp``) final accuracy and
+                           aggregation NMSE against the measured receive SNR
 ``runs.csv|parquet``       one row per run: swept fields, headline metrics, error if failed
 ``points.csv|parquet``     one row per point: mean and CI over seeds of each metric
 ``round_breakdown.csv|parquet``  one row per run and round: the latency split
 ``pareto.csv|parquet``     per-point objectives and whether the point is on the front
+``aircomp_points.csv|parquet``  per point: receive SNR, NMSE, truncation ratio, accuracy
 =========================  ===========================================================
 
 Reads files only; never runs the simulator.
@@ -35,6 +38,7 @@ import pandas as pd
 
 from .metrics import (LATENCY_PARTS, accuracy_curve, energy_to_accuracy_j, latency_breakdown, mean_ci, pareto_mask,
                       time_to_accuracy_s)
+from .load import flatten_summary
 from .sweep import RUNS_DIR, collect_runs, load_plan
 
 MAX_LEGEND_POINTS = 12
@@ -109,7 +113,7 @@ def load_report_data(folder: str | Path) -> ReportData:
         summary = json.loads((root / "summary.json").read_text())
         resolved = json.loads((root / "scenario.json").read_text()) if (root / "scenario.json").is_file() else {}
         row = {"run_id": root.name or "run", "point": 0, "seed": resolved.get("seed"), "status": "ok"}
-        row.update({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
+        row.update(flatten_summary(summary))
         runs = pd.DataFrame([row])
         name = resolved.get("scenario", {}).get("name", root.name)
         data = ReportData(name, "run", root, [], set(), runs)
@@ -335,6 +339,75 @@ def fig_to_accuracy(param: str, params: list[str], runs: pd.DataFrame, target: f
     spread = "seeds" if (grouped or not others) else "seeds and the other swept fields"
     fig.suptitle(f"{param}: mean and 95% CI over {spread} (hollow: not every run reached the target)",
                  fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+AIRCOMP_METRICS = ["aircomp.mean_receive_snr_db", "aircomp.mean_nmse", "aircomp.mean_truncation_ratio",
+                   "aircomp.mean_mse", "aircomp.mean_mse_theory"]
+AIRCOMP_LABELLED = ("aircomp.truncation_threshold",)   # written next to each marker, not a line each
+AIRCOMP_X = ("aircomp.receive_snr_db",)                 # what moves along a line
+
+
+def has_aircomp(runs: pd.DataFrame) -> bool:
+    """True if some finished run aggregated over the air (``summary.json`` has ``aircomp``)."""
+    col = "aircomp.mean_receive_snr_db"
+    return col in runs and bool(runs.loc[runs["status"] == "ok", col].notna().any())
+
+
+def aircomp_points(runs: pd.DataFrame, params: list[str]) -> pd.DataFrame:
+    """Per point: the swept fields and the mean over seeds of the over-the-air statistics and
+    the final accuracy (with its 95 % CI)."""
+    ok = runs[(runs["status"] == "ok") & runs["aircomp.mean_receive_snr_db"].notna()]
+    rows = []
+    for point, group in ok.groupby("point", sort=True):
+        row: dict[str, Any] = {"point": int(point), **{p: group.iloc[0][p] for p in params}, "runs_ok": len(group)}
+        for m in AIRCOMP_METRICS:
+            if m in group:
+                row[m] = float(group[m].astype(float).mean())
+        mean, lo, hi, _ = mean_ci(group["final_accuracy"].astype(float).tolist())
+        row["final_accuracy_mean"], row["final_accuracy_ci_low"], row["final_accuracy_ci_high"] = mean, lo, hi
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def fig_aircomp(table: pd.DataFrame, params: list[str], path: Path) -> bytes:
+    """Final accuracy and aggregation NMSE against the measured receive SNR, one line per
+    combination of the swept fields other than the SNR and the truncation threshold (the
+    threshold is written next to each marker)."""
+    plt = _plt()
+    snr = "aircomp.mean_receive_snr_db"
+    line_fields = [p for p in params if p not in AIRCOMP_X + AIRCOMP_LABELLED]
+    labelled = [p for p in params if p in AIRCOMP_LABELLED]
+    keys = table[line_fields].astype(str).agg(" ".join, axis=1) if line_fields else pd.Series("", index=table.index)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    colors = plt.get_cmap("tab10")
+    for gi, key in enumerate(pd.unique(keys)):
+        sub = table[keys == key].sort_values(snr)
+        first = sub.iloc[0]
+        label = point_label({p: first[p] for p in line_fields}, line_fields) if line_fields else None
+        x = sub[snr].to_numpy(dtype=float)
+        x = np.where(np.isfinite(x), x, np.nan)
+        acc = sub["final_accuracy_mean"].to_numpy(dtype=float)
+        err = [np.nan_to_num(acc - sub["final_accuracy_ci_low"].to_numpy(dtype=float)),
+               np.nan_to_num(sub["final_accuracy_ci_high"].to_numpy(dtype=float) - acc)]
+        color = colors(gi % 10)
+        axes[0].errorbar(x, acc, yerr=err, color=color, marker="o", capsize=3, lw=1.2, label=label)
+        axes[1].plot(x, sub["aircomp.mean_nmse"].to_numpy(dtype=float), color=color, marker="o", label=label)
+        for _, row in sub.iterrows():
+            if labelled and np.isfinite(row[snr]):
+                text = ", ".join(f"{p.split('.')[-1]}={row[p]:g}" for p in labelled)
+                axes[0].annotate(text, (row[snr], row["final_accuracy_mean"]), fontsize=6,
+                                 xytext=(3, 3), textcoords="offset points", color=color)
+    axes[0].set_ylabel("final test accuracy")
+    axes[1].set_ylabel("aggregation NMSE (mean over rounds)")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("receive SNR rho0 / sigma^2, mean over rounds [dB]")
+        ax.grid(alpha=0.3)
+    if line_fields:
+        axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle("Over-the-air aggregation: mean over seeds (error bars: 95% CI of the accuracy)", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -571,6 +644,17 @@ def build_report(folder: str | Path, out_dir: Optional[str | Path] = None, targe
                              "The same split round by round, for the first seed of each point"
                              + (f" (first {MAX_ROUND_PANELS} points)" if len(points) > MAX_ROUND_PANELS else "")
                              + ".", "latency_per_round.png")
+    aircomp_table = None
+    (out / "aircomp.png").unlink(missing_ok=True)
+    if has_aircomp(runs):
+        aircomp_table = aircomp_points(runs, data.params)
+        _write_table(aircomp_table, out, "aircomp_points")
+        png = fig_aircomp(aircomp_table, data.params, out / "aircomp.png")
+        figs["aircomp"] = _figure(png, "accuracy and NMSE against receive SNR",
+                                  "Final accuracy (left) and normalised MSE of the over-the-air aggregate "
+                                  "(right) against the measured receive SNR of the slots, per point (mean over "
+                                  "seeds); a swept truncation threshold is written next to its marker.",
+                                  "aircomp.png")
     if len(points) >= 2:
         png = fig_pareto(front, out / "pareto.png")
         figs["pareto"] = _figure(png, "Pareto front of accuracy, delay and energy",
@@ -606,6 +690,11 @@ def build_report(folder: str | Path, out_dir: Optional[str | Path] = None, targe
     if param_figs:
         sections.append("<h2>Time and energy to accuracy against each swept field</h2>" + "".join(param_figs))
     sections.append("<h2>Latency breakdown</h2>" + figs["latency"] + figs["rounds"])
+    if aircomp_table is not None:
+        sections.append("<h2>Over-the-air aggregation</h2>" + figs["aircomp"] + html_table(aircomp_table)
+                        + "<p class=note>Receive SNR = rho0 / sigma^2 of the AirComp slot; NMSE = mean squared "
+                        "error of the received aggregate over the mean square of the exact weighted sum; "
+                        "truncation ratio = share of (device, value) entries not sent (docs/aircomp.md).</p>")
     if "pareto" in figs:
         members = front[front["on_front"]]
         sections.append("<h2>Pareto front: accuracy vs. delay vs. energy</h2>" + figs["pareto"]

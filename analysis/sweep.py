@@ -2,7 +2,8 @@
 
 ``load_sweep(DIR)``         one row per planned run: ``run_id, point, seed, status``, one column
                             per swept field (named by its path, e.g. ``peft.rank``), the headline
-                            metrics of ``summary.json``, and ``error_type``/``error_message``.
+                            metrics of ``summary.json`` (nested ones flattened with dots, e.g.
+                            ``aircomp.mean_nmse``), and ``error_type``/``error_message``.
 ``load_sweep_events(DIR)``  the events of every finished run, with ``run_id, point, seed`` and the
                             swept fields as extra columns.
 
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 import pandas as pd
+
+from .load import flatten_summary
 
 PathLike = Union[str, Path]
 PLAN_FILE = "sweep.json"
@@ -60,7 +63,7 @@ def collect_runs(sweep_dir: PathLike) -> pd.DataFrame:
         row.update({p: _cell(run["params"].get(p)) for p in plan["params"]})
         summary = _read_json(folder / "summary.json") if status == "ok" else None
         if summary:
-            row.update({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
+            row.update(flatten_summary(summary))
         error = _read_json(folder / "error.json") if status == "failed" else None
         row["error_type"] = (error or {}).get("type")
         row["error_message"] = (error or {}).get("message")

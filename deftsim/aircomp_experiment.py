@@ -12,6 +12,8 @@ time (same population, data split, selections and initial state: only the uplink
         time to collect all updates: the longest OFDMA upload of the round / the AirComp slot
     final_accuracy:        {"aircomp": {K: acc}, "ofdma": {K: acc}}
     latency_ratio_ofdma_over_aircomp: {K: ratio}
+    sim_time_s, total_device_energy_j, uplink_energy_j: {"aircomp": {K: ...}, "ofdma": {K: ...}}
+    aircomp_nmse, aircomp_receive_snr_db: {K: mean over rounds}
     runs: {"aircomp": {K: {...}}, "ofdma": {K: {...}}}   # sim time, energy, rounds, and for
         AirComp the mean truncation ratio, receive SNR, MSE (measured and closed form), NMSE
 
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.metrics import accuracy_energy_curve
 from netsim.aircomp_fedavg import aircomp_summary, make_simulation
 from netsim.scenario import Scenario
 
@@ -87,6 +90,9 @@ def run_aircomp_vs_ofdma(scenario: Scenario, on_round=None):
             if topology is None:
                 topology = topology_record(sim.network)
     events = pd.concat(frames, ignore_index=True)
+    def per_k(uplink: str, field: str) -> dict:
+        return {key: run[field] for key, run in runs[uplink].items()}
+
     summary = {
         "experiment": "aircomp_vs_ofdma",
         "device_counts": counts,
@@ -94,10 +100,18 @@ def run_aircomp_vs_ofdma(scenario: Scenario, on_round=None):
         "final_accuracy": accuracy,
         "latency_ratio_ofdma_over_aircomp": {str(k): latency["ofdma"][str(k)] / latency["aircomp"][str(k)]
                                              for k in counts},
+        "sim_time_s": {u: per_k(u, "sim_time_s") for u in UPLINKS},
+        "total_device_energy_j": {u: per_k(u, "total_device_energy_j") for u in UPLINKS},
+        "uplink_energy_j": {u: per_k(u, "uplink_energy_j") for u in UPLINKS},
+        "aircomp_nmse": {key: run["aircomp"].get("mean_nmse") for key, run in runs["aircomp"].items()},
+        "aircomp_receive_snr_db": {key: run["aircomp"].get("mean_receive_snr_db")
+                                   for key, run in runs["aircomp"].items()},
         "runs": runs,
     }
     figures = {"latency_vs_devices.png": lambda p: plot_latency(summary, p),
-               "accuracy_vs_time.png": lambda p: plot_accuracy(events, p, scenario.name)}
+               "accuracy_mse_vs_devices.png": lambda p: plot_accuracy_mse(summary, p),
+               "accuracy_vs_time.png": lambda p: plot_accuracy(events, p, scenario.name),
+               "accuracy_vs_energy.png": lambda p: plot_accuracy_energy(events, p, scenario.name)}
     return ExperimentResult(events, summary, topology, figures, {"simulation_wall_s": time.perf_counter() - t0})
 
 
@@ -126,18 +140,70 @@ def plot_latency(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _curves(events: pd.DataFrame):
+    """(uplink, K, events of that run, color) for every run, one color per K."""
+    ks = sorted(events["device_count"].unique())
+    for (uplink, k), grp in events.groupby(["uplink_access", "device_count"]):
+        yield uplink, k, grp, f"C{ks.index(k) % 10}"
+
+
 def plot_accuracy(events: pd.DataFrame, path: Path, title: str) -> None:
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6, 4))
-    ev = events[events["kind"] == "evaluate"]
-    for (uplink, k), grp in ev.groupby(["uplink_access", "device_count"]):
-        ax.plot(grp["t_s"] + grp["duration_s"], grp["accuracy"], marker=".",
+    for uplink, k, grp, color in _curves(events):
+        ev = grp[grp["kind"] == "evaluate"]
+        ax.plot(ev["t_s"] + ev["duration_s"], ev["accuracy"], marker=".", color=color,
                 linestyle="-" if uplink == "aircomp" else "--", label=f"{uplink} K={k}")
     ax.set_xlabel("simulated time [s]")
     ax.set_ylabel("test accuracy")
-    ax.set_title(title)
+    ax.set_xscale("log")
+    ax.set_title(f"{title} (solid: AirComp, dashed: OFDMA)", fontsize=9)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy_mse(summary: dict, path: Path) -> None:
+    """Final accuracy of both uplinks and the AirComp NMSE against K."""
+    plt = _figure()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ks = summary["device_counts"]
+    for uplink, marker in zip(UPLINKS, "os"):
+        ax.plot(ks, [summary["final_accuracy"][uplink][str(k)] for k in ks], marker=marker, label=uplink)
+    ax.set_xlabel("devices per round K")
+    ax.set_ylabel("final test accuracy")
+    ax.set_xscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax2.plot(ks, [summary["aircomp_nmse"][str(k)] for k in ks], marker="s", color="C1")
+    ax2.set_xlabel("devices per round K")
+    ax2.set_ylabel("AirComp aggregation NMSE (mean over rounds)")
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy_energy(events: pd.DataFrame, path: Path, title: str) -> None:
+    """Test accuracy after each round against the device energy spent so far (log axis: the
+    round-0 evaluation, at zero energy, is left out)."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for uplink, k, grp, color in _curves(events):
+        curve = accuracy_energy_curve(grp)
+        curve = curve[curve["energy_j"] > 0]
+        ax.plot(curve["energy_j"], curve["accuracy"], marker=".", color=color,
+                linestyle="-" if uplink == "aircomp" else "--", label=f"{uplink} K={k}")
+    ax.set_xlabel("device energy spent, all devices [J]")
+    ax.set_ylabel("test accuracy")
+    ax.set_xscale("log")
+    ax.set_title(f"{title} (solid: AirComp, dashed: OFDMA)", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)

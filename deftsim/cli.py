@@ -69,7 +69,9 @@ def run(scenario_file: str, out_dir: str, seed: Optional[int], overrides: tuple[
     if not quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=scenario.training.rounds, desc=f"{scenario.name}", unit="round", file=sys.stderr,
+        from .experiments import progress_total
+
+        bar = tqdm(total=progress_total(scenario), desc=f"{scenario.name}", unit="round", file=sys.stderr,
                    dynamic_ncols=True)
 
     def on_round(r: int, acc: float, t_s: float) -> None:

@@ -88,6 +88,15 @@ EXPERIMENTS: dict[str, Experiment] = {
 }
 
 
+def progress_total(scenario: Scenario) -> Optional[int]:
+    """How many times the experiment calls ``on_round`` (for a progress bar); None if unknown."""
+    if scenario.experiment == "fedavg":
+        return scenario.training.rounds
+    if scenario.experiment == "aircomp_vs_ofdma":
+        return scenario.training.rounds * 2 * len(set(scenario.aircomp.device_counts))
+    return None
+
+
 def get_experiment(name: str) -> Experiment:
     try:
         return EXPERIMENTS[name]

@@ -148,4 +148,6 @@ def print_neural(summary: dict, out_dir: str) -> None:
     for name in summary["variants"]:
         click.echo(f"  {name:<22} {summary['final_accuracy'][name]:>9.3f}  {summary['sim_time_s'][name]:>9.3f}s  "
                    f"{1e3 * summary['uplink_latency_s'][name]:>9.3f} ms")
-    click.echo(f"\n  results: {out_dir}/ (summary.json, events.parquet, neural_accuracy_vs_time.png)")
+    from .report import _files
+
+    click.echo(_files(out_dir))

@@ -8,18 +8,31 @@ def _fmt_s(x) -> str:
     return "never" if x is None else f"{x:.3f} s"
 
 
+def _files(out_dir: str) -> str:
+    """The results folder and what it holds (figures included), for the last console line."""
+    from pathlib import Path
+
+    names = sorted(p.name for p in Path(out_dir).iterdir() if p.is_file() and not p.name.startswith("."))
+    return f"\n  results: {out_dir}/ ({', '.join(names)})"
+
+
 def print_comparison(summary: dict, out_dir: str) -> None:
     """Console table of an uplink comparison (experiment ``aircomp_vs_ofdma``)."""
     lat, acc = summary["aggregation_latency_s"], summary["final_accuracy"]
+    energy, nmse = summary.get("total_device_energy_j"), summary.get("aircomp_nmse")
     click.echo("")
     click.echo(f"  {'K':>5}  {'OFDMA air time':>15}  {'AirComp air time':>16}  {'ratio':>7}  "
-               f"{'acc OFDMA':>9}  {'acc AirComp':>11}")
+               f"{'acc OFDMA':>9}  {'acc AirComp':>11}  {'energy OFDMA':>12}  {'energy AirComp':>14}  "
+               f"{'AirComp NMSE':>12}")
     for k in summary["device_counts"]:
         key = str(k)
+        extra = (f"  {energy['ofdma'][key]:>10.2f} J  {energy['aircomp'][key]:>12.2f} J  {nmse[key]:>12.4f}"
+                 if energy and nmse else "")
         click.echo(f"  {k:>5}  {1e3 * lat['ofdma'][key]:>12.2f} ms  {1e3 * lat['aircomp'][key]:>13.2f} ms  "
                    f"{lat['ofdma'][key] / lat['aircomp'][key]:>7.1f}  {acc['ofdma'][key]:>9.3f}  "
-                   f"{acc['aircomp'][key]:>11.3f}")
-    click.echo(f"\n  results: {out_dir}/ (events.parquet, summary.json, latency_vs_devices.png, accuracy_vs_time.png)")
+                   f"{acc['aircomp'][key]:>11.3f}" + extra)
+    click.echo("  (air time: mean per round to collect every update; energy: all devices, whole run)")
+    click.echo(_files(out_dir))
 
 
 def print_lola(summary: dict, out_dir: str) -> None:
@@ -30,21 +43,26 @@ def print_lola(summary: dict, out_dir: str) -> None:
     click.echo(f"  {'algorithm':<16} {'mean round latency':>19}  {'vs best':>8}")
     for name, value in lat.items():
         click.echo(f"  {name:<16} {1e3 * value:>16.2f} ms  {value / best:>7.2f}x")
-    click.echo(f"\n  results: {out_dir}/ (summary.json, events.parquet, lola_latency.png)")
+    click.echo(_files(out_dir))
+
+
+def print_neural(summary: dict, out_dir: str) -> None:
+    from .neural_experiment import print_neural as show
+
+    show(summary, out_dir)
+
+
+PRINTERS = {"aircomp_vs_ofdma": print_comparison, "lola_compare": print_lola, "neural_aircomp": print_neural}
+"""Experiment name -> console printer; experiments not listed (``fedavg``) use :func:`print_fedavg`."""
 
 
 def print_summary(summary: dict, out_dir: str) -> None:
-    if summary.get("experiment") == "lola_compare":
-        print_lola(summary, out_dir)
-        return
-    if summary.get("experiment") == "neural_aircomp":
-        from .neural_experiment import print_neural
+    """Console summary of a run, by the experiment named in ``summary.json`` (``fedavg`` if none)."""
+    PRINTERS.get(summary.get("experiment", "fedavg"), print_fedavg)(summary, out_dir)
 
-        print_neural(summary, out_dir)
-        return
-    if isinstance(summary.get("final_accuracy"), dict):
-        print_comparison(summary, out_dir)
-        return
+
+def print_fedavg(summary: dict, out_dir: str) -> None:
+    """Console table of a FedAvg run."""
     energy = summary["energy_per_device_j"]
     rows = [
         ("stop reason", summary["stop_reason"]),
@@ -61,10 +79,15 @@ def print_summary(summary: dict, out_dir: str) -> None:
     ]
     if summary.get("target_accuracy") is not None:
         rows.insert(5, (f"time to target accuracy {summary['target_accuracy']}", _fmt_s(summary["time_to_target_accuracy_s"])))
+    air = summary.get("aircomp")
+    if air and air.get("rounds_aggregated"):
+        rows.append(("over-the-air: receive SNR / NMSE / truncated",
+                     f"{air['mean_receive_snr_db']:.1f} dB / {air['mean_nmse']:.4f} / "
+                     f"{100 * air['mean_truncation_ratio']:.1f}% (means over rounds)"))
     if summary["memory_exceeded_devices"]:
         rows.append(("devices that could not hold the job", ", ".join(summary["memory_exceeded_devices"])))
     width = max(len(k) for k, _ in rows)
     click.echo("")
     for k, v in rows:
         click.echo(f"  {k:<{width}}  {v}")
-    click.echo(f"\n  results: {out_dir}/ (events.parquet, summary.json, scenario.json, accuracy_vs_time.png)")
+    click.echo(_files(out_dir))

@@ -118,6 +118,16 @@ def subcarrier_gains(links: Sequence[Link], num_subcarriers: int, block: int) ->
     return np.stack([link.fading.power_gains(block * num_subcarriers, num_subcarriers) for link in links])
 
 
+def noise_for_snr(rho0_w: float, noise_w: float, receive_snr_db: Optional[float]) -> float:
+    """Noise power per sub-carrier sigma^2 [W]: ``noise_w`` (real receiver) when
+    ``receive_snr_db`` is None, else rho0 / 10^(SNR/10) (0 for SNR = +inf: noise off)."""
+    if receive_snr_db is None:
+        return float(noise_w)
+    if math.isinf(receive_snr_db) and receive_snr_db > 0:
+        return 0.0
+    return float(rho0_w / 10.0 ** (receive_snr_db / 10.0))
+
+
 # ---------------------------------------------------------------------------- aggregation
 @dataclass
 class AirCompStats:
@@ -164,7 +174,8 @@ def over_the_air_sum(updates: np.ndarray, weights: Optional[np.ndarray], links: 
                      truncation_threshold: float, power_policy: str = "average",
                      tx_power_w: Optional[Sequence[float]] = None, start_s: float = 0.0,
                      coherence_time_s: Optional[float] = None, cyclic_prefix_fraction: float = 0.0,
-                     rng: Optional[np.random.Generator] = None) -> tuple[np.ndarray, AirCompStats]:
+                     rng: Optional[np.random.Generator] = None,
+                     receive_snr_db: Optional[float] = None) -> tuple[np.ndarray, AirCompStats]:
     """Aggregate K update vectors over the air.
 
     Parameters
@@ -177,6 +188,8 @@ def over_the_air_sum(updates: np.ndarray, weights: Optional[np.ndarray], links: 
     start_s, coherence_time_s : when the slot starts; symbol i lies in coherence block
         floor((start_s + i T_sym) / T_c) and sees that block's fading (None: one block).
     rng : generator for the receiver noise.
+    receive_snr_db : None: the noise is ``noise_w_per_subcarrier`` (the real receiver);
+        a number: emulate that receive SNR, sigma^2 = rho0 / 10^(SNR/10) (``inf``: noise off).
 
     Returns the (q,) estimate and :class:`AirCompStats`.
     """
@@ -192,6 +205,7 @@ def over_the_air_sum(updates: np.ndarray, weights: Optional[np.ndarray], links: 
     powers = np.array([l.tx_power_w for l in links] if tx_power_w is None else tx_power_w, dtype=float)
     g = np.array([l.large_scale_gain for l in links], dtype=float)
     rho0 = receive_power(power_policy, truncation_threshold, powers / m, g)
+    noise_w_per_subcarrier = noise_for_snr(rho0, noise_w_per_subcarrier, receive_snr_db)
     t_sym = ofdm_symbol_s(subcarrier_spacing_hz, cyclic_prefix_fraction)
     n_sym = aircomp_symbols(q, m)
 
@@ -222,7 +236,8 @@ def over_the_air_sum(updates: np.ndarray, weights: Optional[np.ndarray], links: 
     energy = (rho0 / g) * inv_gain_sum * t_sym
     stats = AirCompStats(
         num_devices=k, num_values=q, num_symbols=n_sym, latency_s=latency, rho0_w=rho0,
-        noise_w=noise_w_per_subcarrier, receive_snr_db=10.0 * math.log10(rho0 / noise_w_per_subcarrier),
+        noise_w=noise_w_per_subcarrier,
+        receive_snr_db=10.0 * math.log10(rho0 / noise_w_per_subcarrier) if noise_w_per_subcarrier > 0 else math.inf,
         truncation_ratio=float(1.0 - transmit.mean()), mse=float(np.mean((estimate - exact) ** 2)),
         mse_theory=expected_mse(x, a, p_trunc, scale, noise_w_per_subcarrier, rho0),
         signal_power=float(np.mean(exact**2)), tx_energy_j=[float(e) for e in energy])

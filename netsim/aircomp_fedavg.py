@@ -103,7 +103,8 @@ class AirCompFedAvgSimulation(FedAvgSimulation):
                 subcarrier_spacing_hz=ac.subcarrier_spacing_hz, noise_w_per_subcarrier=self.noise_w,
                 truncation_threshold=ac.truncation_threshold, power_policy=ac.power_policy, start_s=t0,
                 coherence_time_s=self.scenario.channel.coherence_time_s,
-                cyclic_prefix_fraction=ac.cyclic_prefix_fraction, rng=self._noise_rng)
+                cyclic_prefix_fraction=ac.cyclic_prefix_fraction, rng=self._noise_rng,
+                receive_snr_db=ac.receive_snr_db)
             est = est * w.sum()
             estimate = est if estimate is None else estimate + est
             latency = max(latency, st.latency_s)

@@ -52,7 +52,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import numpy as np
 import simpy
 
-from .aircomp import (AirCompStats, aircomp_latency_s, aircomp_symbols, expected_mse, ofdm_symbol_s,
+from .aircomp import (AirCompStats, aircomp_latency_s, aircomp_symbols, expected_mse, noise_for_snr, ofdm_symbol_s,
                       receive_power, truncation_probability)
 from .budgets import compute_time_s, energy_j
 from .channel import Link, noise_power_w
@@ -103,11 +103,7 @@ def value_gains(links: Sequence[Link], num_values: int, num_subcarriers: int, sy
 
 def slot_noise_w(cfg: FeatureChannelConfig, rho0_w: float) -> float:
     """sigma^2 per sub-carrier of the slot (see :class:`FeatureChannelConfig`)."""
-    if cfg.receive_snr_db is None:
-        return float(cfg.noise_w_per_subcarrier)
-    if math.isinf(cfg.receive_snr_db) and cfg.receive_snr_db > 0:
-        return 0.0
-    return float(rho0_w / 10.0 ** (cfg.receive_snr_db / 10.0))
+    return noise_for_snr(rho0_w, cfg.noise_w_per_subcarrier, cfg.receive_snr_db)
 
 
 def feature_channel(features: np.ndarray, weights: np.ndarray, links: Sequence[Link], cfg: FeatureChannelConfig,

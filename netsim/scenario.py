@@ -310,10 +310,21 @@ class AirCompSpec(Spec):
     interior_radius_m: Optional[PositiveFloat] = Field(
         None, description="schedule only devices within this distance of their server (null: all)"
     )
+    receive_snr_db: Optional[float] = Field(
+        None, description="null: the real receiver noise N0 NF Delta_f; a number: emulate that receive SNR "
+        "rho0/sigma^2 [dB] whatever the links (.inf: noise off), to sweep accuracy against SNR",
+    )
     device_counts: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [5, 10, 20], min_length=1,
         description="experiment aircomp_vs_ofdma: devices per round K compared",
     )
+
+    @model_validator(mode="after")
+    def _snr_is_a_level(self):
+        snr = self.receive_snr_db
+        if snr is not None and (snr != snr or snr == float("-inf")):
+            raise ValueError(f"receive_snr_db={snr}: must be a number of dB, .inf (noise off) or null (real noise)")
+        return self
 
 
 class NeuralAirCompSpec(Spec):

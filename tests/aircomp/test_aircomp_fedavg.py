@@ -130,3 +130,29 @@ def test_experiment_rejects_too_many_devices(tmp_path):
     sc = scenario(experiment="aircomp_vs_ofdma", aircomp={"device_counts": [5, 50]})
     with pytest.raises(ScenarioError, match="exceeds"):
         run_scenario(sc, tmp_path)
+
+
+@pytest.mark.parametrize("snr_db", [-10.0, 0.0, 20.0])
+def test_emulated_receive_snr(snr_db):
+    """aircomp.receive_snr_db sets sigma^2 = rho0 / SNR: the slots' receive SNR is that value and
+    the measured MSE still follows the closed form."""
+    sim, _, _ = run(scenario(aircomp={"receive_snr_db": snr_db}))
+    for row in sim.aircomp_log:
+        assert row["receive_snr_db"] == pytest.approx(snr_db, abs=1e-9)
+        assert row["mse"] == pytest.approx(row["mse_theory"], rel=0.1)
+
+
+def test_emulated_snr_orders_the_error_and_inf_is_noise_free():
+    nmse = {snr: np.mean([r["nmse"] for r in run(scenario(aircomp={"receive_snr_db": snr}))[0].aircomp_log])
+            for snr in (-20.0, 0.0, 20.0, math.inf)}
+    assert nmse[-20.0] > nmse[0.0] > nmse[20.0] > nmse[math.inf] > 0   # truncation bias remains
+    sim, _, _ = run(scenario(aircomp={"receive_snr_db": math.inf}))
+    for row in sim.aircomp_log:
+        assert math.isinf(row["receive_snr_db"])
+        assert row["mse"] == pytest.approx(row["mse_theory"], rel=0.1)   # truncation only
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -math.inf])
+def test_emulated_snr_rejects_nan_and_minus_inf(bad):
+    with pytest.raises(ValueError, match="receive_snr_db"):
+        Scenario.model_validate({"aircomp": {"receive_snr_db": bad}})

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from analysis.metrics import energy_to_accuracy_j, latency_breakdown, mean_ci, pareto_mask
+from analysis.metrics import accuracy_energy_curve, energy_to_accuracy_j, latency_breakdown, mean_ci, pareto_mask
 from analysis.report import unit_of
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -109,6 +109,12 @@ def test_latency_breakdown_and_energy_to_accuracy(sweep_dir):
     assert math.isclose(energy_to_accuracy_j(events, final), dev["energy_j"].sum(), rel_tol=1e-12) or \
         energy_to_accuracy_j(events, final) <= dev["energy_j"].sum()
     assert energy_to_accuracy_j(events, 1.0) is None
+    # the accuracy-energy curve agrees with energy-to-accuracy at each evaluation's accuracy
+    curve = accuracy_energy_curve(events)
+    assert curve["energy_j"].is_monotonic_increasing and curve["energy_j"].iloc[0] == 0.0
+    for _, row in curve.iterrows():
+        first_hit = curve[curve["accuracy"] >= row["accuracy"]].iloc[0]
+        assert energy_to_accuracy_j(events, row["accuracy"]) == pytest.approx(first_hit["energy_j"], rel=1e-12)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian package: chromium)")
@@ -139,3 +145,34 @@ def test_report_opens_in_headless_chromium(sweep_dir, tmp_path):
         browser.close()
     assert problems == []
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_aircomp_section(tmp_path, tiny_scenario):
+    """A sweep over AirComp settings gets the over-the-air section: figure, per-point table, and
+    the nested summary metrics as dotted columns of runs.parquet."""
+    from analysis import load_sweep
+
+    scenario = {**tiny_scenario, "channel": {**tiny_scenario["channel"], "uplink_access": "aircomp"},
+                "training": {**tiny_scenario["training"], "rounds": 3}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(scenario))
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({
+        "scenario": "tiny.yaml", "seeds": 2,
+        "vary": {"grid": {"aircomp.receive_snr_db": [-10.0, 10.0], "aircomp.truncation_threshold": [0.1, 1.0]}}}))
+    res = _cli("sweep", tmp_path / "sweep.yaml", "--out", tmp_path / "out", "--workers", 2, "--quiet")
+    assert res.returncode == 0, res.stderr
+    runs = load_sweep(tmp_path / "out")
+    np.testing.assert_allclose(runs["aircomp.mean_receive_snr_db"], runs["aircomp.receive_snr_db"])
+    res = _cli("report", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    rep = tmp_path / "out" / "report"
+    assert (rep / "aircomp.png").stat().st_size > 5000
+    table = pd.read_csv(rep / "aircomp_points.csv")
+    assert len(table) == 4 and (table["runs_ok"] == 2).all()
+    assert "Over-the-air aggregation" in (rep / "report.html").read_text()
+    # higher g_th truncates more; higher SNR means lower NMSE at equal g_th
+    hi = table[table["aircomp.truncation_threshold"] == 1.0]["aircomp.mean_truncation_ratio"]
+    lo = table[table["aircomp.truncation_threshold"] == 0.1]["aircomp.mean_truncation_ratio"]
+    assert hi.min() > lo.max()
+    for _, grp in table.groupby("aircomp.truncation_threshold"):
+        grp = grp.sort_values("aircomp.receive_snr_db")
+        assert grp["aircomp.mean_nmse"].iloc[0] > grp["aircomp.mean_nmse"].iloc[1]
