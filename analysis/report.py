@@ -400,6 +400,7 @@ def fig_aircomp(table: pd.DataFrame, params: list[str], path: Path) -> bytes:
                 axes[0].annotate(text, (row[snr], row["final_accuracy_mean"]), fontsize=6,
                                  xytext=(3, 3), textcoords="offset points", color=color)
     axes[0].set_ylabel("final test accuracy")
+    axes[0].set_ylim(0.0, 1.02)   # accuracy is a fraction: clip t-intervals of few seeds
     axes[1].set_ylabel("aggregation NMSE (mean over rounds)")
     axes[1].set_yscale("log")
     for ax in axes:

@@ -45,6 +45,9 @@ Receive SNR = rho0 / sigma^2. Expected MSE per value, given x (closed form, test
                 + \\frac{s^2 \\sigma^2}{2 K^2 \\rho_0}
 
 with p_k = 1 - exp(-g_th) the truncation probability (Rayleigh, mean small-scale gain 1).
+Truncation shrinks the estimate by (1 - p) on average (a bias that acts like a smaller
+learning rate); ``debias=True`` divides the estimate by 1 - p: unbiased, at the price of
+amplifying the truncation variance and the noise (:func:`expected_mse`).
 
 Latency. q values over M sub-carriers take ``ceil(q / M)`` OFDM symbols of ``(1 + cp) /
 Delta_f`` seconds, whatever K. OFDMA: each of K devices sends q values of ``bits_per_value``
@@ -160,13 +163,19 @@ class AirCompStats:
 
 
 def expected_mse(updates: np.ndarray, weights: np.ndarray, p_trunc: np.ndarray, scale: float,
-                 noise_w: float, rho0_w: float) -> float:
-    """Closed-form E[MSE] per value given the updates (module docstring)."""
+                 noise_w: float, rho0_w: float, debias: bool = False) -> float:
+    """Closed-form E[MSE] per value given the updates (module docstring). With ``debias`` the
+    estimate is divided by 1 - p (p the common truncation probability): unbiased, with
+    MSE = (1/q) sum_j sum_k a_k^2 x_kj^2 p / (1 - p) + s^2 sigma^2 / (2 K^2 rho0 (1 - p)^2)."""
     k = updates.shape[0]
     a = weights[:, None] * updates
     p = np.asarray(p_trunc, dtype=float)[:, None]
+    noise = scale**2 * noise_w / (2.0 * k**2 * rho0_w)
+    if debias:
+        keep = float(1.0 - p[0, 0])
+        return float(np.mean(np.sum(a**2 * p / (1.0 - p), axis=0)) + noise / keep**2)
     trunc = np.sum(a**2 * p * (1.0 - p), axis=0) + np.sum(a * p, axis=0) ** 2
-    return float(np.mean(trunc) + scale**2 * noise_w / (2.0 * k**2 * rho0_w))
+    return float(np.mean(trunc) + noise)
 
 
 def over_the_air_sum(updates: np.ndarray, weights: Optional[np.ndarray], links: Sequence[Link], *,
@@ -175,7 +184,7 @@ def over_the_air_sum(updates: np.ndarray, weights: Optional[np.ndarray], links: 
                      tx_power_w: Optional[Sequence[float]] = None, start_s: float = 0.0,
                      coherence_time_s: Optional[float] = None, cyclic_prefix_fraction: float = 0.0,
                      rng: Optional[np.random.Generator] = None,
-                     receive_snr_db: Optional[float] = None) -> tuple[np.ndarray, AirCompStats]:
+                     receive_snr_db: Optional[float] = None, debias: bool = False) -> tuple[np.ndarray, AirCompStats]:
     """Aggregate K update vectors over the air.
 
     Parameters
@@ -190,6 +199,8 @@ def over_the_air_sum(updates: np.ndarray, weights: Optional[np.ndarray], links: 
     rng : generator for the receiver noise.
     receive_snr_db : None: the noise is ``noise_w_per_subcarrier`` (the real receiver);
         a number: emulate that receive SNR, sigma^2 = rho0 / 10^(SNR/10) (``inf``: noise off).
+    debias : divide the estimate by 1 - p = exp(-g_th), the expected share of entries sent, so
+        that it is unbiased (False: BAA's estimator, truncated entries count as zeros).
 
     Returns the (q,) estimate and :class:`AirCompStats`.
     """
@@ -228,9 +239,11 @@ def over_the_air_sum(updates: np.ndarray, weights: Optional[np.ndarray], links: 
     noise = rng.standard_normal(q) * math.sqrt(noise_w_per_subcarrier / 2.0)
     received = math.sqrt(rho0) * np.sum(np.where(transmit, scaled / scale, 0.0), axis=0) + noise
     estimate = scale * received / (k * math.sqrt(rho0))
+    p_trunc = np.full(k, truncation_probability(truncation_threshold))
+    if debias:
+        estimate = estimate / (1.0 - p_trunc[0])
 
     exact = np.sum(a[:, None] * x, axis=0)
-    p_trunc = np.full(k, truncation_probability(truncation_threshold))
     latency = n_sym * t_sym
     # realised transmit energy: |p|^2 E|u|^2 per transmitted entry, for one symbol time each
     energy = (rho0 / g) * inv_gain_sum * t_sym
@@ -239,6 +252,6 @@ def over_the_air_sum(updates: np.ndarray, weights: Optional[np.ndarray], links: 
         noise_w=noise_w_per_subcarrier,
         receive_snr_db=10.0 * math.log10(rho0 / noise_w_per_subcarrier) if noise_w_per_subcarrier > 0 else math.inf,
         truncation_ratio=float(1.0 - transmit.mean()), mse=float(np.mean((estimate - exact) ** 2)),
-        mse_theory=expected_mse(x, a, p_trunc, scale, noise_w_per_subcarrier, rho0),
+        mse_theory=expected_mse(x, a, p_trunc, scale, noise_w_per_subcarrier, rho0, debias),
         signal_power=float(np.mean(exact**2)), tx_energy_j=[float(e) for e in energy])
     return estimate, stats

@@ -104,7 +104,7 @@ class AirCompFedAvgSimulation(FedAvgSimulation):
                 truncation_threshold=ac.truncation_threshold, power_policy=ac.power_policy, start_s=t0,
                 coherence_time_s=self.scenario.channel.coherence_time_s,
                 cyclic_prefix_fraction=ac.cyclic_prefix_fraction, rng=self._noise_rng,
-                receive_snr_db=ac.receive_snr_db)
+                receive_snr_db=ac.receive_snr_db, debias=ac.debias)
             est = est * w.sum()
             estimate = est if estimate is None else estimate + est
             latency = max(latency, st.latency_s)

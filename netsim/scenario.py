@@ -310,6 +310,10 @@ class AirCompSpec(Spec):
     interior_radius_m: Optional[PositiveFloat] = Field(
         None, description="schedule only devices within this distance of their server (null: all)"
     )
+    debias: bool = Field(
+        False, description="divide the received aggregate by exp(-g_th), the expected share of entries sent "
+        "(unbiased); false: BAA's estimator, truncated entries count as zeros (shrinks the update)",
+    )
     receive_snr_db: Optional[float] = Field(
         None, description="null: the real receiver noise N0 NF Delta_f; a number: emulate that receive SNR "
         "rho0/sigma^2 [dB] whatever the links (.inf: noise off), to sweep accuracy against SNR",

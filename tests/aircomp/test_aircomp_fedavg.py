@@ -91,6 +91,18 @@ def test_truncation_threshold_lowers_update():
     assert hi.final_accuracy < lo.final_accuracy
 
 
+def test_debias_removes_the_truncation_shrink():
+    """With debias the aggregate is divided by exp(-g_th): at g_th = 1 (63 % truncated) training
+    progresses like the nearly untruncated case, unlike BAA's shrunk estimate."""
+    _, lo, _ = run(scenario(aircomp={"truncation_threshold": 0.01}))
+    _, hi, _ = run(scenario(aircomp={"truncation_threshold": 1.0}))
+    sim, hi_debiased, _ = run(scenario(aircomp={"truncation_threshold": 1.0, "debias": True}))
+    assert hi.final_accuracy < hi_debiased.final_accuracy
+    assert hi_debiased.final_accuracy == pytest.approx(lo.final_accuracy, abs=0.03)
+    for row in sim.aircomp_log:
+        assert row["mse"] == pytest.approx(row["mse_theory"], rel=0.15)
+
+
 def test_cell_interior_scheduling():
     sc = scenario(devices=[{"count": 12, "placement": {"min_distance_m": 10, "max_distance_m": 300}}],
                   aircomp={"interior_radius_m": 150})

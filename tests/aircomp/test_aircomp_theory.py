@@ -20,11 +20,12 @@ def links(k, gains=None, power=0.2, seed=0):
             for i, g in enumerate(gains)]
 
 
-def air(x, ls, g_th, noise_w, policy="average", weights=None, seed=0, start_s=0.0):
+def air(x, ls, g_th, noise_w, policy="average", weights=None, seed=0, start_s=0.0, debias=False):
     # a new coherence block every symbol: independent fading for every entry
     return over_the_air_sum(x, weights, ls, num_subcarriers=64, subcarrier_spacing_hz=SPACING,
                             noise_w_per_subcarrier=noise_w, truncation_threshold=g_th, power_policy=policy,
-                            start_s=start_s, coherence_time_s=T_SYM, rng=np.random.default_rng(seed))
+                            start_s=start_s, coherence_time_s=T_SYM, rng=np.random.default_rng(seed),
+                            debias=debias)
 
 
 @pytest.mark.parametrize("g_th,noise_w,policy", [
@@ -43,6 +44,29 @@ def test_measured_mse_matches_closed_form(g_th, noise_w, policy):
     for trial in range(4):
         est, st = air(x, ls, g_th, noise_w, policy, weights=w, seed=trial, start_s=trial * 1.0)
         assert st.mse == pytest.approx(np.mean((est - w @ x) ** 2))
+        measured.append(st.mse)
+        theory.append(st.mse_theory)
+    assert np.mean(measured) == pytest.approx(np.mean(theory), rel=0.05)
+
+
+@pytest.mark.parametrize("g_th,noise_w", [(0.5, 1e-18), (0.1, 3e-16), (1.0, 1e-15)])
+def test_debiased_estimate_is_unbiased_and_matches_closed_form(g_th, noise_w):
+    """debias=True divides by 1 - p = exp(-g_th): the mean error over many entries is ~0 (the
+    BAA estimate is shrunk by 1 - p), and the MSE follows sum a^2 x^2 p/(1-p) + noise/(1-p)^2."""
+    rng = np.random.default_rng(2)
+    k, q = 6, 64 * 400
+    x = rng.normal(0.0, 1.0, (k, q)) + 1.0
+    ls = links(k, gains=list(10 ** rng.uniform(-10, -9, k)))
+    exact = x.mean(axis=0)
+    est, st = air(x, ls, g_th, noise_w, debias=True)
+    biased, _ = air(x, ls, g_th, noise_w, debias=False)
+    keep = math.exp(-g_th)
+    assert np.mean(est) / np.mean(exact) == pytest.approx(1.0, abs=0.02)
+    assert np.mean(biased) / np.mean(exact) == pytest.approx(keep, abs=0.02)
+    np.testing.assert_allclose(est * keep, biased, rtol=1e-12, atol=1e-15)   # same draws, rescaled
+    measured, theory = [], []
+    for trial in range(4):
+        est, st = air(x, ls, g_th, noise_w, weights=None, seed=trial, start_s=trial * 1.0, debias=True)
         measured.append(st.mse)
         theory.append(st.mse_theory)
     assert np.mean(measured) == pytest.approx(np.mean(theory), rel=0.05)
