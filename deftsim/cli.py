@@ -11,6 +11,7 @@ Exit codes: 0 success, 2 invalid input (message on stderr, no traceback), 1 inte
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -57,9 +58,20 @@ def main() -> None:
 @click.option("--seed", type=int, default=None, help="run seed (overrides the file's seed)")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="override a field (repeatable)")
 @click.option("--quiet", is_flag=True, help="no progress bar or summary table")
-def run(scenario_file: str, out_dir: str, seed: Optional[int], overrides: tuple[str, ...], quiet: bool) -> None:
+@click.option("--threads", type=int, default=None,
+              help="PyTorch threads of the real trainer (default: torch's own choice; results may differ "
+                   "at float rounding between thread counts)")
+def run(scenario_file: str, out_dir: str, seed: Optional[int], overrides: tuple[str, ...], quiet: bool,
+        threads: Optional[int]) -> None:
     """Run one scenario and write DIR/events.parquet, summary.json, scenario.json and a plot."""
     from .report import print_summary
+
+    if threads is not None:
+        if threads < 1:
+            _fail(f"--threads {threads}: must be >= 1")
+        from .sweep_run import THREADS_ENV
+
+        os.environ[THREADS_ENV] = str(threads)   # read by fomo.trainer.configure_threads
     from .runner import run_scenario
 
     scenario = _load(scenario_file, overrides, seed)
