@@ -140,21 +140,17 @@ def plot_latency(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _curves(events: pd.DataFrame):
-    """(uplink, K, events of that run, color) for every run, one color per K."""
-    ks = sorted(events["device_count"].unique())
-    for (uplink, k), grp in events.groupby(["uplink_access", "device_count"]):
-        yield uplink, k, grp, f"C{ks.index(k) % 10}"
-
-
-def plot_accuracy(events: pd.DataFrame, path: Path, title: str) -> None:
+def _accuracy_curves(events: pd.DataFrame, path: Path, title: str, x_label: str, curve_of) -> None:
+    """Test accuracy of every (uplink, K) run against ``curve_of(run events) -> (x, accuracy)``,
+    log x axis; solid AirComp, dashed OFDMA, one colour per K."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for uplink, k, grp, color in _curves(events):
-        ev = grp[grp["kind"] == "evaluate"]
-        ax.plot(ev["t_s"] + ev["duration_s"], ev["accuracy"], marker=".", color=color,
-                linestyle="-" if uplink == "aircomp" else "--", label=f"{uplink} K={k}")
-    ax.set_xlabel("simulated time [s]")
+    ks = sorted(events["device_count"].unique())
+    for (uplink, k), grp in events.groupby(["uplink_access", "device_count"]):
+        x, acc = curve_of(grp)
+        ax.plot(x, acc, marker=".", color=f"C{ks.index(k) % 10}", linestyle="-" if uplink == "aircomp" else "--",
+                label=f"{uplink} K={k}")
+    ax.set_xlabel(x_label)
     ax.set_ylabel("test accuracy")
     ax.set_xscale("log")
     ax.set_title(f"{title} (solid: AirComp, dashed: OFDMA)", fontsize=9)
@@ -163,6 +159,14 @@ def plot_accuracy(events: pd.DataFrame, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
+
+
+def plot_accuracy(events: pd.DataFrame, path: Path, title: str) -> None:
+    """Test accuracy after each round against simulated time."""
+    def curve(run: pd.DataFrame):
+        ev = run[run["kind"] == "evaluate"]
+        return ev["t_s"] + ev["duration_s"], ev["accuracy"]
+    _accuracy_curves(events, path, title, "simulated time [s]", curve)
 
 
 def plot_accuracy_mse(summary: dict, path: Path) -> None:
@@ -191,19 +195,8 @@ def plot_accuracy_mse(summary: dict, path: Path) -> None:
 def plot_accuracy_energy(events: pd.DataFrame, path: Path, title: str) -> None:
     """Test accuracy after each round against the device energy spent so far (log axis: the
     round-0 evaluation, at zero energy, is left out)."""
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for uplink, k, grp, color in _curves(events):
-        curve = accuracy_energy_curve(grp)
-        curve = curve[curve["energy_j"] > 0]
-        ax.plot(curve["energy_j"], curve["accuracy"], marker=".", color=color,
-                linestyle="-" if uplink == "aircomp" else "--", label=f"{uplink} K={k}")
-    ax.set_xlabel("device energy spent, all devices [J]")
-    ax.set_ylabel("test accuracy")
-    ax.set_xscale("log")
-    ax.set_title(f"{title} (solid: AirComp, dashed: OFDMA)", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)
+    def curve(run: pd.DataFrame):
+        c = accuracy_energy_curve(run)
+        c = c[c["energy_j"] > 0]
+        return c["energy_j"], c["accuracy"]
+    _accuracy_curves(events, path, title, "device energy spent, all devices [J]", curve)
