@@ -365,8 +365,10 @@ def aircomp_points(runs: pd.DataFrame, params: list[str]) -> pd.DataFrame:
         for m in AIRCOMP_METRICS:
             if m in group:
                 row[m] = float(group[m].astype(float).mean())
-        mean, lo, hi, _ = mean_ci(group["final_accuracy"].astype(float).tolist())
+        acc = group["final_accuracy"].astype(float)
+        mean, lo, hi, _ = mean_ci(acc.tolist())
         row["final_accuracy_mean"], row["final_accuracy_ci_low"], row["final_accuracy_ci_high"] = mean, lo, hi
+        row["final_accuracy_min"], row["final_accuracy_max"] = float(acc.min()), float(acc.max())
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -380,6 +382,7 @@ def fig_aircomp(table: pd.DataFrame, params: list[str], path: Path) -> bytes:
     line_fields = [p for p in params if p not in AIRCOMP_X + AIRCOMP_LABELLED]
     labelled = [p for p in params if p in AIRCOMP_LABELLED]
     keys = table[line_fields].astype(str).agg(" ".join, axis=1) if line_fields else pd.Series("", index=table.index)
+    use_ci = bool((table["runs_ok"] >= 3).all())   # a t-interval of 2 seeds is +-12.7 sd: show the range
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     colors = plt.get_cmap("tab10")
     for gi, key in enumerate(pd.unique(keys)):
@@ -389,14 +392,15 @@ def fig_aircomp(table: pd.DataFrame, params: list[str], path: Path) -> bytes:
         x = sub[snr].to_numpy(dtype=float)
         x = np.where(np.isfinite(x), x, np.nan)
         acc = sub["final_accuracy_mean"].to_numpy(dtype=float)
-        err = [np.nan_to_num(acc - sub["final_accuracy_ci_low"].to_numpy(dtype=float)),
-               np.nan_to_num(sub["final_accuracy_ci_high"].to_numpy(dtype=float) - acc)]
+        low, high = ("ci_low", "ci_high") if use_ci else ("min", "max")
+        err = [np.nan_to_num(acc - sub[f"final_accuracy_{low}"].to_numpy(dtype=float)),
+               np.nan_to_num(sub[f"final_accuracy_{high}"].to_numpy(dtype=float) - acc)]
         color = colors(gi % 10)
         axes[0].errorbar(x, acc, yerr=err, color=color, marker="o", capsize=3, lw=1.2, label=label)
         axes[1].plot(x, sub["aircomp.mean_nmse"].to_numpy(dtype=float), color=color, marker="o", label=label)
         for _, row in sub.iterrows():
             if labelled and np.isfinite(row[snr]):
-                text = ", ".join(f"{p.split('.')[-1]}={row[p]:g}" for p in labelled)
+                text = ", ".join(f"{row[p]:g}" for p in labelled)
                 axes[0].annotate(text, (row[snr], row["final_accuracy_mean"]), fontsize=6,
                                  xytext=(3, 3), textcoords="offset points", color=color)
     axes[0].set_ylabel("final test accuracy")
@@ -408,7 +412,9 @@ def fig_aircomp(table: pd.DataFrame, params: list[str], path: Path) -> bytes:
         ax.grid(alpha=0.3)
     if line_fields:
         axes[1].legend(fontsize=7, loc="best")
-    fig.suptitle("Over-the-air aggregation: mean over seeds (error bars: 95% CI of the accuracy)", fontsize=9)
+    bars = "95% CI" if use_ci else "min and max over seeds"
+    marks = f"; numbers at the markers: {', '.join(labelled)}" if labelled else ""
+    fig.suptitle(f"Over-the-air aggregation: mean over seeds (error bars: {bars}{marks})", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -654,7 +660,8 @@ def build_report(folder: str | Path, out_dir: Optional[str | Path] = None, targe
         figs["aircomp"] = _figure(png, "accuracy and NMSE against receive SNR",
                                   "Final accuracy (left) and normalised MSE of the over-the-air aggregate "
                                   "(right) against the measured receive SNR of the slots, per point (mean over "
-                                  "seeds); a swept truncation threshold is written next to its marker.",
+                                  "seeds; error bars a 95% CI with 3 or more seeds, else the seeds' range); a "
+                                  "swept truncation threshold is written next to its marker.",
                                   "aircomp.png")
     if len(points) >= 2:
         png = fig_pareto(front, out / "pareto.png")
