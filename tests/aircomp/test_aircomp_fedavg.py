@@ -131,9 +131,25 @@ def test_aircomp_vs_ofdma_experiment(tmp_path):
     assert len(set(lat["aircomp"].values())) == 1          # independent of K
     ratios = [summary["latency_ratio_ofdma_over_aircomp"][k] for k in ("2", "5", "10", "20")]
     assert all(b > a for a, b in zip(ratios, ratios[1:])) and ratios[0] > 1
-    assert (tmp_path / "latency_vs_devices.png").stat().st_size > 0
+    for name in ("latency_vs_devices.png", "accuracy_mse_vs_devices.png", "accuracy_vs_time.png",
+                 "accuracy_vs_energy.png"):
+        assert (tmp_path / name).stat().st_size > 0
     ev = pd.read_parquet(tmp_path / "events.parquet")
     assert set(ev["uplink_access"]) == {"aircomp", "ofdma"}
+    # energy and simulated time per uplink and K agree with the events; the over-the-air
+    # uplink costs less transmit energy, and its noise share falls with K
+    for uplink in ("aircomp", "ofdma"):
+        for k in (2, 5, 10, 20):
+            run_ev = ev[(ev["uplink_access"] == uplink) & (ev["device_count"] == k)]
+            up = run_ev[run_ev["kind"] == "uplink"]
+            assert summary["uplink_energy_j"][uplink][str(k)] == pytest.approx(up["energy_j"].sum())
+            dev = run_ev[run_ev["node"].str.startswith("dev")]
+            assert summary["total_device_energy_j"][uplink][str(k)] == pytest.approx(dev["energy_j"].sum())
+    for k in ("2", "5", "10", "20"):
+        assert summary["uplink_energy_j"]["aircomp"][k] < summary["uplink_energy_j"]["ofdma"][k]
+        assert summary["aircomp_nmse"][k] == summary["runs"]["aircomp"][k]["aircomp"]["mean_nmse"]
+    nmse = [summary["aircomp_nmse"][k] for k in ("2", "5", "10", "20")]
+    assert nmse[0] > nmse[-1]
 
 
 def test_experiment_rejects_too_many_devices(tmp_path):
