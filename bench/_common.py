@@ -46,6 +46,23 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+def matmul_peak_gflops(rows: int = 4096, inner: int = 384, cols: int = 1536, seconds: float = 1.0) -> float:
+    """Best float32 GFLOP/s of one large ``torch.mm`` (rows x inner @ inner x cols, the shape of
+    a feed-forward layer over a combined batch) on this machine and thread count: the roofline
+    that a compute-bound step cannot beat."""
+    import torch
+
+    a, b = torch.randn(rows, inner), torch.randn(inner, cols)
+    flops = 2.0 * rows * inner * cols
+    best, deadline = 0.0, time.perf_counter() + seconds
+    torch.mm(a, b)
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, flops / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -12,13 +12,18 @@ memory and loss.
 
     python bench/batched_vs_sequential.py [--quick] [--ks 1,4,16,64] [--batch 4] [--steps 1]
 
-Ends with ``RESULT batched_speedup_k1=... ... max_abs_diff=... same_costs=1``.
+Also prints the counted FLOPs per second of both strategies against the float32 matmul peak
+of this machine (one large ``torch.mm``, same process): when the batched step already runs at
+the peak, ``speedup_bound_k<K>`` = peak / sequential GFLOP/s is the most any batching can gain.
+
+Ends with ``RESULT batched_speedup_k1=... gflops_sequential_k1=... gflops_batched_k1=...
+speedup_bound_k1=... ... max_abs_diff=... same_costs=1 matmul_peak_gflops=...``.
 """
 from __future__ import annotations
 
 import argparse
 
-from _common import max_abs_diff, median, result_line, set_threads, small_scenario, timed
+from _common import matmul_peak_gflops, max_abs_diff, median, result_line, set_threads, small_scenario, timed
 
 
 def main() -> None:
@@ -53,6 +58,8 @@ def main() -> None:
 
     seq.local_train(jobs(2))  # warm-up: profiles the step shape in both trainers (not timed)
     bat.local_train(jobs(2))
+    peak = matmul_peak_gflops()
+    print(f"float32 matmul peak here: {peak:.1f} GFLOP/s ({threads} threads)")
 
     out: dict[str, object] = {}
     worst, same_costs = 0.0, True
@@ -71,13 +78,22 @@ def main() -> None:
                               and a.loss == b.loss for a, b in zip(got["seq"], got["bat"]))
         speedup = min(t_seq) / min(t_bat)
         steps = k * args.steps
+        step_flops = sum(r.flops for r in got["seq"])   # counted FLOPs of the K devices' steps
+        gflops_seq, gflops_bat = step_flops / min(t_seq) / 1e9, step_flops / min(t_bat) / 1e9
         print(f"K={k:3d}: ms per device step: sequential {1000 * min(t_seq) / steps:6.1f} "
               f"(median {1000 * median(t_seq) / steps:6.1f}), batched {1000 * min(t_bat) / steps:6.1f} "
               f"(median {1000 * median(t_bat) / steps:6.1f}) -> speedup {speedup:.2f}x "
               f"(medians {median(t_seq) / median(t_bat):.2f}x)")
+        print(f"        counted FLOPs per second: sequential {gflops_seq:6.1f} GFLOP/s, batched {gflops_bat:6.1f} "
+              f"GFLOP/s; matmul peak {peak:6.1f} GFLOP/s -> a compute-bound batched step can reach at most "
+              f"{peak / gflops_seq:.2f}x")
         out[f"batched_speedup_k{k}"] = speedup
+        out[f"gflops_sequential_k{k}"] = gflops_seq
+        out[f"gflops_batched_k{k}"] = gflops_bat
+        out[f"speedup_bound_k{k}"] = peak / gflops_seq
     out["max_abs_diff"] = worst
     out["same_costs"] = int(same_costs)
+    out["matmul_peak_gflops"] = peak
     out["batch"] = args.batch
     out["tokens"] = args.tokens
     print(result_line(**out))
