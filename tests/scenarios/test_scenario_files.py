@@ -24,3 +24,15 @@ def test_fake_scenario_runs_short(path, tmp_path):
     scenario = load_scenario(path, ["training.rounds=2"])
     summary = run_scenario(scenario, tmp_path)
     assert (tmp_path / "summary.json").exists() and summary["num_events"] > 0
+
+
+SWEEPS = sorted((Path(__file__).resolve().parents[2] / "scenarios").glob("sweep_*.yaml"))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_shipped_sweep_file_plans_only_valid_runs(path):
+    from deftsim.sweep import plan_sweep
+
+    plan = plan_sweep(path)
+    assert plan.runs and all(run.valid for run in plan.runs), [run.error for run in plan.runs if not run.valid]
+    assert len({run.run_id for run in plan.runs}) == len(plan.runs)
