@@ -11,6 +11,7 @@ BAD = Path(__file__).parent / "bad"
 # file -> fragments the message must contain (field path, bad value and/or what is allowed)
 EXPECTED = {
     "accuracy_as_percent.yaml": ["stop.target_accuracy", "95", "less than or equal to 1"],
+    "aircomp_snr_nan.yaml": ["aircomp", "receive_snr_db=nan", ".inf (noise off) or null"],
     "bad_test_fraction.yaml": ["data.test_fraction", "1.5", "less than 1"],
     "binary_garbage.yaml": ["not UTF-8"],
     "broken_yaml.yaml": ["not valid YAML", "line"],
