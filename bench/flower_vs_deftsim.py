@@ -46,7 +46,7 @@ def scenario_spec(clients: int, rounds: int, steps: int, batch: int, seed: int) 
         "model": {"max_length_tokens": 32},
         "peft": {"method": "lora", "rank": 8, "alpha": 16, "target_modules": ["query", "value"]},
         "data": {"partition": "iid", "max_test_examples": 256},
-        "training": {"rounds": rounds, "local_steps": steps, "batch_size": batch, "learning_rate": 1e-3,
+        "training": {"rounds": rounds, "local_steps": steps, "batch_size": batch, "learning_rate": 5e-3,
                      "optimizer": "adamw", "devices_per_round": clients},
         "execution": {"strategy": "batched", "max_devices_per_pass": 16},
     }
