@@ -91,11 +91,24 @@ class ReportData:
     description: str = ""
 
 
+def _check_experiment(summary: dict, where: str) -> None:
+    """The report reads FedAvg runs (one accuracy curve per run); other experiments compare
+    several variants inside one run and write their own figures."""
+    experiment = summary.get("experiment", "fedavg")
+    if experiment != "fedavg":
+        raise ReportError(f"{where}: a run of experiment {experiment!r}, which compares several variants in one "
+                          "run and writes its own summary.json and figures into its folder; `deftsim report` "
+                          "reads FedAvg runs and sweeps of them (experiment: fedavg)")
+
+
 def load_report_data(folder: str | Path) -> ReportData:
     root = Path(folder)
     if (root / "sweep.json").is_file():
         plan = load_plan(root)
         runs = collect_runs(root)
+        for run_id in runs.loc[runs["status"] == "ok", "run_id"]:
+            summary = json.loads((root / RUNS_DIR / run_id / "summary.json").read_text())
+            _check_experiment(summary, f"{str(root)!r}, run {run_id}")
         spec = plan.get("sweep", {})
         random_params = set(((spec.get("vary") or {}).get("random") or {}).get("params") or {})
         zips = (spec.get("vary") or {}).get("zip") or []
@@ -111,6 +124,7 @@ def load_report_data(folder: str | Path) -> ReportData:
         return data
     if (root / "summary.json").is_file() and (root / "events.parquet").is_file():
         summary = json.loads((root / "summary.json").read_text())
+        _check_experiment(summary, repr(str(root)))
         resolved = json.loads((root / "scenario.json").read_text()) if (root / "scenario.json").is_file() else {}
         row = {"run_id": root.name or "run", "point": 0, "seed": resolved.get("seed"), "status": "ok"}
         row.update(flatten_summary(summary))

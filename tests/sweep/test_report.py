@@ -83,6 +83,19 @@ def test_report_of_one_run_and_bad_folders(sweep_dir, tmp_path):
     assert res.returncode == 2 and "--target" in res.stderr
 
 
+def test_report_of_a_comparison_experiment_is_a_clear_error(tmp_path, tiny_scenario):
+    """A run folder of a multi-variant experiment (aircomp_vs_ofdma) gets exit 2 and a message
+    naming the experiment, never a traceback."""
+    (tmp_path / "cmp.yaml").write_text(yaml.safe_dump({
+        **tiny_scenario, "experiment": "aircomp_vs_ofdma", "aircomp": {"device_counts": [2, 3]},
+        "training": {**tiny_scenario["training"], "rounds": 2}}))
+    res = _cli("run", tmp_path / "cmp.yaml", "--out", tmp_path / "cmp", "--quiet")
+    assert res.returncode == 0, res.stderr
+    res = _cli("report", tmp_path / "cmp")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "experiment 'aircomp_vs_ofdma'" in res.stderr and "its own summary.json" in res.stderr
+
+
 def test_units_and_metrics():
     assert unit_of("channel.uplink_bandwidth_hz") == "Hz"
     assert unit_of("devices.0.compute_flops_per_s") == "FLOP/s"
