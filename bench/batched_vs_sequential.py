@@ -11,6 +11,7 @@ and memory are compared: ``max_abs_diff`` is the largest |difference| of any upd
 memory and loss.
 
     python bench/batched_vs_sequential.py [--quick] [--ks 1,4,16,64] [--batch 4] [--steps 1]
+                                          [--method lora|prompt_tuning]
 
 Also prints the counted FLOPs per second of both strategies against the float32 matmul peak
 of this machine (one large ``torch.mm``, same process): when the batched step already runs at
@@ -35,6 +36,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1, help="local steps per device and call")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per K and strategy (default 5; quick 3)")
     ap.add_argument("--pass-devices", type=int, default=16, help="execution.max_devices_per_pass")
+    ap.add_argument("--method", default="lora", choices=["lora", "prompt_tuning"],
+                    help="peft.method (LoRA r=8 on query/value, or prompt tuning with 8 virtual tokens)")
     args = ap.parse_args()
     ks = [int(k) for k in (args.ks or ("1,4,16" if args.quick else "1,4,16,64")).split(",")]
     repeats = args.repeats or (3 if args.quick else 5)
@@ -43,12 +46,13 @@ def main() -> None:
     from fomo import build_trainer
     from netsim.interfaces import LocalJob
 
-    base = dict(devices=max(max(ks), 2), batch_size=args.batch, tokens=args.tokens)
+    base = dict(devices=max(max(ks), 2), batch_size=args.batch, tokens=args.tokens,
+                peft={"method": args.method, "num_virtual_tokens": 8})
     seq = build_trainer(small_scenario(**base, execution={"strategy": "sequential"}), seed=0)
     bat = build_trainer(small_scenario(
         **base, execution={"strategy": "batched", "max_devices_per_pass": args.pass_devices}), seed=0)
     assert bat.strategy == "batched", bat.execution_notes
-    print(f"threads={threads} batch={args.batch}x{args.tokens} tokens, steps={args.steps}, repeats={repeats}, "
+    print(f"threads={threads} {args.method} batch={args.batch}x{args.tokens} tokens, steps={args.steps}, repeats={repeats}, "
           f"max_devices_per_pass={args.pass_devices}")
 
     round_ = 1
@@ -94,6 +98,7 @@ def main() -> None:
     out["max_abs_diff"] = worst
     out["same_costs"] = int(same_costs)
     out["matmul_peak_gflops"] = peak
+    out["method"] = args.method
     out["batch"] = args.batch
     out["tokens"] = args.tokens
     print(result_line(**out))

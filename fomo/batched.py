@@ -33,9 +33,15 @@ gradient coordinate near ``eps`` a float32 rounding difference in ``g`` is ampli
 AdamW updates can differ by more than the gradients do. SGD updates differ by ``lr`` times the
 gradient difference.
 
+Prompt tuning: the soft prompt is a trainable ``nn.Embedding`` (num_virtual_tokens x hidden)
+that peft's ``get_prompt`` looks up once and repeats over the batch; in the combined batch each
+device's rows get its own table's prompt, computed the way peft computes it for the device alone
+(:func:`_device_prompts`), and the prompted sequences go through the frozen base together.
+
 Supported: LoRA without dropout (``peft.dropout = 0``: dropout masks would come from one RNG
-stream instead of each job's own seed) whose trainable tensors all live in ``nn.Linear``
-modules. Prompt tuning and anything else run sequentially (see :func:`unsupported_reason`).
+stream instead of each job's own seed) and prompt tuning, whose trainable tensors all live in
+``nn.Linear`` or ``nn.Embedding`` modules. Anything else runs sequentially (see
+:func:`unsupported_reason`).
 """
 from __future__ import annotations
 
@@ -45,6 +51,9 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+BATCHED_METHODS = ("lora", "prompt_tuning")
+"""PEFT methods whose steps can run batched (others run one device at a time)."""
 
 SMALL_ROWS = 16
 """A frozen ``nn.Linear`` whose input has fewer rows than this per device runs once per device:
@@ -71,15 +80,15 @@ def owner_modules(model: nn.Module) -> dict[str, tuple[nn.Module, dict[str, str]
 def unsupported_reason(model: nn.Module, method: str, lora_dropout: float) -> Optional[str]:
     """Why batched execution cannot reproduce sequential training for this model (None if it
     can)."""
-    if method != "lora":
-        return f"peft.method={method!r}: only LoRA steps are batched (prompt tuning runs sequentially)"
-    if lora_dropout > 0:
+    if method not in BATCHED_METHODS:
+        return f"peft.method={method!r}: only {' and '.join(BATCHED_METHODS)} steps are batched (runs sequentially)"
+    if method == "lora" and lora_dropout > 0:
         return (f"peft.dropout={lora_dropout}: LoRA dropout masks are drawn from each job's own seed, "
                 "which one batched pass cannot reproduce (runs sequentially)")
     for name, (module, local) in owner_modules(model).items():
-        if type(module) is not nn.Linear:
+        if type(module) not in (nn.Linear, nn.Embedding):
             return (f"trainable parameters {sorted(local.values())} live in a {type(module).__name__}, "
-                    "not an nn.Linear (runs sequentially)")
+                    "not an nn.Linear or nn.Embedding (runs sequentially)")
     return None
 
 
@@ -154,6 +163,20 @@ def _device_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return torch.cat([F.linear(xk, wk, bk) for xk, wk, bk in zip(parts, weight.unbind(0), bias.unbind(0))])
 
 
+def _device_prompts(model: nn.Module, weight: torch.Tensor, batch_size: int, num_devices: int,
+                    rows: int) -> torch.Tensor:
+    """Prompt tuning's ``get_prompt`` for the combined batch: device k's soft prompt (its table
+    ``weight[k]``, num_virtual_tokens x hidden) for each of its rows, computed as peft computes
+    it for one device (look up the prompt tokens once, repeat over the device's batch), so the
+    forward and backward are those of the device alone."""
+    if batch_size != rows:
+        raise RuntimeError(f"batched prompt tuning expected a batch of {rows} rows (devices x batch), "
+                           f"got {batch_size}: use execution.strategy=sequential")
+    tokens = model.prompt_tokens[model.active_adapter].unsqueeze(0)   # (1, num_virtual_tokens)
+    per_device = rows // num_devices
+    return torch.cat([F.embedding(tokens, wk).repeat(per_device, 1, 1) for wk in weight.unbind(0)])
+
+
 def _frozen_linear(module: nn.Linear, x: torch.Tensor, num_devices: int, rows: int) -> torch.Tensor:
     """A shared (frozen) ``nn.Linear`` on the combined batch: one call over all rows, or one call
     per device when each device has fewer than :data:`SMALL_ROWS` rows."""
@@ -172,16 +195,23 @@ def per_device_modules(model: nn.Module, stack: DeviceStack, rows: int) -> Itera
     owners = {id(module): local for module, local in owner_modules(model).values()}
     k = stack.num_devices
     try:
-        for module in model.modules():
+        for name, module in model.named_modules():
             local = owners.get(id(module))
             if local is None:
                 if type(module) is nn.Linear:
                     module.forward = lambda x, _m=module: _frozen_linear(_m, x, k, rows)
                     patched.append(module)
                 continue
+            weight = stack.tensors[local["weight"]]
+            if type(module) is nn.Embedding:  # prompt tuning's soft prompt, looked up by get_prompt
+                if not callable(getattr(model, "get_prompt", None)):
+                    raise RuntimeError(f"cannot batch a trainable nn.Embedding outside prompt tuning ({name})")
+                model.get_prompt = lambda batch_size, *args, _w=weight, **kw: _device_prompts(
+                    model, _w, batch_size, k, rows)
+                patched.append(model)
+                continue
             if type(module) is not nn.Linear:  # guarded by unsupported_reason
                 raise RuntimeError(f"cannot batch a trainable {type(module).__name__}")
-            weight = stack.tensors[local["weight"]]
             if "bias" in local:
                 bias: Optional[torch.Tensor] = stack.tensors[local["bias"]]
             elif module.bias is not None:  # a frozen bias, shared by all devices
@@ -193,4 +223,7 @@ def per_device_modules(model: nn.Module, stack: DeviceStack, rows: int) -> Itera
         yield
     finally:
         for module in patched:
-            del module.forward  # the instance attribute shadowed nn.Linear.forward
+            if module is model:
+                del model.get_prompt   # the instance attribute shadowed the PeftModel method
+            else:
+                del module.forward  # the instance attribute shadowed nn.Linear.forward

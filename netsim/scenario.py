@@ -252,9 +252,9 @@ class ExecutionSpec(Spec):
         ``sequential``: one device's local steps after another. ``batched``: the devices of a
         round that share (local_steps, batch_size) run their steps together, up to
         ``max_devices_per_pass`` at a time, as one forward/backward over the shared frozen model
-        with per-device LoRA matrices and heads (``torch.bmm``) and per-device optimizer state.
-        Batched applies to LoRA without dropout (``peft.dropout: 0``); prompt tuning and LoRA
-        with dropout run sequentially whatever is asked.
+        with per-device LoRA matrices or soft prompts, heads and optimizer state. Batched
+        applies to LoRA without dropout (``peft.dropout: 0``) and to prompt tuning; LoRA with
+        dropout runs sequentially whatever is asked.
     ``activation_cache_bytes``
         When only the top blocks are trainable (``peft.layers``, e.g. ``[4, 5]``), keep the
         frozen lower blocks' output per example, up to this many bytes (least recently used

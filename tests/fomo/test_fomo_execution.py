@@ -137,17 +137,29 @@ def test_batched_sgd_and_uneven_lengths_match(tmp_path: Path) -> None:
     assert max_diff(a, b) <= TOL
 
 
-def test_batched_falls_back_for_prompt_tuning_and_dropout() -> None:
-    with pytest.warns(RuntimeWarning, match="prompt tuning runs sequentially"):
-        prompt = build_trainer(scenario(peft={"method": "prompt_tuning", "num_virtual_tokens": 2},
-                                        execution={"strategy": "batched"}), seed=0)
-    assert prompt.strategy == "sequential"
-    assert "prompt tuning runs sequentially" in prompt.execution_notes[0]
-    (result,) = prompt.local_train(jobs(1, [1]))
-    assert result.flops > 0
+def test_batched_prompt_tuning_equals_sequential() -> None:
+    """Per-device soft prompts in one batch: the same updates (bitwise here), losses and costs as
+    one device at a time, with AdamW and mixed step counts."""
+    sections: dict[str, Any] = {"peft": {"method": "prompt_tuning", "num_virtual_tokens": 4},
+                                "training": {"learning_rate": 1e-2}}
+    a_tr = build_trainer(scenario(**sections), seed=0)
+    b_tr = build_trainer(scenario(**sections, execution={"strategy": "batched"}), seed=0)
+    assert b_tr.strategy == "batched" and not b_tr.execution_notes
+    work = jobs(1, [2, 1, 2, 2, 1])
+    a, b = a_tr.local_train(work), b_tr.local_train(work)
+    assert_same_costs(a, b)
+    assert max_diff(a, b) <= TOL
+    assert all(torch.equal(x.update[n], y.update[n]) for x, y in zip(a, b) for n in x.update)
+    assert any("prompt_encoder" in n and float(t.abs().max()) > 0 for n, t in a[0].update.items())
+    assert "get_prompt" not in vars(b_tr.model)  # the per-pass patch is removed
+
+
+def test_batched_falls_back_for_dropout() -> None:
     with pytest.warns(RuntimeWarning, match="dropout"):
         dropout = build_trainer(scenario(peft={"dropout": 0.1}, execution={"strategy": "batched"}), seed=0)
     assert dropout.strategy == "sequential" and "dropout" in dropout.execution_notes[0]
+    (result,) = dropout.local_train(jobs(1, [1]))
+    assert result.flops > 0
 
 
 def test_activation_cache_is_exact_bounded_and_counts_full_flops() -> None:
