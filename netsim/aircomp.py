@@ -115,10 +115,28 @@ def receive_power(policy: str, g_th: float, budgets_w_per_subcarrier: np.ndarray
     raise ValueError(f"power policy {policy!r} unknown; allowed: {POWER_POLICIES}")
 
 
-def subcarrier_gains(links: Sequence[Link], num_subcarriers: int, block: int) -> np.ndarray:
-    """(K, M) small-scale power gains |h~_{k,m}|^2 of coherence block ``block``: draw
-    ``block * M + m`` of each link's fading stream."""
-    return np.stack([link.fading.power_gains(block * num_subcarriers, num_subcarriers) for link in links])
+def value_gains(links: Sequence[Link], num_values: int, num_subcarriers: int, symbol_s: float,
+                start_s: float = 0.0, coherence_time_s: Optional[float] = None) -> np.ndarray:
+    """(K, q) small-scale gains |h~_{k,m}|^2 seen by value j of a slot starting at ``start_s``:
+    value j rides sub-carrier j % M of symbol j // M, whose coherence block is
+    floor((start_s + i T_sym) / T_c) (one block if ``coherence_time_s`` is None). Sub-carrier m
+    of block b is draw ``b M + m`` of the link's fading stream; the slot's blocks are
+    consecutive, so the whole slot is one contiguous run of draws per link."""
+    m, q = int(num_subcarriers), int(num_values)
+    n_sym = aircomp_symbols(q, m)
+    if coherence_time_s is None:
+        block_of_sym = np.zeros(n_sym, dtype=np.int64)
+    else:
+        block_of_sym = np.floor((start_s + np.arange(n_sym) * symbol_s) / coherence_time_s + 1e-9).astype(np.int64)
+    block_of_value = block_of_sym[np.arange(q) // m]
+    b0, nb = int(block_of_sym[0]), int(block_of_sym[-1] - block_of_sym[0]) + 1
+    cols = (block_of_value - b0) * m + np.arange(q) % m
+    return np.stack([link.fading.power_gains(b0 * m, nb * m) for link in links])[:, cols]
+
+
+def snr_db(rho0_w: float, noise_w: float) -> float:
+    """Receive SNR 10 log10(rho0 / sigma^2) [dB]; +inf when the noise is off."""
+    return 10.0 * math.log10(rho0_w / noise_w) if noise_w > 0 else math.inf
 
 
 def noise_for_snr(rho0_w: float, noise_w: float, receive_snr_db: Optional[float]) -> float:
@@ -222,18 +240,7 @@ def over_the_air_sum(updates: np.ndarray, weights: Optional[np.ndarray], links: 
 
     scaled = k * a[:, None] * x                        # K a_k x_k: exact sum is mean over k
     scale = float(np.sqrt(np.mean(scaled**2))) or 1.0  # s: RMS, so E|u|^2 = 1
-    # Fading per value: value j goes on sub-carrier j % M in symbol j // M.
-    sym_of_value = np.arange(q) // m
-    sc_of_value = np.arange(q) % m
-    if coherence_time_s is None:
-        block_of_sym = np.zeros(n_sym, dtype=np.int64)
-    else:
-        block_of_sym = np.floor((start_s + np.arange(n_sym) * t_sym) / coherence_time_s + 1e-9).astype(np.int64)
-    block_of_value = block_of_sym[sym_of_value]
-    # the slot's blocks are consecutive: block b's sub-carriers are draws b*M .. b*M+M-1, so the
-    # whole slot is one contiguous run of draws per link
-    b0, nb = int(block_of_sym[0]), int(block_of_sym[-1] - block_of_sym[0]) + 1
-    h2 = np.stack([l.fading.power_gains(b0 * m, nb * m) for l in links])[:, (block_of_value - b0) * m + sc_of_value]
+    h2 = value_gains(links, q, m, t_sym, start_s, coherence_time_s)
     transmit = h2 >= truncation_threshold
     inv_gain_sum = np.sum(np.where(transmit, 1.0 / h2, 0.0), axis=1)   # sum of 1/|h~|^2 sent
     noise = rng.standard_normal(q) * math.sqrt(noise_w_per_subcarrier / 2.0)
@@ -249,8 +256,7 @@ def over_the_air_sum(updates: np.ndarray, weights: Optional[np.ndarray], links: 
     energy = (rho0 / g) * inv_gain_sum * t_sym
     stats = AirCompStats(
         num_devices=k, num_values=q, num_symbols=n_sym, latency_s=latency, rho0_w=rho0,
-        noise_w=noise_w_per_subcarrier,
-        receive_snr_db=10.0 * math.log10(rho0 / noise_w_per_subcarrier) if noise_w_per_subcarrier > 0 else math.inf,
+        noise_w=noise_w_per_subcarrier, receive_snr_db=snr_db(rho0, noise_w_per_subcarrier),
         truncation_ratio=float(1.0 - transmit.mean()), mse=float(np.mean((estimate - exact) ** 2)),
         mse_theory=expected_mse(x, a, p_trunc, scale, noise_w_per_subcarrier, rho0, debias),
         signal_power=float(np.mean(exact**2)), tx_energy_j=[float(e) for e in energy])

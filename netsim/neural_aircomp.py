@@ -53,7 +53,7 @@ import numpy as np
 import simpy
 
 from .aircomp import (AirCompStats, aircomp_latency_s, aircomp_symbols, expected_mse, noise_for_snr, ofdm_symbol_s,
-                      receive_power, truncation_probability)
+                      receive_power, snr_db, truncation_probability, value_gains)
 from .budgets import compute_time_s, energy_j
 from .channel import Link, noise_power_w
 from .network import Network, child_rng
@@ -84,28 +84,6 @@ class FeatureChannelConfig:
     receive_snr_db: Optional[float] = None
 
 
-def value_gains(links: Sequence[Link], num_values: int, num_subcarriers: int, symbol_s: float,
-                start_s: float = 0.0, coherence_time_s: Optional[float] = None) -> np.ndarray:
-    """(K, q) small-scale gains |h~_{k,m}|^2 seen by value j of a slot starting at ``start_s``:
-    value j rides sub-carrier j % M of symbol j // M, whose coherence block is
-    floor((start_s + i T_sym) / T_c) (the indexing of :func:`netsim.aircomp.over_the_air_sum`)."""
-    m, q = int(num_subcarriers), int(num_values)
-    n_sym = aircomp_symbols(q, m)
-    if coherence_time_s is None:
-        block_of_sym = np.zeros(n_sym, dtype=np.int64)
-    else:
-        block_of_sym = np.floor((start_s + np.arange(n_sym) * symbol_s) / coherence_time_s + 1e-9).astype(np.int64)
-    block_of_value = block_of_sym[np.arange(q) // m]
-    b0, nb = int(block_of_sym[0]), int(block_of_sym[-1] - block_of_sym[0]) + 1
-    cols = (block_of_value - b0) * m + np.arange(q) % m
-    return np.stack([link.fading.power_gains(b0 * m, nb * m) for link in links])[:, cols]
-
-
-def slot_noise_w(cfg: FeatureChannelConfig, rho0_w: float) -> float:
-    """sigma^2 per sub-carrier of the slot (see :class:`FeatureChannelConfig`)."""
-    return noise_for_snr(rho0_w, cfg.noise_w_per_subcarrier, cfg.receive_snr_db)
-
-
 def feature_channel(features: np.ndarray, weights: np.ndarray, links: Sequence[Link], cfg: FeatureChannelConfig,
                     start_s: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, AirCompStats]:
     """One over-the-air slot carrying K feature vectors.
@@ -129,7 +107,7 @@ def feature_channel(features: np.ndarray, weights: np.ndarray, links: Sequence[L
     powers = np.array([l.tx_power_w for l in links], dtype=float)
     g = np.array([l.large_scale_gain for l in links], dtype=float)
     rho0 = receive_power(cfg.power_policy, cfg.truncation_threshold, powers / m, g)
-    noise_w = slot_noise_w(cfg, rho0)
+    noise_w = noise_for_snr(rho0, cfg.noise_w_per_subcarrier, cfg.receive_snr_db)
     t_sym = ofdm_symbol_s(cfg.subcarrier_spacing_hz, cfg.cyclic_prefix_fraction)
     h2 = value_gains(links, q, m, t_sym, start_s, cfg.coherence_time_s)
     chi = h2 >= cfg.truncation_threshold
@@ -144,7 +122,7 @@ def feature_channel(features: np.ndarray, weights: np.ndarray, links: Sequence[L
     stats = AirCompStats(
         num_devices=k, num_values=q, num_symbols=aircomp_symbols(q, m),
         latency_s=aircomp_latency_s(q, m, cfg.subcarrier_spacing_hz, cfg.cyclic_prefix_fraction), rho0_w=rho0,
-        noise_w=noise_w, receive_snr_db=10.0 * math.log10(rho0 / noise_w) if noise_w > 0 else math.inf,
+        noise_w=noise_w, receive_snr_db=snr_db(rho0, noise_w),
         truncation_ratio=float(1.0 - chi.mean()), mse=float(np.mean((estimate - exact) ** 2)),
         mse_theory=expected_mse(x, a, p_trunc, scale, noise_w, rho0), signal_power=float(np.mean(exact**2)),
         tx_energy_j=[float(e) for e in energy])

@@ -7,7 +7,8 @@ import pytest
 from netsim.aircomp import over_the_air_sum
 from netsim.channel import noise_power_w
 from netsim.network import Network
-from netsim.neural_aircomp import FeatureChannelConfig, aircomp_latency_s, feature_channel, value_gains
+from netsim.aircomp import value_gains
+from netsim.neural_aircomp import FeatureChannelConfig, aircomp_latency_s, feature_channel
 from netsim.scenario import Scenario
 
 
