@@ -29,10 +29,10 @@ def accuracy_energy_curve(events: pd.DataFrame) -> pd.DataFrame:
     ended by then: columns ``round, energy_j, accuracy`` (one run's events)."""
     curve = accuracy_curve(events)
     dev = events[events["node"].str.startswith("dev")]
-    ends = np.sort((dev["t_s"] + dev["duration_s"]).to_numpy())
-    energy = dev["energy_j"].fillna(0.0).to_numpy()[np.argsort((dev["t_s"] + dev["duration_s"]).to_numpy(),
-                                                             kind="stable")]
-    spent = np.concatenate([[0.0], np.cumsum(energy)])
+    ends = (dev["t_s"] + dev["duration_s"]).to_numpy()
+    order = np.argsort(ends, kind="stable")
+    ends = ends[order]
+    spent = np.concatenate([[0.0], np.cumsum(dev["energy_j"].fillna(0.0).to_numpy()[order])])
     idx = np.searchsorted(ends, curve["t_s"].to_numpy() + 1e-12, side="right")
     return pd.DataFrame({"round": curve["round"], "energy_j": spent[idx], "accuracy": curve["accuracy"]})
 

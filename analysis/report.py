@@ -91,14 +91,17 @@ class ReportData:
     description: str = ""
 
 
-def _check_experiment(summary: dict, where: str) -> None:
+def _check_experiments(runs: pd.DataFrame, where: str) -> None:
     """The report reads FedAvg runs (one accuracy curve per run); other experiments compare
-    several variants inside one run and write their own figures."""
-    experiment = summary.get("experiment", "fedavg")
-    if experiment != "fedavg":
-        raise ReportError(f"{where}: a run of experiment {experiment!r}, which compares several variants in one "
-                          "run and writes its own summary.json and figures into its folder; `deftsim report` "
-                          "reads FedAvg runs and sweeps of them (experiment: fedavg)")
+    several variants inside one run and write their own figures. ``runs``: the flattened
+    summaries (a FedAvg summary names no ``experiment``)."""
+    if "experiment" not in runs:
+        return
+    for run_id, experiment in zip(runs["run_id"], runs["experiment"]):
+        if isinstance(experiment, str) and experiment != "fedavg":
+            raise ReportError(f"{where}, run {run_id}: a run of experiment {experiment!r}, which compares several "
+                              "variants in one run and writes its own summary.json and figures into its folder; "
+                              "`deftsim report` reads FedAvg runs and sweeps of them (experiment: fedavg)")
 
 
 def load_report_data(folder: str | Path) -> ReportData:
@@ -106,9 +109,7 @@ def load_report_data(folder: str | Path) -> ReportData:
     if (root / "sweep.json").is_file():
         plan = load_plan(root)
         runs = collect_runs(root)
-        for run_id in runs.loc[runs["status"] == "ok", "run_id"]:
-            summary = json.loads((root / RUNS_DIR / run_id / "summary.json").read_text())
-            _check_experiment(summary, f"{str(root)!r}, run {run_id}")
+        _check_experiments(runs, repr(str(root)))
         spec = plan.get("sweep", {})
         random_params = set(((spec.get("vary") or {}).get("random") or {}).get("params") or {})
         zips = (spec.get("vary") or {}).get("zip") or []
@@ -124,11 +125,11 @@ def load_report_data(folder: str | Path) -> ReportData:
         return data
     if (root / "summary.json").is_file() and (root / "events.parquet").is_file():
         summary = json.loads((root / "summary.json").read_text())
-        _check_experiment(summary, repr(str(root)))
         resolved = json.loads((root / "scenario.json").read_text()) if (root / "scenario.json").is_file() else {}
         row = {"run_id": root.name or "run", "point": 0, "seed": resolved.get("seed"), "status": "ok"}
         row.update(flatten_summary(summary))
         runs = pd.DataFrame([row])
+        _check_experiments(runs, repr(str(root)))
         name = resolved.get("scenario", {}).get("name", root.name)
         data = ReportData(name, "run", root, [], set(), runs)
         data.events[row["run_id"]] = pd.read_parquet(root / "events.parquet")
@@ -619,7 +620,7 @@ def build_report(folder: str | Path, out_dir: Optional[str | Path] = None, targe
         raise ReportError(f"{str(data.root)!r}: no finished run yet (run `deftsim sweep` first)")
     out = Path(out_dir) if out_dir is not None else data.root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    for old in list(out.glob("to_accuracy_*.png")) + [out / "pareto.png"]:  # from an earlier report
+    for old in list(out.glob("to_accuracy_*.png")) + [out / "pareto.png", out / "aircomp.png"]:  # earlier report
         old.unlink(missing_ok=True)
     target, target_source = choose_target(data, target)
     runs, breakdown = _derive(data, target)
@@ -666,7 +667,6 @@ def build_report(folder: str | Path, out_dir: Optional[str | Path] = None, targe
                              + (f" (first {MAX_ROUND_PANELS} points)" if len(points) > MAX_ROUND_PANELS else "")
                              + ".", "latency_per_round.png")
     aircomp_table = None
-    (out / "aircomp.png").unlink(missing_ok=True)
     if has_aircomp(runs):
         aircomp_table = aircomp_points(runs, data.params)
         _write_table(aircomp_table, out, "aircomp_points")
