@@ -11,7 +11,6 @@ Exit codes: 0 success, 2 invalid input (message on stderr, no traceback), 1 inte
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -69,9 +68,9 @@ def run(scenario_file: str, out_dir: str, seed: Optional[int], overrides: tuple[
     if threads is not None:
         if threads < 1:
             _fail(f"--threads {threads}: must be >= 1")
-        from .sweep_run import THREADS_ENV
+        from .sweep_run import pin_threads
 
-        os.environ[THREADS_ENV] = str(threads)   # read by fomo.trainer.configure_threads
+        pin_threads(threads)
     from .runner import run_scenario
 
     scenario = _load(scenario_file, overrides, seed)

@@ -78,7 +78,9 @@ def _crashpoint(name: str) -> None:
 
 
 # ------------------------------------------------------------------------- worker side
-def _set_threads(threads: int) -> None:
+def pin_threads(threads: int) -> None:
+    """Pin PyTorch's and the BLAS libraries' threads of runs started in this process (read when
+    the trainer is built; ``fomo.trainer.configure_threads``)."""
     for var in (THREADS_ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
 
@@ -89,7 +91,7 @@ def execute_run(task: dict) -> dict:
     ``task``: ``{"run_id", "scenario" (resolved dict), "threads"}``. Runs on a worker process
     or a cluster worker; needs deftsim installed there, never the sweep folder.
     """
-    _set_threads(int(task.get("threads", 1)))
+    pin_threads(int(task.get("threads", 1)))
     t0 = time.perf_counter()
     info = {"host": socket.gethostname(), "pid": os.getpid()}
     phase = "validate"
@@ -114,7 +116,7 @@ def execute_run(task: dict) -> dict:
 
 def _init_local_worker(threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles Ctrl-C and stops us
-    _set_threads(threads)
+    pin_threads(threads)
     _exit_with_parent()
 
 

@@ -191,7 +191,7 @@ def per_device_modules(model: nn.Module, stack: DeviceStack, rows: int) -> Itera
     with that device's slice of ``stack`` (the combined batch has ``rows`` = K x B rows,
     device-major); the rest of the model runs once over all rows (frozen linear layers with
     fewer than :data:`SMALL_ROWS` rows per device once per device)."""
-    patched: list[nn.Module] = []
+    patched: list[tuple[object, str]] = []   # (object, instance attribute that shadows its method)
     owners = {id(module): local for module, local in owner_modules(model).values()}
     k = stack.num_devices
     try:
@@ -200,7 +200,7 @@ def per_device_modules(model: nn.Module, stack: DeviceStack, rows: int) -> Itera
             if local is None:
                 if type(module) is nn.Linear:
                     module.forward = lambda x, _m=module: _frozen_linear(_m, x, k, rows)
-                    patched.append(module)
+                    patched.append((module, "forward"))
                 continue
             weight = stack.tensors[local["weight"]]
             if type(module) is nn.Embedding:  # prompt tuning's soft prompt, looked up by get_prompt
@@ -208,7 +208,7 @@ def per_device_modules(model: nn.Module, stack: DeviceStack, rows: int) -> Itera
                     raise RuntimeError(f"cannot batch a trainable nn.Embedding outside prompt tuning ({name})")
                 model.get_prompt = lambda batch_size, *args, _w=weight, **kw: _device_prompts(
                     model, _w, batch_size, k, rows)
-                patched.append(model)
+                patched.append((model, "get_prompt"))
                 continue
             if type(module) is not nn.Linear:  # guarded by unsupported_reason
                 raise RuntimeError(f"cannot batch a trainable {type(module).__name__}")
@@ -219,11 +219,8 @@ def per_device_modules(model: nn.Module, stack: DeviceStack, rows: int) -> Itera
             else:
                 bias = None
             module.forward = lambda x, _w=weight, _b=bias: _device_linear(x, _w, _b, k, rows)
-            patched.append(module)
+            patched.append((module, "forward"))
         yield
     finally:
-        for module in patched:
-            if module is model:
-                del model.get_prompt   # the instance attribute shadowed the PeftModel method
-            else:
-                del module.forward  # the instance attribute shadowed nn.Linear.forward
+        for obj, attr in patched:
+            delattr(obj, attr)   # the class's own method is visible again
