@@ -137,17 +137,3 @@ def plot_accuracy(events: pd.DataFrame, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)
-
-
-def print_neural(summary: dict, out_dir: str) -> None:
-    """Console table of experiment ``neural_aircomp``."""
-    import click
-
-    click.echo("")
-    click.echo(f"  {'variant':<22} {'final acc':>9}  {'sim time':>10}  {'uplink/step':>12}")
-    for name in summary["variants"]:
-        click.echo(f"  {name:<22} {summary['final_accuracy'][name]:>9.3f}  {summary['sim_time_s'][name]:>9.3f}s  "
-                   f"{1e3 * summary['uplink_latency_s'][name]:>9.3f} ms")
-    from .report import _files
-
-    click.echo(_files(out_dir))

@@ -47,9 +47,14 @@ def print_lola(summary: dict, out_dir: str) -> None:
 
 
 def print_neural(summary: dict, out_dir: str) -> None:
-    from .neural_experiment import print_neural as show
-
-    show(summary, out_dir)
+    """Console table of experiment ``neural_aircomp``: accuracy, simulated time and uplink time
+    per step of every connection variant."""
+    click.echo("")
+    click.echo(f"  {'variant':<22} {'final acc':>9}  {'sim time':>10}  {'uplink/step':>12}")
+    for name in summary["variants"]:
+        click.echo(f"  {name:<22} {summary['final_accuracy'][name]:>9.3f}  {summary['sim_time_s'][name]:>9.3f}s  "
+                   f"{1e3 * summary['uplink_latency_s'][name]:>9.3f} ms")
+    click.echo(_files(out_dir))
 
 
 PRINTERS = {"aircomp_vs_ofdma": print_comparison, "lola_compare": print_lola, "neural_aircomp": print_neural}

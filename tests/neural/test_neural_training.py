@@ -91,7 +91,7 @@ def test_timeline_accounting(split_data):
 
 
 def test_experiment_writes_summary(tmp_path, monkeypatch, split_data):
-    import deftsim.neural_experiment as ne
+    from deftsim.report import print_neural
     from deftsim.runner import run_scenario
 
     monkeypatch.setattr("fomo.neural_connection.prepare_split_data", lambda sc, seed: split_data)
@@ -102,4 +102,4 @@ def test_experiment_writes_summary(tmp_path, monkeypatch, split_data):
         assert set(on_disk[key]) == set(summary["variants"])
     assert on_disk["uplink_latency_s"]["aircomp_links"] < on_disk["uplink_latency_s"]["digital"]
     assert (tmp_path / "neural_accuracy_vs_time.png").stat().st_size > 1000
-    ne.print_neural(on_disk, str(tmp_path))
+    print_neural(on_disk, str(tmp_path))
