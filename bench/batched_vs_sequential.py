@@ -16,6 +16,9 @@ memory and loss.
 Also prints the counted FLOPs per second of both strategies against the float32 matmul peak
 of this machine (one large ``torch.mm``, same process): when the batched step already runs at
 the peak, ``speedup_bound_k<K>`` = peak / sequential GFLOP/s is the most any batching can gain.
+The counted FLOPs are the device's whole-model step; both trainers run with the default
+``execution.prune_last_block`` (the host skips about 14 % of them, see fomo/last_block.py), so
+these are effective rates, and the bound is an underestimate by that much.
 
 Ends with ``RESULT batched_speedup_k1=... gflops_sequential_k1=... gflops_batched_k1=...
 speedup_bound_k1=... ... max_abs_diff=... same_costs=1 matmul_peak_gflops=...``.

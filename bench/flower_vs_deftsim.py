@@ -79,8 +79,9 @@ def run_flower(spec: dict, client_cpus: int) -> tuple[float, float, list]:
     from netsim.scenario import Scenario
 
     t0 = time.perf_counter()
-    scenario = Scenario.model_validate({**spec, "execution": {"strategy": "sequential"}})
-    evaluator = build_trainer(scenario, scenario.seed)  # the same initial state and test set
+    # the same initial state and test set; a plain model (none of deftsim's execution tricks)
+    scenario = Scenario.model_validate({**spec, "execution": {"strategy": "sequential", "prune_last_block": False}})
+    evaluator = build_trainer(scenario, scenario.seed)
     names = list(evaluator.global_state())
     initial = [t.numpy().copy() for t in evaluator.global_state().values()]
     accuracy: list[tuple[int, float]] = []

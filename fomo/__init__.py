@@ -18,6 +18,8 @@ trainer    :class:`fomo.trainer.PeftTrainer`.
 batched    batched multi-device LoRA steps (one forward/backward for K devices, per-device
            tensors and optimizer state; ``execution.strategy: batched``).
 prefix_cache  frozen-prefix activation cache (``execution.activation_cache_bytes``).
+last_block    the last block computed only at the position the head reads
+              (``execution.prune_last_block``).
 """
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ all the work) runs once over the K x B rows, while inside :func:`per_device_modu
 module that directly owns a trainable tensor (an ``nn.Linear``: ``lora_A``/``lora_B`` of each
 LoRA layer, the head's linear layers) applies device k's slice to device k's rows: one
 ``torch.bmm`` over the stacked weights (:class:`StackedLinear`), or, for a layer with a bias
-(the head: a few rows), one ``F.linear`` per device. Frozen linear layers that see only a few
+(the head) or with a few rows per device (the pruned last block's query, see
+:mod:`fomo.last_block`), one ``F.linear`` per device. Frozen linear layers that see only a few
 rows per device (the pooler: one row per example) run once per device too, see
 :data:`SMALL_ROWS`.
 
@@ -56,8 +57,8 @@ BATCHED_METHODS = ("lora", "prompt_tuning")
 """PEFT methods whose steps can run batched (others run one device at a time)."""
 
 SMALL_ROWS = 16
-"""A frozen ``nn.Linear`` whose input has fewer rows than this per device runs once per device:
-BLAS kernels for a handful of rows (e.g. the pooler's one row per example) may round
+"""A linear layer whose input has fewer rows than this per device runs once per device: BLAS
+kernels for a handful of rows (e.g. the pooler's one row per example) may round
 differently depending on the total row count, while their cost is negligible."""
 
 
@@ -153,14 +154,17 @@ def _check_rows(x: torch.Tensor, rows: int) -> None:
 def _device_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    num_devices: int, rows: int) -> torch.Tensor:
     """A trainable ``nn.Linear`` with device k's slice of ``weight`` (K, out, in) and ``bias``
-    (K, out) on device k's rows of ``x`` (``rows`` rows, device-major)."""
+    (K, out) on device k's rows of ``x`` (``rows`` rows, device-major): one
+    :class:`StackedLinear` if there is no bias and every device has at least
+    :data:`SMALL_ROWS` rows, else one ``F.linear`` per device."""
     _check_rows(x, rows)
-    if bias is None:
+    if bias is None and x.numel() // x.shape[-1] // num_devices >= SMALL_ROWS:
         lead = x.shape[:-1]
         y = StackedLinear.apply(x.reshape(num_devices, -1, x.shape[-1]), weight)
         return y.reshape(*lead, weight.shape[1])
     parts = x.split(rows // num_devices)
-    return torch.cat([F.linear(xk, wk, bk) for xk, wk, bk in zip(parts, weight.unbind(0), bias.unbind(0))])
+    biases = [None] * num_devices if bias is None else bias.unbind(0)
+    return torch.cat([F.linear(xk, wk, bk) for xk, wk, bk in zip(parts, weight.unbind(0), biases)])
 
 
 def _device_prompts(model: nn.Module, weight: torch.Tensor, batch_size: int, num_devices: int,

@@ -59,7 +59,7 @@ class FrozenPrefix:
     tuple_len: int = 0
 
 
-def _block_list(model: nn.Module) -> tuple[Optional[str], Optional[nn.ModuleList]]:
+def block_list(model: nn.Module) -> tuple[Optional[str], Optional[nn.ModuleList]]:
     """(name, list) of the ``nn.ModuleList`` with one entry per transformer block."""
     n_layers = num_hidden_layers(getattr(model, "config", None))
     if n_layers is None:
@@ -97,7 +97,7 @@ def find_frozen_prefix(model: nn.Module, input_ids: torch.Tensor,
 
     ``input_ids``/``attention_mask``: one example, used to probe what a block returns.
     Returns (prefix, "") or (None, why the cache does not apply)."""
-    list_name, blocks = _block_list(model)
+    list_name, blocks = block_list(model)
     if blocks is None:
         return None, "the transformer blocks were not found (no nn.ModuleList of num_hidden_layers blocks)"
     prefix = f"{list_name}."

@@ -31,6 +31,7 @@ Threads: ``torch.set_num_threads`` is called only if the environment variable
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from fomo import batched as fbatched
 from fomo import data as fdata
 from fomo import models, profiling
+from fomo.last_block import find_prunable_last_block, pruned
 from fomo.prefix_cache import ActivationCache, find_frozen_prefix
 from fomo.profiling import StepProfile
 from netsim.interfaces import EvalResult, LocalJob, LocalResult
@@ -178,6 +180,9 @@ class PeftTrainer:
         when batched was asked for but does not apply; ``execution_notes`` says why).
     activation_cache : ActivationCache or None
         The frozen-prefix cache, if asked for and applicable.
+    pruned_block : torch.nn.Module or None
+        The last transformer block, computed at position 0 only (``execution.prune_last_block``,
+        :mod:`fomo.last_block`), if asked for and applicable.
     execution_notes : list[str]
         Why an asked-for strategy or cache does not apply (empty if everything applies).
     """
@@ -238,6 +243,13 @@ class PeftTrainer:
                     self.model, prefix, self._tokens.batch, self._tokens.lengths_tokens,
                     spec.activation_cache_bytes,
                 )
+        self.pruned_block: torch.nn.Module | None = None
+        if spec.prune_last_block:
+            probe = self._train_examples[np.argsort(self._tokens.lengths_tokens[self._train_examples],
+                                                    kind="stable")[[0, -1]]]   # shortest and longest
+            self.pruned_block, reason = find_prunable_last_block(self.model, *self._tokens.batch(probe)[:2])
+            if self.pruned_block is None:
+                self.execution_notes.append(f"execution.prune_last_block not applied: {reason}")
         for note in self.execution_notes:  # results are unaffected: say so, don't fail
             warnings.warn(note, RuntimeWarning, stacklevel=3)
 
@@ -346,10 +358,7 @@ class PeftTrainer:
         flops, saved_bytes = 0.0, 0
         for _ in range(job.steps):
             examples = self._sample_batch(job.device_id, job.batch_size)
-            if self.activation_cache is None:
-                loss, profile = self._train_step(optimizer, *self._tokens.batch(examples))
-            else:
-                loss, profile = self._cached_train_step(optimizer, examples)
+            loss, profile = self._train_step(optimizer, examples)
             losses.append(loss)
             flops += profile.flops
             saved_bytes = max(saved_bytes, profile.saved_activation_bytes)
@@ -365,34 +374,10 @@ class PeftTrainer:
         )
 
     def _train_step(
-        self,
-        optimizer: torch.optim.Optimizer,
-        input_ids: torch.Tensor,
-        mask: torch.Tensor,
-        labels: torch.Tensor,
-    ) -> tuple[torch.Tensor, StepProfile]:
-        """One optimizer step; the first step of each (batch, seq_len) shape runs under the
-        profiler (same numerics), later ones reuse its profile."""
-        shape = (int(input_ids.shape[0]), int(input_ids.shape[1]))
-        optimizer.zero_grad(set_to_none=True)
-        profile = self._step_profiles.get(shape)
-        if profile is None:
-            loss, profile = profiling.profiled_forward_backward(
-                self.model, input_ids, mask, labels, self._weight_ptrs
-            )
-            self._step_profiles[shape] = profile
-        else:
-            loss = profiling.classification_loss(self.model, input_ids, mask, labels)
-            loss.backward()
-            loss = loss.detach()
-        optimizer.step()
-        return loss, profile
-
-    def _cached_train_step(
         self, optimizer: torch.optim.Optimizer, examples: np.ndarray
     ) -> tuple[torch.Tensor, StepProfile]:
-        """One optimizer step through the activation cache; the profile is the uncached
-        step's."""
+        """One optimizer step on a batch of ``examples`` (through the host's execution tricks:
+        activation cache, pruned last block); the profile is the plain one-device step's."""
         optimizer.zero_grad(set_to_none=True)
         profile = self._step_profile(examples)
         input_ids, mask, labels = self._tokens.batch(examples)
@@ -468,20 +453,22 @@ class PeftTrainer:
     def _eval_forward(
         self, input_ids: torch.Tensor, mask: torch.Tensor, examples: np.ndarray
     ) -> tuple[torch.Tensor, float]:
-        """Logits of an evaluation batch and its forward FLOPs (counted once per shape, on the
-        uncached forward)."""
+        """Logits of an evaluation batch and its forward FLOPs (counted once per shape, by a
+        separate forward of the plain model)."""
         shape = (int(input_ids.shape[0]), int(input_ids.shape[1]))
         if shape not in self._eval_flops:
-            logits, self._eval_flops[shape] = profiling.counted_forward(self.model, input_ids, mask)
-            return logits, self._eval_flops[shape]
+            self._eval_flops[shape] = profiling.counted_forward(self.model, input_ids, mask)[1]
         return self._logits(input_ids, mask, examples), self._eval_flops[shape]
 
     def _logits(self, input_ids: torch.Tensor, mask: torch.Tensor, examples: np.ndarray) -> torch.Tensor:
-        """Logits of a batch of ``examples``, through the activation cache if there is one."""
-        if self.activation_cache is None:
-            return profiling.classification_logits(self.model, input_ids, mask)
-        hidden = self.activation_cache.hidden_states(examples, int(input_ids.shape[1]))
-        with self.activation_cache.substituted(hidden):
+        """Logits of a batch of ``examples``, through the activation cache and the pruned last
+        block where they apply (profiling runs the plain model instead)."""
+        with contextlib.ExitStack() as tricks:
+            if self.pruned_block is not None:
+                tricks.enter_context(pruned(self.pruned_block))
+            if self.activation_cache is not None:
+                hidden = self.activation_cache.hidden_states(examples, int(input_ids.shape[1]))
+                tricks.enter_context(self.activation_cache.substituted(hidden))
             return profiling.classification_logits(self.model, input_ids, mask)
 
     def _step_profile(self, examples: np.ndarray) -> StepProfile:

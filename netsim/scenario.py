@@ -260,6 +260,12 @@ class ExecutionSpec(Spec):
         frozen lower blocks' output per example, up to this many bytes (least recently used
         evicted first), instead of recomputing it every step. 0 switches the cache off. A
         32-token example of all-MiniLM-L6-v2 takes 32 x 384 x 4 = 49 kB.
+    ``prune_last_block``
+        The last transformer block computes only the position the classification head reads
+        (position 0, BERT's ``[CLS]``): keys and values for every token, the rest for one.
+        About 14 % fewer multiply-adds per step for a 6-block model; applies to BERT-layout
+        encoders whose head reads position 0 (checked on a probe batch, skipped with a warning
+        otherwise).
     """
 
     strategy: Literal["sequential", "batched"] = Field(
@@ -270,6 +276,9 @@ class ExecutionSpec(Spec):
     )
     activation_cache_bytes: int = Field(
         0, ge=0, description="frozen-prefix activation cache size [bytes] (0: off)"
+    )
+    prune_last_block: bool = Field(
+        True, description="the last block computes only the position the classification head reads"
     )
 
 

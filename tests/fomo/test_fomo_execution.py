@@ -209,7 +209,7 @@ def _event_rows(sc: Scenario) -> list[tuple]:
 def test_timeline_is_the_same_for_every_strategy() -> None:
     """The whole event log (times, FLOPs, memory, energy, losses, accuracies) of a FedAvg run."""
     top2: dict[str, Any] = {"peft": {"layers": [4, 5]}, "training": {"local_steps": 1}}
-    reference = _event_rows(scenario(**top2))
+    reference = _event_rows(scenario(**top2, execution={"prune_last_block": False}))
     fast = _event_rows(scenario(**top2, execution={"strategy": "batched", "activation_cache_bytes": 10**7}))
     assert len(reference) == len(fast) > 10
     loss_col, acc_col = 10, 11
@@ -217,3 +217,75 @@ def test_timeline_is_the_same_for_every_strategy() -> None:
         assert r[:loss_col] == f[:loss_col]  # t_s ... energy_j: exactly equal
         for col in (loss_col, acc_col):
             assert (np.isnan(r[col]) and np.isnan(f[col])) or abs(r[col] - f[col]) <= TOL
+
+
+def test_pruned_last_block_equals_the_whole_model() -> None:
+    """Position 0 only in the last block: the logits, gradients, updates and evaluation of the
+    whole model, with the same counted FLOPs; padded batches included."""
+    whole = build_trainer(scenario(execution={"prune_last_block": False}), seed=0)
+    pruned_tr = build_trainer(scenario(), seed=0)
+    assert whole.pruned_block is None and pruned_tr.pruned_block is not None
+    assert pruned_tr.pruned_block is pruned_tr.model.base_model.model.bert.encoder.layer[-1]
+    # a padded batch, logits and gradients
+    examples = pruned_tr._train_examples[:4]
+    ids, mask, labels = pruned_tr._tokens.batch(examples)
+    mask = mask.clone()
+    mask[1, 5:] = 0
+    mask[2, 9:] = 0
+    grads = []
+    for trainer in (whole, pruned_tr):
+        trainer.model.zero_grad(set_to_none=True)
+        logits = trainer._logits(ids, mask, examples)
+        F.cross_entropy(logits, labels).backward()
+        grads.append((logits.detach(), {n: p.grad.clone() for n, p in trainer._trainable}))
+        trainer.model.zero_grad(set_to_none=True)
+    (la, ga), (lb, gb) = grads
+    assert float((la - lb).abs().max()) <= TOL
+    assert max(float((ga[n] - gb[n]).abs().max()) for n in ga) <= TOL
+    assert "forward" not in vars(pruned_tr.pruned_block)  # the patch is removed after the step
+    # local training (AdamW) and evaluation: the same costs, results within rounding
+    work = jobs(1, [2, 1, 2])
+    a, b = whole.local_train(work), pruned_tr.local_train(work)
+    assert_same_costs(a, b)
+    assert max_diff(a, b) <= 10 * TOL  # AdamW amplifies rounding near eps, see fomo.batched
+    ea, eb = whole.evaluate(), pruned_tr.evaluate()
+    assert ea.flops == eb.flops and ea.accuracy == eb.accuracy and abs(ea.loss - eb.loss) <= TOL
+
+
+def test_pruned_batched_prompt_tuning_matches_the_whole_model() -> None:
+    """With prompt tuning the head reads the first virtual token; batched + pruned matches the
+    sequential whole model."""
+    sections: dict[str, Any] = {"peft": {"method": "prompt_tuning", "num_virtual_tokens": 4},
+                                "training": {"learning_rate": 1e-2, "optimizer": "sgd"}}
+    whole = build_trainer(scenario(**sections, execution={"prune_last_block": False}), seed=0)
+    fast = build_trainer(scenario(**sections, execution={"strategy": "batched"}), seed=0)
+    assert fast.pruned_block is not None and fast.strategy == "batched"
+    work = jobs(1, [2, 2, 2])
+    a, b = whole.local_train(work), fast.local_train(work)
+    assert_same_costs(a, b)
+    assert max_diff(a, b) <= TOL
+
+
+def test_prune_is_refused_when_the_head_reads_other_positions() -> None:
+    """A head that pools every position (mean pooling) must not be pruned: the probe batch
+    catches it and the run says why."""
+    from fomo.last_block import find_prunable_last_block
+
+    trainer = build_trainer(scenario(execution={"prune_last_block": False}), seed=0)
+    pooler = trainer.model.base_model.model.bert.pooler
+    pooler.forward = lambda hidden: torch.tanh(pooler.dense(hidden.mean(dim=1)))
+    ids, mask, _ = trainer._tokens.batch(trainer._train_examples[:2])
+    block, reason = find_prunable_last_block(trainer.model, ids, mask)
+    assert block is None and "reads more than position 0" in reason
+
+
+def test_prune_is_refused_for_a_block_without_the_bert_layout() -> None:
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from fomo.last_block import find_prunable_last_block
+
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=16, pad_token_id=0)
+    model = GPT2ForSequenceClassification(config)
+    ids = torch.ones((2, 8), dtype=torch.int64)
+    block, reason = find_prunable_last_block(model, ids, torch.ones_like(ids))
+    assert block is None and "BERT block layout" in reason
