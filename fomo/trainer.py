@@ -184,7 +184,7 @@ class PeftTrainer:
         The last transformer block, computed at position 0 only (``execution.prune_last_block``,
         :mod:`fomo.last_block`), if asked for and applicable.
     execution_notes : list[str]
-        Why an asked-for strategy or cache does not apply (empty if everything applies).
+        Why an asked-for strategy, cache or pruning does not apply (empty if everything applies).
     """
 
     def __init__(self, scenario: "Scenario", seed: int) -> None:
@@ -245,9 +245,10 @@ class PeftTrainer:
                 )
         self.pruned_block: torch.nn.Module | None = None
         if spec.prune_last_block:
-            probe = self._train_examples[np.argsort(self._tokens.lengths_tokens[self._train_examples],
-                                                    kind="stable")[[0, -1]]]   # shortest and longest
-            self.pruned_block, reason = find_prunable_last_block(self.model, *self._tokens.batch(probe)[:2])
+            lengths = self._tokens.lengths_tokens[self._train_examples]
+            probe = self._train_examples[[int(lengths.argmin()), int(lengths.argmax())]]  # with padding if any
+            input_ids, mask, _ = self._tokens.batch(probe)
+            self.pruned_block, reason = find_prunable_last_block(self.model, input_ids, mask)
             if self.pruned_block is None:
                 self.execution_notes.append(f"execution.prune_last_block not applied: {reason}")
         for note in self.execution_notes:  # results are unaffected: say so, don't fail
