@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from fomo import data as fdata
 from fomo import models, profiling
+from fomo.last_block import probe_last_block, pruned
 from fomo.trainer import EVAL_BATCH_SIZE, configure_threads, tokenize_all
 from netsim.lola.profile import split_layers
 
@@ -85,6 +86,11 @@ class BlockTrainer:
                 self.head_params.append(name)
         self._global: State = {n: p.detach().clone() for n, p in self._params.items()}
         self._initial: State = self.global_state()
+        # execution.prune_last_block, as in PeftTrainer (the LoLa timeline comes from the depth
+        # profile, not from these steps)
+        self._pruned_block = None
+        if scenario.execution.prune_last_block:
+            self._pruned_block, _ = probe_last_block(self.model, self._tokens, train_idx)
 
     def reset(self) -> None:
         """Back to the initial model and fresh batch streams: the same as a new trainer of the
@@ -134,7 +140,8 @@ class BlockTrainer:
         try:
             for examples in batches:
                 opt.zero_grad(set_to_none=True)
-                loss = profiling.classification_loss(self.model, *self._tokens.batch(examples))
+                with pruned(self._pruned_block):
+                    loss = profiling.classification_loss(self.model, *self._tokens.batch(examples))
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
@@ -186,7 +193,8 @@ class BlockTrainer:
             with torch.no_grad():
                 for s in range(0, len(self._test_examples), EVAL_BATCH_SIZE):
                     ids, mask, labels = self._tokens.batch(self._test_examples[s:s + EVAL_BATCH_SIZE])
-                    logits = profiling.classification_logits(self.model, ids, mask)
+                    with pruned(self._pruned_block):
+                        logits = profiling.classification_logits(self.model, ids, mask)
                     correct += int((logits.argmax(dim=-1) == labels).sum())
         finally:
             self.model.train()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Iterator, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -122,9 +123,22 @@ def find_prunable_last_block(model: nn.Module, input_ids: torch.Tensor,
     return block, ""
 
 
+def probe_last_block(model: nn.Module, tokens: Any, examples: np.ndarray) -> tuple[Optional[nn.Module], str]:
+    """:func:`find_prunable_last_block` probed with the shortest and the longest of
+    ``examples`` (so the probe has padding if the data has any); ``tokens``: the tokenized
+    texts (``lengths_tokens`` and ``batch(examples)``, see ``fomo.trainer.TokenizedTexts``)."""
+    lengths = tokens.lengths_tokens[examples]
+    input_ids, mask, _ = tokens.batch(examples[[int(lengths.argmin()), int(lengths.argmax())]])
+    return find_prunable_last_block(model, input_ids, mask)
+
+
 @contextlib.contextmanager
-def pruned(block: nn.Module) -> Iterator[None]:
-    """Within the block, ``block`` computes position 0 only (:func:`position0_forward`)."""
+def pruned(block: Optional[nn.Module]) -> Iterator[None]:
+    """Within the block, ``block`` computes position 0 only (:func:`position0_forward`); with
+    ``block=None`` nothing changes."""
+    if block is None:
+        yield
+        return
     block.forward = position0_forward(block)
     try:
         yield

@@ -31,7 +31,6 @@ Threads: ``torch.set_num_threads`` is called only if the environment variable
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 from fomo import batched as fbatched
 from fomo import data as fdata
 from fomo import models, profiling
-from fomo.last_block import find_prunable_last_block, pruned
+from fomo.last_block import probe_last_block, pruned
 from fomo.prefix_cache import ActivationCache, find_frozen_prefix
 from fomo.profiling import StepProfile
 from netsim.interfaces import EvalResult, LocalJob, LocalResult
@@ -245,10 +244,7 @@ class PeftTrainer:
                 )
         self.pruned_block: torch.nn.Module | None = None
         if spec.prune_last_block:
-            lengths = self._tokens.lengths_tokens[self._train_examples]
-            probe = self._train_examples[[int(lengths.argmin()), int(lengths.argmax())]]  # with padding if any
-            input_ids, mask, _ = self._tokens.batch(probe)
-            self.pruned_block, reason = find_prunable_last_block(self.model, input_ids, mask)
+            self.pruned_block, reason = probe_last_block(self.model, self._tokens, self._train_examples)
             if self.pruned_block is None:
                 self.execution_notes.append(f"execution.prune_last_block not applied: {reason}")
         for note in self.execution_notes:  # results are unaffected: say so, don't fail
@@ -464,13 +460,12 @@ class PeftTrainer:
     def _logits(self, input_ids: torch.Tensor, mask: torch.Tensor, examples: np.ndarray) -> torch.Tensor:
         """Logits of a batch of ``examples``, through the activation cache and the pruned last
         block where they apply (profiling runs the plain model instead)."""
-        with contextlib.ExitStack() as tricks:
-            if self.pruned_block is not None:
-                tricks.enter_context(pruned(self.pruned_block))
-            if self.activation_cache is not None:
-                hidden = self.activation_cache.hidden_states(examples, int(input_ids.shape[1]))
-                tricks.enter_context(self.activation_cache.substituted(hidden))
-            return profiling.classification_logits(self.model, input_ids, mask)
+        with pruned(self.pruned_block):
+            if self.activation_cache is None:
+                return profiling.classification_logits(self.model, input_ids, mask)
+            hidden = self.activation_cache.hidden_states(examples, int(input_ids.shape[1]))
+            with self.activation_cache.substituted(hidden):
+                return profiling.classification_logits(self.model, input_ids, mask)
 
     def _step_profile(self, examples: np.ndarray) -> StepProfile:
         """Profile of the uncached one-device step of this batch's shape (profiled by a separate

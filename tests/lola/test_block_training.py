@@ -67,6 +67,24 @@ def test_deterministic():
     assert all(torch.equal(uc[n], first[n]) for n in uc)
 
 
+def test_pruned_last_block_matches_the_whole_model(trainer):
+    """execution.prune_last_block (default) in block training: the same updates and accuracy as
+    the whole model, to float32 rounding."""
+    from fomo.block_training import BlockTrainer
+
+    assert trainer._pruned_block is not None
+    plain = tiny()
+    whole = BlockTrainer(plain.model_copy(update={"execution": plain.execution.model_copy(
+        update={"prune_last_block": False})}), 0)
+    fast = BlockTrainer(tiny(), 0)
+    assert whole._pruned_block is None
+    for block in (0, 2):   # the output-side block (holds the pruned layer) and the deepest
+        ua, _ = whole.train_block(1, block, 1, 2, 4)
+        ub, _ = fast.train_block(1, block, 1, 2, 4)
+        assert max(float((ua[n] - ub[n]).abs().max()) for n in ua) <= 1e-4
+    assert whole.evaluate() == fast.evaluate()
+
+
 def test_experiment_accuracy_vs_time(tmp_path):
     from deftsim.lola_experiment import run_lola_compare
 
