@@ -23,8 +23,8 @@ on the unpruned model and the simulated timeline does not change.
 
 Applies when the model's blocks are found, the last block has the BERT block layout
 (``attention.self.{query,key,value}``, ``attention.output``, ``feed_forward_chunk``: BERT,
-tested here with all-MiniLM-L6-v2; RoBERTa and ELECTRA share the layout) and a pruned forward of a probe batch gives the
-unpruned logits. :func:`find_prunable_last_block` says why otherwise, e.g. for a decoder
+tested here with all-MiniLM-L6-v2; RoBERTa and ELECTRA share the layout) and a pruned
+forward of a probe batch gives the unpruned logits. :func:`find_prunable_last_block` says why otherwise, e.g. for a decoder
 classifier that reads the last real token.
 """
 from __future__ import annotations
