@@ -58,11 +58,11 @@ def make_client(partition_id: int, spec: dict, threads: int) -> Any:
             own = c["device_examples"][partition_id]
             rng = fdata.device_rng(sc.seed, partition_id)
             for _ in range((int(config["round"]) - 1) * steps):  # the stream of earlier rounds
-                rng.choice(len(own), size=batch, replace=batch > len(own))
+                fdata.sample_batch(rng, own, batch)
             optimizer = torch.optim.AdamW(c["params"], lr=sc.training.learning_rate)
             losses = []
             for _ in range(steps):
-                examples = own[rng.choice(len(own), size=batch, replace=batch > len(own))]
+                examples = fdata.sample_batch(rng, own, batch)
                 ids, mask, labels = c["tokens"].batch(examples)
                 optimizer.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(c["model"](input_ids=ids, attention_mask=mask).logits, labels)

@@ -123,7 +123,7 @@ def run_bare(scenario, rounds: list[list[tuple[int, int, int]]]) -> tuple[float,
             rng = rngs.setdefault(device, fdata.device_rng(seed, device))
             own = device_examples[device]
             for _ in range(steps):
-                examples = own[rng.choice(len(own), size=batch, replace=batch > len(own))]
+                examples = fdata.sample_batch(rng, own, batch)
                 ids, mask, y = tok.batch(examples)
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, y).backward()

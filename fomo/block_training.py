@@ -124,11 +124,10 @@ class BlockTrainer:
         return torch.optim.SGD(params, lr=self._lr)
 
     def _batch(self, device_id: int, batch_size: int) -> np.ndarray:
-        ex = self._device_examples[device_id]
         rng = self._rngs.get(device_id)
         if rng is None:
             rng = self._rngs[device_id] = fdata.device_rng(self.seed, device_id)
-        return ex[rng.choice(len(ex), size=batch_size, replace=batch_size > len(ex))]
+        return fdata.sample_batch(rng, self._device_examples[device_id], batch_size)
 
     def _train(self, names: Sequence[str], batches: Sequence[np.ndarray], torch_seed: int) -> tuple[State, float]:
         """Train ``names`` from the global state on ``batches``; (update of those tensors, mean loss)."""

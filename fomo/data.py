@@ -60,6 +60,12 @@ def device_rng(seed: int, device_id: int) -> np.random.Generator:
     )
 
 
+def sample_batch(rng: np.random.Generator, examples: np.ndarray, batch_size: int) -> np.ndarray:
+    """One batch of a device's data drawn from its generator (:func:`device_rng`): without
+    replacement, or with replacement if the device has fewer examples than ``batch_size``."""
+    return examples[rng.choice(len(examples), size=batch_size, replace=batch_size > len(examples))]
+
+
 def torch_init_seed(seed: int) -> int:
     """Seed for ``torch.manual_seed`` before the model/PEFT initialisation (spawn key ``(3,)``)."""
     return int(np.random.SeedSequence(seed, spawn_key=(TORCH_INIT_SPAWN_KEY,)).generate_state(1)[0])

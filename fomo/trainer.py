@@ -478,12 +478,8 @@ class PeftTrainer:
         return profile
 
     def _sample_batch(self, device_id: int, batch_size: int) -> np.ndarray:
-        """Example indices of one batch from the device's data: without replacement, or with
-        replacement if the device has fewer examples than ``batch_size``."""
-        examples = self._device_examples[device_id]
-        rng = self._device_rng(device_id)
-        picks = rng.choice(len(examples), size=batch_size, replace=batch_size > len(examples))
-        return examples[picks]
+        """Example indices of one batch from the device's data (:func:`fomo.data.sample_batch`)."""
+        return fdata.sample_batch(self._device_rng(device_id), self._device_examples[device_id], batch_size)
 
     def _device_rng(self, device_id: int) -> np.random.Generator:
         """The device's persistent batch-sampling generator (created on first use: the stream
