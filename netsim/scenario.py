@@ -423,7 +423,16 @@ class LolaSpec(Spec):
 
 class Scenario(Spec):
     name: str = "scenario"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="run seed: every random draw derives from it unless "
+                      "topology_seed / training_seed say otherwise")
+    topology_seed: Optional[int] = Field(
+        None, ge=0, description="seed of the network drop: positions, shadowing, fading and the D2D graph "
+        "(null: seed). Hold it fixed to keep one drop while training_seed varies",
+    )
+    training_seed: Optional[int] = Field(
+        None, ge=0, description="seed of the training noise: data split and partition, batch sampling, PEFT "
+        "initialisation and device selection (null: seed)",
+    )
     experiment: Literal["fedavg", "aircomp_vs_ofdma", "lola_compare", "neural_aircomp"] = Field(
         "fedavg", description="what `deftsim run` does with the scenario (deftsim/experiments.py)"
     )
@@ -455,6 +464,14 @@ class Scenario(Spec):
                 f"({self.num_devices}): every block needs its own device"
             )
         return self
+
+    def network_seed(self, run_seed: Optional[int] = None) -> int:
+        """Seed of the network drop (``topology_seed``, else the run seed)."""
+        return self.topology_seed if self.topology_seed is not None else (self.seed if run_seed is None else run_seed)
+
+    def train_seed(self, run_seed: Optional[int] = None) -> int:
+        """Seed of the training noise (``training_seed``, else the run seed)."""
+        return self.training_seed if self.training_seed is not None else (self.seed if run_seed is None else run_seed)
 
     @property
     def num_devices(self) -> int:
