@@ -5,6 +5,7 @@ path, the bad value and what is allowed. The CLI prints it and exits with code 2
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -31,8 +32,101 @@ _Yaml12Loader.add_implicit_resolver(
 )
 
 
+# Limits that no sane scenario or sweep file reaches, so that hostile files are refused in
+# bounded time and memory (a "billion laughs" alias bomb, a document nested thousands deep).
+MAX_FILE_BYTES = 64 * 2**20
+MAX_NESTING_DEPTH = 64
+MAX_EXPANDED_VALUES = 1_000_000
+
+
+class YamlLimitError(yaml.YAMLError):
+    """A YAML document exceeds one of the limits above; ``problem`` says which."""
+
+    def __init__(self, problem: str, mark=None):
+        super().__init__(problem)
+        self.problem = problem
+        self.problem_mark = mark
+
+
+class _BoundedLoader(_Yaml12Loader):
+    """The YAML 1.2-style loader with three guards: nesting depth (the composer recurses once
+    per level), duplicate keys (an error, not "the last wins"), and the size of the document
+    once aliases are expanded (checked on the node graph before anything is constructed)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_NESTING_DEPTH:
+                raise YamlLimitError(f"is nested deeper than {MAX_NESTING_DEPTH} levels", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # the base class reports unhashable keys
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {_short(key, 40)} (first at line {seen[key] + 1}): "
+                        "give each key once", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root) -> int:
+    """Number of values the document holds once every alias is expanded (memoised on the node
+    graph, so an alias bomb costs as many steps as it has nodes). Raises YamlLimitError above
+    MAX_EXPANDED_VALUES or for a recursive alias."""
+    sizes: dict[int, int] = {}
+    in_progress: set[int] = set()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in in_progress:
+            raise YamlLimitError("holds a recursive alias (an alias inside the node it names)", node.start_mark)
+        in_progress.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        in_progress.discard(key)
+        if total > MAX_EXPANDED_VALUES:
+            raise YamlLimitError(f"expands to more than {MAX_EXPANDED_VALUES:,} values once its aliases "
+                                 "(*name) are expanded", node.start_mark)
+        sizes[key] = total
+        return total
+
+    return size(root)
+
+
 def parse_yaml(text: str):
-    return yaml.load(text, Loader=_Yaml12Loader)
+    """Parse one YAML document with bounded depth, alias expansion and no duplicate keys.
+    Raises ``yaml.YAMLError`` (``YamlLimitError`` for the limits)."""
+    if len(text) > MAX_FILE_BYTES:
+        raise YamlLimitError(f"is larger than {MAX_FILE_BYTES // 2**20} MiB")
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 class ScenarioError(Exception):
@@ -93,7 +187,14 @@ def read_scenario_dict(path: Path) -> dict:
         raise ScenarioError(f"scenario file {str(path)!r} does not exist")
     if path.is_dir():
         raise ScenarioError(f"scenario path {str(path)!r} is a folder; expected a YAML file")
-    raw = path.read_bytes()
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ScenarioError(f"scenario file {str(path)!r} is {size / 2**20:.0f} MiB; files larger than "
+                                f"{MAX_FILE_BYTES // 2**20} MiB are refused")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ScenarioError(f"cannot read scenario file {str(path)!r}: {exc.strerror or exc}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -107,13 +208,15 @@ def read_scenario_dict(path: Path) -> dict:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if isinstance(exc, YamlLimitError):
+            raise ScenarioError(f"scenario file {str(path)!r} is refused{where}: it {problem}") from None
         raise ScenarioError(f"scenario file {str(path)!r} is not valid YAML{where}: {problem}") from None
     if data is None:
         raise ScenarioError(f"scenario file {str(path)!r} is empty: expected a mapping of sections "
                             "(devices, channel, model, peft, data, training, ...)")
     if not isinstance(data, dict):
         raise ScenarioError(f"scenario file {str(path)!r} must hold a mapping of sections at the top level, "
-                            f"got a {type(data).__name__} ({_short(data)})")
+                            f"got a {type(data).__name__}")
     return data
 
 
@@ -127,6 +230,8 @@ def apply_override(data: dict, assignment: str) -> None:
         raise ScenarioError(f"--set {assignment!r}: empty key path")
     try:
         value = parse_yaml(text)
+    except YamlLimitError as exc:
+        raise ScenarioError(f"--set {key.strip()}: the value {exc.problem}") from None
     except yaml.YAMLError:
         value = text
     node: Any = data
@@ -167,12 +272,38 @@ def _default_for(parts: list[str]) -> Any:
     return current if isinstance(current, (dict, list)) else {}
 
 
+# Fields that name files: a relative path in a file is relative to that file's folder; a
+# relative path given on the command line (--set) is relative to the current folder.
+FILE_PATH_FIELDS = ("data.path", "model.path")
+
+
+def resolve_file_paths(data: dict, base_dir: str | Path) -> dict:
+    """Make the file paths of a raw scenario dict (:data:`FILE_PATH_FIELDS`) absolute,
+    relative ones against ``base_dir``; ``~`` is expanded. In place; returns ``data``."""
+    for dotted in FILE_PATH_FIELDS:
+        section, key = dotted.split(".")
+        node = data.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str) and node[key]:
+            node[key] = absolute_path(node[key], base_dir)
+    return data
+
+
+def absolute_path(value: str, base_dir: str | Path) -> str:
+    """``value`` as an absolute, normalised path (relative ones against ``base_dir``)."""
+    expanded = os.path.expanduser(value)
+    return os.path.normpath(os.path.join(os.path.abspath(base_dir), expanded))
+
+
 def load_scenario(path: str | Path, overrides: Sequence[str] = (), seed: Optional[int] = None) -> Scenario:
-    """Read, override and validate a scenario file; raise :class:`ScenarioError` on bad input."""
+    """Read, override and validate a scenario file; raise :class:`ScenarioError` on bad input.
+
+    Relative ``data.path`` / ``model.path`` in the file are relative to the file's folder; in
+    ``overrides`` they are relative to the current folder."""
     path = Path(path)
-    data = read_scenario_dict(path)
+    data = resolve_file_paths(read_scenario_dict(path), path.parent)
     for assignment in overrides:
         apply_override(data, assignment)
+    resolve_file_paths(data, os.getcwd())
     if seed is not None:
         data["seed"] = seed
     try:

@@ -40,18 +40,20 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from netsim.scenario import Scenario
 
-from .config import ScenarioError, apply_override, format_validation_error, read_scenario_dict
+from .config import (FILE_PATH_FIELDS, ScenarioError, absolute_path, apply_override, format_validation_error,
+                     read_scenario_dict, resolve_file_paths)
 
 
 class SweepError(Exception):
@@ -70,8 +72,8 @@ class RandomSpec(_Spec):
     """``samples`` random points drawn with ``numpy.random.default_rng(seed)``, parameter by
     parameter in file order."""
 
-    samples: int = Field(ge=1, le=100_000)
-    seed: int = Field(0, ge=0)
+    samples: Annotated[int, Strict()] = Field(ge=1, le=100_000)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
     params: dict[str, Distribution] = Field(min_length=1)
 
     @field_validator("params")
@@ -89,6 +91,8 @@ class RandomSpec(_Spec):
             if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
                 raise ValueError(f"{path}: {kind} needs [low, high] as two numbers, got {args!r}")
             low, high = args
+            if not (math.isfinite(low) and math.isfinite(high)) or max(abs(low), abs(high)) > 1e300:
+                raise ValueError(f"{path}: {kind} needs finite bounds, got {args!r}")
             if not low <= high:
                 raise ValueError(f"{path}: {kind} [low, high] needs low <= high, got {args!r}")
             if kind == "log_uniform" and low <= 0:
@@ -300,6 +304,23 @@ def _sample(rng: np.random.Generator, kind: str, args: list) -> Any:
     return args[int(rng.integers(len(args)))]
 
 
+MAX_PLANNED_RUNS = 10_000  # planning validates and holds every run's scenario (~0.5 ms, ~30 kB each)
+
+
+def count_points(vary: VarySpec) -> int:
+    """How many points :func:`expand_points` will give, from the factors alone (nothing is
+    expanded): the product of the grid's list lengths, each zip group's length and the number
+    of random samples."""
+    count = 1
+    for values in (vary.grid or {}).values():
+        count *= len(values)
+    for group in vary.zip_groups():
+        count *= len(next(iter(group.values())))
+    if vary.random is not None:
+        count *= vary.random.samples
+    return count
+
+
 def expand_points(vary: VarySpec) -> list[dict[str, Any]]:
     """Every point of the sweep as {field path: value}, in a fixed order."""
     parts: list[list[dict[str, Any]]] = []
@@ -337,10 +358,25 @@ def _resolve(base: dict, assignments: Sequence[str], source: str) -> dict:
     data = json.loads(json.dumps(base))
     for a in assignments:
         apply_override(data, a)
+    resolve_file_paths(data, os.getcwd())  # what is still relative came from --set
     try:
         return Scenario.model_validate(data).model_dump(mode="json")
     except ValidationError as err:
         raise ScenarioError(format_validation_error(err, source)) from None
+
+
+def _resolve_swept_paths(vary: "VarySpec", sweep_dir: Path) -> None:
+    """Swept file paths (``data.path`` / ``model.path`` values) are relative to the sweep file."""
+    def fix(values: list) -> list:
+        return [absolute_path(v, sweep_dir) if isinstance(v, str) and v else v for v in values]
+    for group in [vary.grid or {}, *vary.zip_groups()]:
+        for p in group:
+            if p in FILE_PATH_FIELDS:
+                group[p] = fix(group[p])
+    if vary.random is not None:
+        for p, dist in vary.random.params.items():
+            if p in FILE_PATH_FIELDS and "choice" in dist:
+                dist["choice"] = fix(dist["choice"])
 
 
 def plan_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepPlan:
@@ -359,7 +395,10 @@ def plan_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepPlan:
     if not scenario_path.is_file():
         raise SweepError(f"sweep file {str(path)!r}: scenario {spec.scenario!r} not found "
                          f"(looked for {str(scenario_path)!r}; the path is relative to the sweep file)")
-    base = read_scenario_dict(scenario_path)
+    base = resolve_file_paths(read_scenario_dict(scenario_path), scenario_path.parent)
+    spec.set.update({p: absolute_path(v, path.parent) for p, v in spec.set.items()
+                     if p in FILE_PATH_FIELDS and isinstance(v, str) and v})
+    _resolve_swept_paths(spec.vary, path.parent)
     vary = spec.vary
     params = list(vary.grid or {}) + [p for g in vary.zip_groups() for p in g] + list(
         vary.random.params if vary.random else {})
@@ -381,6 +420,12 @@ def plan_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepPlan:
         base_resolved = _resolve(base, fixed, f"file {str(scenario_path)!r} with the sweep's set/--set")
     except ScenarioError as err:
         raise SweepError(f"sweep file {str(path)!r}: the base scenario is invalid:\n{err}") from None
+    num_seeds = 1 if spec.seeds is None else spec.seeds if isinstance(spec.seeds, int) else len(spec.seeds)
+    planned = count_points(vary) * num_seeds
+    if planned > MAX_PLANNED_RUNS:
+        raise SweepError(f"sweep file {str(path)!r} plans {planned:,} runs ({count_points(vary):,} points x "
+                         f"{num_seeds:,} seeds); at most {MAX_PLANNED_RUNS:,} runs per sweep file are allowed: "
+                         "split it into several sweeps or use vary.random with fewer samples")
     if spec.seeds is None:
         seeds = [int(base_resolved["seed"])]
     elif isinstance(spec.seeds, int):
