@@ -9,6 +9,7 @@ References
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 
@@ -138,12 +139,16 @@ class Link:
     fading : BlockFading
     channel : ChannelSpec
         For the noise PSD and noise figure.
+    name : str
+        What the link is (e.g. ``uplink dev3->edge0``), for error messages.
     """
 
-    def __init__(self, large_scale_gain: float, tx_power_w: float, fading: BlockFading, channel: ChannelSpec):
+    def __init__(self, large_scale_gain: float, tx_power_w: float, fading: BlockFading, channel: ChannelSpec,
+                 name: str = "link"):
         self.large_scale_gain = large_scale_gain
         self.tx_power_w = tx_power_w
         self.fading = fading
+        self.name = name
         self._noise_w_per_hz = noise_power_w(channel, 1.0)
 
     def snr(self, block: int, bandwidth_hz: float) -> float:
@@ -162,10 +167,20 @@ class Link:
 
     def transfer_duration_s(self, size_bits: float, start_s: float, bandwidth_hz: float) -> float:
         """Time to send ``size_bits`` over this link from ``start_s`` [s] (see
-        :func:`transfer_duration_s`)."""
+        :func:`transfer_duration_s`). Raises ValueError naming the link when the bandwidth is
+        not a finite number > 0 or the transfer cannot finish (rate 0, NaN, or more than
+        :data:`MAX_TRANSFER_BLOCKS` coherence blocks)."""
+        if not (math.isfinite(bandwidth_hz) and bandwidth_hz > 0):
+            raise ValueError(f"{self.name}: bandwidth_hz={bandwidth_hz!r} for size_bits={size_bits!r}; "
+                             "allowed: a finite number > 0")
+        with np.errstate(all="ignore"):
+            mean_snr = self.tx_power_w * self.large_scale_gain / (self._noise_w_per_hz * bandwidth_hz)
+            mean_rate = float(bandwidth_hz * np.log2(1.0 + mean_snr))
         return transfer_duration_s(size_bits, start_s, self.fading.coherence_time_s,
                                    lambda b: self.rate_bps(b, bandwidth_hz),
-                                   lambda b, n: self.rates_bps(b, n, bandwidth_hz))
+                                   lambda b, n: self.rates_bps(b, n, bandwidth_hz),
+                                   link_name=self.name, mean_rate_bps=mean_rate,
+                                   constant_rate=self.fading.kind == "none")
 
     def mean_snr_db(self, bandwidth_hz: float) -> float:
         """SNR with the fading averaged out (E|h|^2 = 1) [dB]."""
@@ -173,8 +188,27 @@ class Link:
         return 10.0 * math.log10(snr)
 
 
+MAX_TRANSFER_BLOCKS = 1 << 26
+"""Most coherence blocks one transfer may span (about 67 million: 7.8 days at T_c = 10 ms);
+a transfer that needs more is an error (an absurd rate), never a loop without end."""
+
+
+def _rate_error(link_name: str, size_bits: float, rate, block: int, why: str) -> ValueError:
+    return ValueError(f"{link_name}: cannot send size_bits={size_bits!r}: rate {rate!r} bit/s in coherence "
+                      f"block {block} {why}; check the bandwidths, powers, noise PSD and positions of the scenario")
+
+
+def _check_rate(rate: float, link_name: str, size_bits: float, block: int) -> float:
+    """A block's rate must be a finite number >= 0 (0: a deep fade, that block sends nothing)."""
+    if not (rate >= 0.0 and math.isfinite(rate)):
+        raise _rate_error(link_name, size_bits, rate, block, "(allowed: a finite number >= 0)")
+    return rate
+
+
 def transfer_duration_s(size_bits: float, start_s: float, coherence_time_s: float, rate_of_block,
-                        rates_of_blocks=None, scalar_blocks: int = 16) -> float:
+                        rates_of_blocks=None, scalar_blocks: int = 16, *, link_name: str = "link",
+                        mean_rate_bps: Optional[float] = None, constant_rate: bool = False,
+                        max_blocks: int = MAX_TRANSFER_BLOCKS) -> float:
     """Time to send ``size_bits`` starting at ``start_s`` over a block-fading channel [s].
 
     The part of the payload sent in coherence block b goes at that block's rate R_b:
@@ -188,14 +222,35 @@ def transfer_duration_s(size_bits: float, start_s: float, coherence_time_s: floa
     ``rate_of_block(b)`` gives R_b [bit/s]. For long transfers, ``rates_of_blocks(b, n)``
     (optional) gives the rates of n consecutive blocks as an array: after ``scalar_blocks``
     blocks walked one by one, the rest is walked in growing vectorised chunks.
+
+    Bounded: a NaN, infinite or negative rate raises ValueError naming ``link_name``,
+    ``size_bits`` and the rate; so does a transfer that needs more than ``max_blocks`` coherence
+    blocks (checked up front from ``mean_rate_bps``, the rate at the mean SNR, an upper bound
+    of the mean rate by Jensen's inequality; exactly for ``constant_rate`` links; and by
+    counting the blocks walked otherwise). A block of rate 0 (a deep fade) sends nothing.
     """
+    if not (math.isfinite(size_bits) and size_bits >= 0):
+        raise ValueError(f"{link_name}: size_bits={size_bits!r}; allowed: a finite number >= 0")
+    if not math.isfinite(start_s):
+        raise ValueError(f"{link_name}: start_s={start_s!r} for size_bits={size_bits!r}; allowed: a finite time")
+    if not (math.isfinite(coherence_time_s) and coherence_time_s > 0):
+        raise ValueError(f"{link_name}: coherence_time_s={coherence_time_s!r}; allowed: a finite number > 0")
     if size_bits <= 0:
         return 0.0
+    if mean_rate_bps is not None:
+        if not (mean_rate_bps >= 0 and math.isfinite(mean_rate_bps)) or (constant_rate and mean_rate_bps == 0):
+            raise _rate_error(link_name, size_bits, mean_rate_bps, 0, "(allowed: a finite number > 0)")
+        if not mean_rate_bps * coherence_time_s * max_blocks >= size_bits:
+            raise _rate_error(link_name, size_bits, mean_rate_bps, 0,
+                              f"at the mean SNR would need more than {max_blocks} coherence blocks of "
+                              f"{coherence_time_s} s")
     remaining = float(size_bits)
     t = float(start_s)
     block = int(math.floor(t / coherence_time_s + 1e-9))
-    for _ in range(scalar_blocks if rates_of_blocks is not None else 1 << 62):
-        rate = rate_of_block(block)
+    first_block = block
+    rate = math.nan
+    for _ in range(min(scalar_blocks, max_blocks) if rates_of_blocks is not None else max_blocks):
+        rate = _check_rate(rate_of_block(block), link_name, size_bits, block)
         block_end = (block + 1) * coherence_time_s
         available_s = max(block_end - t, 0.0)
         if rate * available_s >= remaining:
@@ -203,9 +258,20 @@ def transfer_duration_s(size_bits: float, start_s: float, coherence_time_s: floa
         remaining -= rate * available_s
         t = block_end
         block += 1
+    if rates_of_blocks is None:
+        raise _rate_error(link_name, size_bits, rate, block, f"leaves the transfer unfinished after {max_blocks} "
+                          "coherence blocks")
     chunk = 64
     while True:
+        if block - first_block >= max_blocks:
+            raise _rate_error(link_name, size_bits, rate, block, "leaves the transfer unfinished "
+                              f"after {max_blocks} coherence blocks")
         rates = np.asarray(rates_of_blocks(block, chunk), dtype=np.float64)
+        bad = ~(np.isfinite(rates) & (rates >= 0.0))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise _rate_error(link_name, size_bits, float(rates[i]), block + i, "(allowed: a finite number >= 0)")
+        rate = float(rates[-1])
         sent = np.cumsum(rates * coherence_time_s)
         if sent[-1] >= remaining:
             i = int(np.searchsorted(sent, remaining))

@@ -92,8 +92,10 @@ class Network:
                 d = distance_3d_m(pos, server.position_m, group.antenna_height_m, server.spec.antenna_height_m)
                 shadow_db = child_rng(seed, 0, 1, i).normal(0.0, ch.pathloss.shadowing_std_db) if ch.pathloss.shadowing_std_db > 0 else 0.0
                 gain = db_to_linear(-(pathloss_db(ch.pathloss, d, ch.carrier_hz, group.antenna_height_m) + shadow_db))
-                up = Link(gain, group.tx_power_w, BlockFading(ch.fading, ch.coherence_time_s, child_rng(seed, 0, 2, i)), ch)
-                down = Link(gain, server.spec.tx_power_w, BlockFading(ch.fading, ch.coherence_time_s, child_rng(seed, 0, 3, i)), ch)
+                up = Link(gain, group.tx_power_w, BlockFading(ch.fading, ch.coherence_time_s, child_rng(seed, 0, 2, i)), ch,
+                          name=f"uplink dev{i}->{server.name}")
+                down = Link(gain, server.spec.tx_power_w, BlockFading(ch.fading, ch.coherence_time_s, child_rng(seed, 0, 3, i)),
+                            ch, name=f"downlink {server.name}->dev{i}")
                 self.devices.append(Device(i, group, pos, server.index, up, down))
         self.d2d = build_d2d_graph(scenario, self.devices, seed)
 
@@ -130,6 +132,7 @@ def build_d2d_graph(scenario: Scenario, devices: list[Device], seed: int) -> nx.
         a, b = devices[i], devices[j]
         d = distance_3d_m(a.position_m, b.position_m, a.group.antenna_height_m, b.group.antenna_height_m)
         gain = db_to_linear(-pathloss_db(ch.pathloss, d, ch.carrier_hz, a.group.antenna_height_m))
-        link = Link(gain, a.group.tx_power_w, BlockFading(ch.fading, ch.coherence_time_s, child_rng(seed, 0, 5, i, j)), ch)
+        link = Link(gain, a.group.tx_power_w, BlockFading(ch.fading, ch.coherence_time_s, child_rng(seed, 0, 5, i, j)), ch,
+                    name=f"sidelink dev{i}-dev{j}")
         graph.add_edge(i, j, distance_m=d, link=link, mean_snr_db=link.mean_snr_db(spec.bandwidth_hz))
     return graph

@@ -38,17 +38,32 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
+from scipy.optimize import brentq, linear_sum_assignment
 from scipy.special import lambertw
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import maximum_bipartite_matching
 
 ALGORITHMS = ("crunch", "jbba", "random", "greedy", "depth_unaware", "equal_bandwidth", "offloading")
-_BIG = 1e30
 
 
 class InfeasibleError(ValueError):
     """No matching of every block to a distinct device fits the memory constraints."""
+
+
+def _assignment(cost: np.ndarray) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """Minimum-cost assignment of every column to a distinct row (Hungarian method,
+    ``scipy.optimize.linear_sum_assignment``); ``np.inf`` marks a forbidden pair, whatever the
+    magnitude of the finite costs. None when no assignment avoids the forbidden pairs."""
+    cost = np.asarray(cost, dtype=float)
+    if np.isnan(cost).any():
+        raise ValueError("assignment cost matrix contains NaN")
+    try:
+        rows, cols = linear_sum_assignment(cost)
+    except ValueError:  # "cost matrix is infeasible": no complete assignment of finite pairs
+        return None
+    if not np.all(np.isfinite(cost[rows, cols])):
+        return None
+    return rows, cols
 
 
 @dataclass(frozen=True)
@@ -87,11 +102,12 @@ class Instance:
         return int(self.compute_s.shape[1])
 
     def rate_bps(self, k, bandwidth_hz):
-        """Mean Shannon rate R_k(b) = b log2(1 + gamma_k / b) [bit/s] (0 for b = 0)."""
+        """Mean Shannon rate R_k(b) = b log2(1 + gamma_k / b) [bit/s] (0 for b = 0; computed as
+        b ln(1 + gamma_k/b) / ln 2 with log1p, exact at low SNR per share)."""
         b = np.asarray(bandwidth_hz, dtype=float)
         g = np.asarray(self.snr_hz, dtype=float)[k]
         with np.errstate(divide="ignore", invalid="ignore"):
-            r = np.where(b > 0, b * np.log2(1.0 + g / np.where(b > 0, b, 1.0)), 0.0)
+            r = np.where(b > 0, _rate_bps(g, np.where(b > 0, b, 1.0)), 0.0)
         return r
 
     def latency_matrix(self, bandwidth_hz: np.ndarray) -> np.ndarray:
@@ -130,11 +146,15 @@ def common_block_order(latency: np.ndarray) -> Optional[np.ndarray]:
     """A block order along which every device's latency row is non-decreasing (inf last), or
     None if there is none. With such an order the feasible blocks of every device under any
     threshold form a prefix (the nested structure CRUNCH exploits); the monotone depth cost
-    gives it with order 0..N-1 when upload sizes are equal."""
-    ranks = np.argsort(np.argsort(np.where(np.isfinite(latency), latency, _BIG), axis=1, kind="stable"), axis=1)
+    gives it with order 0..N-1 when upload sizes are equal.
+
+    ``np.inf`` (infeasible) sorts after every finite latency, however large; the order test
+    compares neighbours directly (inf >= inf holds), so no finite stand-in for infinity is
+    used anywhere."""
+    ranks = np.argsort(np.argsort(latency, axis=1, kind="stable"), axis=1)
     order = np.argsort(ranks.sum(axis=0), kind="stable")
     sorted_rows = latency[:, order]
-    if np.all(np.diff(np.where(np.isfinite(sorted_rows), sorted_rows, _BIG), axis=1) >= 0):
+    if np.all(sorted_rows[:, 1:] >= sorted_rows[:, :-1]):
         return order
     return None
 
@@ -164,7 +184,10 @@ def crunch_matching(latency: np.ndarray) -> tuple[np.ndarray, float, dict]:
     common block order exists (non-monotone costs, e.g. very unequal upload sizes) the check is
     a maximum bipartite matching instead (same answer, no nested structure needed).
     """
+    latency = np.asarray(latency, dtype=float)
     k_dev, n_blk = latency.shape
+    if np.isnan(latency).any():
+        raise ValueError("latency matrix contains NaN (use np.inf for an infeasible pair)")
     if n_blk > k_dev:
         raise InfeasibleError(f"{n_blk} blocks need at least {n_blk} devices, got {k_dev}")
     order = common_block_order(latency)
@@ -233,54 +256,157 @@ def equal_bandwidth(inst: Instance) -> Allocation:
 # --------------------------------------------------------------------------------------------
 # Bandwidth for a fixed assignment
 # --------------------------------------------------------------------------------------------
-def _bandwidth_for_rate(snr_hz: np.ndarray, rate_bps: np.ndarray) -> np.ndarray:
-    """Bandwidth b with b log2(1 + gamma/b) = rate, in closed form (inf where the rate exceeds
-    the wideband limit gamma / ln 2, 0 for rate 0).
+_LN2 = math.log(2.0)
 
-    With a = rate ln2 / gamma and y = 1 + gamma/b the equation is ln y = a (y - 1), whose root
-    y > 1 is y = -W_{-1}(-a e^{-a}) / a (Lambert W, lower branch), so b = gamma / (y - 1)."""
+
+def share_snr_for_efficiency(a: np.ndarray, iterations: int = 60) -> np.ndarray:
+    """The SNR per share x > 0 at which ln(1 + x) / x = a, for 0 < a < 1 [linear].
+
+    ln(1 + x)/x falls from 1 (x -> 0, the wideband limit) to 0 (x -> inf), so the root is
+    unique. Newton's method on phi(u) = ln(ln(1 + e^u)/e^u) - ln a in u = ln x (phi is
+    decreasing and concave, so from the first step on the iterates approach the root from
+    above, monotonically). Start: for a <= 1/2 the closed form x = -W_{-1}(-a e^{-a})/a - 1
+    (Lambert W, far from its branch point there); for a > 1/2 the series inversion
+    x = 2 d + (8/3) d^2, d = 1 - a (ln(1+x)/x = 1 - x/2 + x^2/3 - ...). Near a = 1 (SNR per
+    share below about -40 dB) the Lambert form is useless: -a e^{-a} is within rounding of
+    -1/e, where W has a square-root singularity; the series and Newton steps in ln x keep
+    the relative error of x at about eps / d, the conditioning of the problem itself."""
+    a = np.asarray(a, dtype=float)
+    x = np.empty_like(a)
+    far = a <= 0.5
+    if np.any(far):
+        af = a[far]
+        x[far] = -np.real(lambertw(-af * np.exp(-af), k=-1)) / af - 1.0
+    near = ~far
+    d = 1.0 - a[near]
+    x[near] = 2.0 * d + (8.0 / 3.0) * d * d
+    u = np.log(x)
+    log_a = np.log(a)
+    for _ in range(iterations):
+        xu = np.exp(u)
+        l1 = np.log1p(xu)
+        phi = np.log(l1 / xu) - log_a
+        dphi = xu / ((1.0 + xu) * l1) - 1.0
+        step = np.clip(phi / dphi, -30.0, 30.0)
+        u = u - step
+        if np.all(np.abs(step) <= 4.0 * np.finfo(float).eps * np.maximum(1.0, np.abs(u))):
+            break
+    return np.exp(u)
+
+
+def _bandwidth_for_rate(snr_hz: np.ndarray, rate_bps: np.ndarray) -> np.ndarray:
+    """Bandwidth b with b log2(1 + gamma/b) = rate [Hz] (inf where the rate reaches the wideband
+    limit gamma / ln 2, 0 for rate 0).
+
+    With x = gamma / b (the SNR per share) the equation is ln(1 + x)/x = a, a = rate ln2 / gamma,
+    solved by :func:`share_snr_for_efficiency`; b = gamma / x."""
     gamma = np.asarray(snr_hz, dtype=float)
     rate = np.asarray(rate_bps, dtype=float)
-    a = rate * math.log(2.0) / gamma
+    a = rate * _LN2 / gamma
     out = np.full(a.shape, np.inf)
-    zero = rate <= 0
     ok = (a > 0) & (a < 1)
     if np.any(ok):
-        aa = a[ok]
-        y = -np.real(lambertw(-aa * np.exp(-aa), k=-1)) / aa
-        out[ok] = gamma[ok] / np.maximum(y - 1.0, 1e-300)
-    out[zero] = 0.0
+        out[ok] = gamma[ok] / share_snr_for_efficiency(a[ok])
+    out[rate <= 0] = 0.0
     return out
 
 
+def _rate_bps(snr_hz: np.ndarray, bandwidth_hz: np.ndarray) -> np.ndarray:
+    """b log2(1 + gamma / b) = b ln(1 + gamma/b) / ln 2 [bit/s] (log1p: exact at low SNR per share)."""
+    return bandwidth_hz * np.log1p(snr_hz / bandwidth_hz) / _LN2
+
+
+def _wideband_latency_s(compute_s: np.ndarray, upload_bits: np.ndarray, snr_hz: np.ndarray) -> np.ndarray:
+    """C_k + S_k ln2 / gamma_k: the latency with unlimited bandwidth (rate gamma / ln 2)."""
+    return compute_s + upload_bits * _LN2 / snr_hz
+
+
 def minmax_bandwidth(compute_s: np.ndarray, upload_bits: np.ndarray, snr_hz: np.ndarray,
-                     total_hz: float, iters: int = 100) -> np.ndarray:
+                     total_hz: float) -> np.ndarray:
     """Exact min-max bandwidth split of ``total_hz`` for a fixed assignment (one entry per
-    involved device): the optimum equalises latencies, C_k + S_k / R_k(b_k) = T, so
-    b_k(T) = R_k^{-1}(S_k / (T - C_k)) and T is the root of sum_k b_k(T) = B (bisection; T lies
-    between the compute floor and the equal-share latency). Unused slack (from the bisection
-    tolerance) is handed out in proportion to b_k, so the shares sum to ``total_hz``."""
-    m = len(compute_s)
+    involved device) [Hz].
+
+    The optimum equalises latencies, C_k + S_k / R_k(b_k) = T, so b_k(T) = R_k^{-1}(S_k / (T - C_k))
+    (:func:`_bandwidth_for_rate`) and T is the root of F(T) = sum_k b_k(T) / B - 1, which is
+    decreasing in T: +inf at the largest wideband latency T_0 = max_k C_k + S_k ln2 / gamma_k,
+    <= 0 at the equal-share latency. Bracketed root find: the lower end approaches T_0 by
+    halving the gap until F > 0, then Brent's method (``scipy.optimize.brentq``) to relative
+    precision 4 eps. The rounding left over (sum_k b_k(T) - B) goes to the device whose latency
+    is least sensitive to its bandwidth (|dT_k/db_k| smallest), so the shares sum to
+    ``total_hz`` and the latencies stay equal to rounding at every SNR per share (tested from
+    -80 dB to +60 dB). A device with S_k = 0 gets no bandwidth."""
+    comp = np.asarray(compute_s, dtype=float)
+    bits = np.asarray(upload_bits, dtype=float)
+    gamma = np.asarray(snr_hz, dtype=float)
+    m = comp.size
+    if not (math.isfinite(total_hz) and total_hz > 0):
+        raise ValueError(f"total bandwidth {total_hz!r} Hz: must be a finite number > 0")
+    if m == 0:
+        return np.zeros(0)
+    if not (np.all(np.isfinite(comp)) and np.all(comp >= 0) and np.all(np.isfinite(bits)) and np.all(bits >= 0)
+            and np.all(np.isfinite(gamma)) and np.all(gamma > 0)):
+        raise ValueError("minmax_bandwidth: compute times and upload sizes must be finite and >= 0, "
+                         f"SNRs finite and > 0; got {comp}, {bits}, {gamma}")
+    sends = bits > 0
+    if not np.any(sends):
+        return np.full(m, total_hz / m)
     eq = np.full(m, total_hz / m)
-    t_hi = float(np.max(compute_s + upload_bits / (eq * np.log2(1.0 + snr_hz / eq))))
-    t_lo = float(np.max(compute_s))
-    for _ in range(iters):
-        if t_hi - t_lo <= 1e-13 * t_hi:
-            break
-        t = 0.5 * (t_lo + t_hi)
-        slack = t - compute_s
-        if np.any(slack <= 0):
-            t_lo = t
-            continue
-        b = _bandwidth_for_rate(snr_hz, upload_bits / slack)
-        if np.sum(b) <= total_hz:
+    t_hi = float(np.max(comp + np.where(sends, bits / np.where(sends, _rate_bps(gamma, eq), 1.0), 0.0)))
+    t_0 = float(np.max(np.where(sends, _wideband_latency_s(comp, bits, gamma), comp)))
+
+    def shares(t: float) -> np.ndarray:
+        slack = t - comp
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rate = np.where(sends, bits / np.where(slack > 0, slack, np.nan), 0.0)
+        b = _bandwidth_for_rate(gamma, np.where(np.isnan(rate), np.inf, rate))
+        return np.where(sends, b, 0.0)
+
+    def excess(t: float) -> float:
+        return float(np.sum(shares(t)) / total_hz - 1.0)
+
+    f_hi = excess(t_hi)
+    if f_hi > 0:  # rounding at the equal share: the equal split is the optimum to rounding
+        t_lo = t_hi
+    else:
+        t_lo, gap = t_hi, t_hi - t_0
+        while True:
+            gap *= 0.5
+            t = t_0 + gap
+            if t <= t_0 or t >= t_lo:
+                break
+            if excess(t) > 0:
+                t_lo = t
+                break
             t_hi = t
-        else:
-            t_lo = t
-    b = _bandwidth_for_rate(snr_hz, upload_bits / (t_hi - compute_s))
-    if not np.all(np.isfinite(b)) or np.sum(b) > total_hz * (1 + 1e-9):
-        b = eq.copy()  # numerical fall-back: equal share is always feasible
-    b = b * (total_hz / np.sum(b))
+    if t_lo < t_hi:
+        t_star = brentq(excess, t_lo, t_hi, xtol=1e-300, rtol=4.0 * np.finfo(float).eps, maxiter=500)
+    else:
+        t_star = t_hi
+    b = shares(t_star)
+    b[~np.isfinite(b)] = 0.0
+    return _close_budget(b, comp, bits, gamma, total_hz, sends)
+
+
+def _close_budget(b: np.ndarray, comp: np.ndarray, bits: np.ndarray, gamma: np.ndarray, total_hz: float,
+                  sends: np.ndarray) -> np.ndarray:
+    """Give ``total_hz - sum(b)`` (root-finding rounding) to the sending device whose latency
+    changes least per hertz, |dT_k/db_k| = S_k R_k'(b_k) / R_k(b_k)^2 with
+    R'(b) = (ln(1 + x) - x/(1 + x)) / ln 2, x = gamma / b; in proportion to b if that would
+    leave it without bandwidth."""
+    b = b.copy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = gamma / b
+        rate = _rate_bps(gamma, b)
+        slope = bits * (np.log1p(x) - x / (1.0 + x)) / _LN2 / rate**2
+    slope = np.where(sends & (b > 0) & np.isfinite(slope), slope, np.inf)
+    k = int(np.argmin(slope))
+    rest = total_hz - (np.sum(b) - b[k])
+    if np.isfinite(slope[k]) and rest > 0:
+        b[k] = rest
+    elif np.sum(b) > 0:
+        b = b * (total_hz / np.sum(b))
+    else:
+        b = np.where(sends, total_hz / np.count_nonzero(sends), 0.0)
     return b
 
 
@@ -329,10 +455,11 @@ def jbba(inst: Instance, iterations: int = 60, step: float = 0.5) -> Allocation:
     for t in range(iterations):
         lat = inst.latency_matrix(offer)
         finite = np.isfinite(lat)
-        cost = np.where(finite, lam[:, None] * np.where(finite, lat, 0.0), _BIG)
-        rows, cols = linear_sum_assignment(cost)
-        if np.any(cost[rows, cols] >= _BIG):
+        cost = np.where(finite, lam[:, None] * np.where(finite, lat, 0.0), np.inf)
+        found = _assignment(cost)
+        if found is None:
             break
+        rows, cols = found
         dev = np.full(n_blk, -1, dtype=int)
         dev[cols] = rows
         # closed-form bandwidth for the involved devices
@@ -363,10 +490,11 @@ def jbba(inst: Instance, iterations: int = 60, step: float = 0.5) -> Allocation:
 # --------------------------------------------------------------------------------------------
 def random_allocation(inst: Instance, rng: np.random.Generator) -> Allocation:
     """A random memory-feasible matching (Hungarian on i.i.d. uniform costs), B/N each."""
-    cost = np.where(inst.memory_ok, rng.random((inst.num_devices, inst.num_blocks)), _BIG)
-    rows, cols = linear_sum_assignment(cost)
-    if np.any(cost[rows, cols] >= _BIG):
-        raise InfeasibleError("no memory-feasible matching")
+    cost = np.where(inst.memory_ok, rng.random((inst.num_devices, inst.num_blocks)), np.inf)
+    found = _assignment(cost)
+    if found is None:
+        raise InfeasibleError("no memory-feasible matching of every block to a distinct device")
+    rows, cols = found
     dev = np.empty(inst.num_blocks, dtype=int)
     dev[cols] = rows
     b = _only_involved(inst, dev, equal_bandwidth_hz(inst, inst.num_blocks))
@@ -406,14 +534,14 @@ def depth_unaware(inst: Instance) -> Allocation:
     n_blk = inst.num_blocks
     # depth-oblivious hand-out: position order, repaired for memory by an assignment
     cost = np.abs(np.arange(n_blk)[:, None] - np.arange(n_blk)[None, :]).astype(float)
-    cost = np.where(inst.memory_ok[chosen], cost, _BIG)
-    rows, cols = linear_sum_assignment(cost)
-    if np.any(cost[rows, cols] >= _BIG):  # chosen set cannot hold all blocks: use all devices
-        cost_all = np.where(inst.memory_ok, np.abs(np.arange(inst.num_devices)[:, None] - np.arange(n_blk)[None, :]), _BIG)
-        rows, cols = linear_sum_assignment(cost_all)
-        if np.any(cost_all[rows, cols] >= _BIG):
-            raise InfeasibleError("no memory-feasible matching")
+    found = _assignment(np.where(inst.memory_ok[chosen], cost, np.inf))
+    if found is None:  # chosen set cannot hold all blocks: use all devices
+        cost_all = np.abs(np.arange(inst.num_devices)[:, None] - np.arange(n_blk)[None, :]).astype(float)
+        found = _assignment(np.where(inst.memory_ok, cost_all, np.inf))
+        if found is None:
+            raise InfeasibleError("no memory-feasible matching of every block to a distinct device")
         chosen = np.arange(inst.num_devices)
+    rows, cols = found
     dev = np.empty(n_blk, dtype=int)
     dev[cols] = chosen[rows]
     b = _only_involved(inst, dev, offer)

@@ -128,3 +128,131 @@ def test_greedy_gives_the_deepest_block_to_the_fastest_device():
                     upload_bits=np.ones(2), snr_hz=np.full(3, 1e12), bandwidth_hz=1e6,
                     compute_flops_per_s=np.array([1.0, 2.0, 4.0]))
     assert allocate("greedy", inst).device_of_block.tolist() == [1, 2]
+
+
+# ------------------------------------------------------------------ infeasibility marker
+def test_crunch_with_latencies_beyond_1e30_and_infeasible_pairs_equals_brute_force():
+    """np.inf is the only infeasibility marker: finite latencies of any size (here 1e28..1e34,
+    i.e. above the 1e30 once used as infinity) are never confused with infeasible pairs."""
+    rng = np.random.default_rng(11)
+    solved = 0
+    for i in range(600):
+        k = int(rng.integers(1, 6))
+        n = int(rng.integers(1, k + 1))
+        lat = 10.0 ** rng.uniform(28, 34, size=(k, n))
+        if i % 2 == 0:
+            lat = np.sort(lat, axis=1)  # nested (Hall-count) path
+        lat[rng.random((k, n)) < 0.3] = np.inf
+        best = brute_force_minmax(lat)
+        if not np.isfinite(best):
+            with pytest.raises(InfeasibleError, match="device"):
+                crunch_matching(lat)
+            continue
+        dev, value, _ = crunch_matching(lat)
+        assert value == best
+        assert all(np.isfinite(lat[kk, j]) for j, kk in enumerate(dev))
+        check_matching(lat, dev, best)
+        solved += 1
+    assert solved >= 150
+
+
+def test_the_case_a_finite_big_number_used_to_break():
+    # device 0 can only do block 1 (latency 1e31); device 1 can do both. With 1e30 standing for
+    # infinity, block 0 looked cheaper than block 1 for device 0.
+    lat = np.array([[np.inf, 1e31], [5.0, 2e31]])
+    dev, value, info = crunch_matching(lat)
+    assert dev.tolist() == [1, 0] and value == 1e31
+
+
+def test_no_feasible_matching_is_a_clear_error_for_every_algorithm():
+    inst = Instance(compute_s=np.ones((2, 2)), memory_ok=np.array([[True, False], [True, False]]),
+                    upload_bits=np.ones(2), snr_hz=np.full(2, 1e9), bandwidth_hz=1e6,
+                    compute_flops_per_s=np.ones(2))
+    for name in ("crunch", "jbba", "random", "greedy", "depth_unaware", "equal_bandwidth"):
+        with pytest.raises(InfeasibleError):
+            allocate(name, inst, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="NaN"):
+        crunch_matching(np.array([[np.nan, 1.0]]))
+
+
+def test_hungarian_baselines_respect_infeasible_pairs_with_huge_latencies():
+    rng = np.random.default_rng(12)
+    for _ in range(50):
+        inst = random_instance(rng, k=5, n=3)
+        inst = Instance(compute_s=inst.compute_s * 1e32, memory_ok=inst.memory_ok, upload_bits=inst.upload_bits,
+                        snr_hz=inst.snr_hz, bandwidth_hz=inst.bandwidth_hz,
+                        compute_flops_per_s=inst.compute_flops_per_s)
+        try:
+            crunch(inst)
+        except InfeasibleError:
+            continue
+        for name in ("jbba", "random", "depth_unaware"):
+            alloc = allocate(name, inst, rng=np.random.default_rng(0), **({"iterations": 3} if name == "jbba" else {}))
+            assert all(inst.memory_ok[k, j] for j, k in enumerate(alloc.device_of_block))
+
+
+# ------------------------------------------------------------------ min-max split at extreme SNRs
+LN2 = np.log(2.0)
+
+
+def _latencies(comp, bits, gamma, b):
+    return comp + bits * LN2 / (b * np.log1p(gamma / b))
+
+
+def _reference_minmax_latency(comp, bits, gamma, total_hz):
+    """Independent reference: bisection on T (200 steps), inside it bisection on ln b (200 steps)
+    of R(b) = b ln(1 + gamma/b)/ln 2 = S / (T - C); no closed form, no Newton."""
+    def band(g, r):
+        lo, hi = -700.0, 700.0
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if np.exp(mid) * np.log1p(g / np.exp(mid)) / LN2 < r:
+                lo = mid
+            else:
+                hi = mid
+        return np.exp(0.5 * (lo + hi))
+
+    lo = float(np.max(comp + bits * LN2 / gamma))
+    hi = float(np.max(_latencies(comp, bits, gamma, np.full(len(comp), total_hz / len(comp)))))
+    for _ in range(200):
+        t = 0.5 * (lo + hi)
+        rates = bits / (t - comp)
+        need = sum(np.inf if r >= g / LN2 else band(g, r) for g, r in zip(gamma, rates))
+        lo, hi = (t, hi) if need > total_hz else (lo, t)
+    return 0.5 * (lo + hi)
+
+
+@pytest.mark.parametrize("snr_db", [[-80, -80, -80], [-80, -60, -40], [-45, -40, -50], [-20, 0, 20],
+                                    [40, 60, 50], [60, 60, 60], [-80, 0, 60], [-80, 60]])
+def test_minmax_bandwidth_equalises_latencies_at_extreme_snr(snr_db):
+    """SNR per equal share from -80 dB (deep in the wideband regime, where the Lambert-W form
+    lost every digit) to +60 dB: the latencies are equal and equal to the reference optimum.
+    The optimum T is well conditioned (relative error ~ eps of the inputs), so 1e-12 is a
+    tolerance of the maths, not of one libm."""
+    total = 10e6
+    m = len(snr_db)
+    gamma = 10.0 ** (np.array(snr_db) / 10.0) * total / m
+    comp = np.array([0.1, 0.3, 0.05][:m])
+    bits = np.array([2e6, 1e6, 3e6][:m])
+    b = minmax_bandwidth(comp, bits, gamma, total)
+    assert np.all(b > 0)
+    assert b.sum() == pytest.approx(total, rel=1e-12)
+    t = _latencies(comp, bits, gamma, b)
+    ref = _reference_minmax_latency(comp, bits, gamma, total)
+    assert np.ptp(t) <= 1e-12 * t.max()
+    np.testing.assert_allclose(t, ref, rtol=1e-12)
+    # and never worse than the equal split
+    eq = _latencies(comp, bits, gamma, np.full(m, total / m))
+    assert t.max() <= eq.max() * (1 + 1e-15)
+
+
+def test_share_snr_inverse_across_the_range():
+    from netsim.lola.allocation import share_snr_for_efficiency
+
+    x = 10.0 ** np.linspace(-9, 9, 73)
+    a = np.log1p(x) / x
+    got = share_snr_for_efficiency(a)
+    # conditioning: d ln x / d ln a ~ 1/(1 - a) near a = 1, so the reachable relative error is
+    # ~ eps / (1 - a) there, and a few eps elsewhere
+    tol = 8 * np.finfo(float).eps * (1 + 1 / np.maximum(1 - a, 1e-300) + np.abs(np.log(x)))
+    assert np.all(np.abs(got / x - 1) <= tol)

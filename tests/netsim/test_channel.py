@@ -97,3 +97,69 @@ def test_link_snr_scales_with_bandwidth_and_no_fading():
     link = Link(1e-10, 0.2, BlockFading("none", 0.01, np.random.default_rng(0)), ch)
     assert link.snr(0, 1e6) == pytest.approx(2 * link.snr(0, 2e6))
     assert 10 * math.log10(link.snr(7, 1e6)) == pytest.approx(link.mean_snr_db(1e6))
+
+
+# ------------------------------------------------------------------ bounded transfers
+def _link(gain=1e-11, power=0.2, kind="rayleigh", name="uplink dev7->edge0"):
+    return Link(gain, power, BlockFading(kind, 0.01, np.random.default_rng(3)), ChannelSpec(fading=kind), name=name)
+
+
+@pytest.mark.parametrize("bandwidth_hz", [0.0, -1.0, math.nan, math.inf])
+def test_bad_bandwidth_is_an_error_naming_the_link(bandwidth_hz):
+    with pytest.raises(ValueError, match=r"uplink dev7->edge0.*bandwidth_hz=.*size_bits=8000"):
+        _link().transfer_duration_s(8000.0, 0.0, bandwidth_hz)
+
+
+@pytest.mark.parametrize("size_bits", [math.nan, math.inf, -1.0])
+def test_bad_size_is_an_error(size_bits):
+    with pytest.raises(ValueError, match=r"uplink dev7->edge0: size_bits="):
+        _link().transfer_duration_s(size_bits, 0.0, 1e6)
+
+
+@pytest.mark.parametrize("kind", ["rayleigh", "none"])
+@pytest.mark.parametrize("gain,power", [(math.nan, 0.2), (1e-300, 1e-300), (0.0, 0.2), (1e-11, math.inf)])
+def test_zero_or_nan_rate_raises_at_once_instead_of_looping(kind, gain, power):
+    """A zero, NaN or infinite rate (from absurd floats) is a clear error naming the link, the
+    size and the rate, before any block is walked (so in bounded time, however the rate came
+    about)."""
+    with pytest.raises(ValueError, match=r"uplink dev7->edge0: cannot send size_bits=8000000.0: rate .* bit/s"):
+        _link(gain, power, kind).transfer_duration_s(8e6, 0.0, 1e6)
+
+
+def test_transfer_needing_more_than_the_block_cap_raises_naming_the_rate():
+    # mean rate 1 bit/s, T_c = 10 ms: 1e3 bits need 1e5 blocks > a cap of 1e4
+    with pytest.raises(ValueError, match=r"rate 1.0 bit/s .* more than 10000 coherence blocks"):
+        transfer_duration_s(1e3, 0.0, 0.01, lambda b: 1.0, lambda b, n: np.ones(n), mean_rate_bps=1.0,
+                            max_blocks=10_000, link_name="l")
+    # without the up-front estimate the walk itself stops at the cap (scalar and vectorised)
+    with pytest.raises(ValueError, match=r"rate 0.0 bit/s .*unfinished after 1000 coherence blocks"):
+        transfer_duration_s(1e3, 0.0, 0.01, lambda b: 0.0, max_blocks=1000, link_name="l")
+    with pytest.raises(ValueError, match=r"unfinished after 100000 coherence blocks"):
+        transfer_duration_s(1e3, 0.0, 0.01, lambda b: 0.0, lambda b, n: np.zeros(n), max_blocks=100_000,
+                            link_name="l")
+    # under the cap it is S / R exactly
+    assert transfer_duration_s(50.0, 0.0, 0.01, lambda b: 1.0, lambda b, n: np.ones(n), mean_rate_bps=1.0,
+                               max_blocks=10_000) == pytest.approx(50.0)
+
+
+def test_nan_rate_in_a_later_block_raises():
+    rates = lambda b, n: np.where(np.arange(b, b + n) == 100, math.nan, 1e3)  # noqa: E731
+    with pytest.raises(ValueError, match=r"rate nan bit/s in coherence block 100"):
+        transfer_duration_s(1e6, 0.0, 0.01, lambda b: 1e3, rates, link_name="l")
+
+
+def test_a_deep_fade_with_rate_zero_sends_nothing_in_that_block():
+    rates = {0: 0.0, 1: 0.0, 2: 1000.0}
+    assert transfer_duration_s(500.0, 0.0, 1.0, lambda b: rates[b]) == pytest.approx(2.5)
+
+
+def test_network_links_are_named():
+    from netsim import Network
+    from netsim.scenario import Scenario
+
+    sc = Scenario.model_validate({"trainer": "fake", "devices": [{"count": 3}], "d2d": {"kind": "knn", "k": 1}})
+    net = Network(sc, 0)
+    assert net.devices[2].uplink.name == "uplink dev2->edge0"
+    assert net.devices[2].downlink.name == "downlink edge0->dev2"
+    i, j = next(iter(net.d2d.edges))
+    assert net.d2d.edges[i, j]["link"].name == f"sidelink dev{min(i, j)}-dev{max(i, j)}"
