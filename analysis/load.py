@@ -1,25 +1,29 @@
-"""Load one results folder, or many, into DataFrames."""
+"""Load one results folder, or many, into DataFrames.
+
+Every reader raises :class:`analysis.files.ReportError` naming the file when it is missing,
+truncated or malformed (never a raw OSError, JSON or Parquet error)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Union
 
 import pandas as pd
 
+from .files import read_events, read_json
+
 PathLike = Union[str, Path]
 
 
 def load_events(run_dir: PathLike) -> pd.DataFrame:
-    """The event log of one run (one row per event)."""
-    return pd.read_parquet(Path(run_dir) / "events.parquet")
+    """The event log of one run (one row per event; ``events.parquet``)."""
+    return read_events(Path(run_dir))
 
 
 def load_run(run_dir: PathLike) -> tuple[pd.DataFrame, dict, dict]:
     """(events, summary, scenario) of one results folder."""
     run_dir = Path(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    scenario = json.loads((run_dir / "scenario.json").read_text())
+    summary = read_json(run_dir / "summary.json", what="run summary")
+    scenario = read_json(run_dir / "scenario.json", what="resolved scenario")
     return load_events(run_dir), summary, scenario
 
 

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+import re
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -37,10 +38,21 @@ def accuracy_energy_curve(events: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"round": curve["round"], "energy_j": spent[idx], "accuracy": curve["accuracy"]})
 
 
-def energy_per_device_j(events: pd.DataFrame) -> pd.Series:
-    """Total energy charged to each device (sum over its events) [J]."""
-    dev = events[events["node"].str.startswith("dev")]
-    return dev.groupby("node", sort=False)["energy_j"].sum()
+def natural_key(name: str) -> tuple:
+    """Sort key that orders embedded numbers by value: ``dev2`` before ``dev10``."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", str(name)) if part)
+
+
+def energy_per_device_j(events: pd.DataFrame, devices: Optional[Sequence[str]] = None) -> pd.Series:
+    """Total energy charged to each device (sum over its events) [J], in natural order of the
+    names (``dev0, dev1, ..., dev10``). ``devices``: every device of the run, so that a device
+    with no event (never selected) is listed with 0 J; devices with events but not in
+    ``devices`` are kept too."""
+    dev = events[events["node"].astype(str).str.startswith("dev")]
+    sums = dev.groupby("node", sort=False)["energy_j"].sum()
+    names = set(sums.index) | set(devices or ())
+    order = sorted(names, key=natural_key)
+    return sums.reindex(order, fill_value=0.0).astype(float).rename_axis("node")
 
 
 def round_breakdown(events: pd.DataFrame) -> pd.DataFrame:
@@ -61,13 +73,17 @@ def round_breakdown(events: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarize(events: pd.DataFrame, *, num_classes: int, stop_reason: str, target_accuracy: Optional[float],
-              memory_exceeded_devices: Optional[list] = None) -> dict:
-    """Headline metrics of one run (what ``summary.json`` holds)."""
+              memory_exceeded_devices: Optional[list] = None, devices: Optional[Sequence[str]] = None) -> dict:
+    """Headline metrics of one run (what ``summary.json`` holds).
+
+    ``energy_per_device_j`` lists every device in natural order (``dev0, dev1, ..., dev10``):
+    those in ``devices`` (every device of the run; a device never selected has 0 J) and every
+    device with an event. ``mean_device_energy_j`` is the mean over that same list."""
     curve = accuracy_curve(events)
     initial = float(curve["accuracy"].iloc[0])
     final = float(curve["accuracy"].iloc[-1])
     chance = 1.0 / num_classes
-    energy = energy_per_device_j(events)
+    energy = energy_per_device_j(events, devices)
     dev = events[events["kind"].isin(DEVICE_KINDS)]
     seconds = dev.groupby("kind")["duration_s"].sum().reindex(list(DEVICE_KINDS), fill_value=0.0)
     busy_total = float(seconds.sum())
@@ -146,10 +162,21 @@ def latency_breakdown(events: pd.DataFrame) -> pd.DataFrame:
     return out[["round", "latency_s", *LATENCY_PARTS, "devices"]]
 
 
-def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float, int]:
-    """(mean, lower, upper, n) of the finite values: Student-t confidence interval of the mean
-    (NaN bounds for fewer than two values)."""
-    import numpy as np
+MIN_CI_SAMPLES = 3
+"""Fewest values for a Student-t interval: with 2 values the 95 % half-width is 12.7 standard
+errors (t_{0.975,1} = 12.706), wider than any range the values could span, so the report shows the
+range (min, max) instead."""
+
+
+def mean_ci(values, confidence: float = 0.95, *, min_n: int = 2,
+            bounds: tuple[Optional[float], Optional[float]] = (None, None)) -> tuple[float, float, float, int]:
+    """(mean, lower, upper, n) of the finite values: Student-t confidence interval of the mean,
+    mean -+ t_{(1+confidence)/2, n-1} s / sqrt(n) with s the sample standard deviation.
+
+    NaN bounds for fewer than ``min_n`` values (at least 2: one value has no spread). ``bounds``
+    (low, high) clips the interval to the metric's possible range (``(0, 1)`` for an
+    accuracy or a share, ``(0, None)`` for times and energies): the mean of values inside the
+    range lies in it, and so does the true mean."""
     from scipy import stats
 
     x = np.asarray([v for v in values if v is not None], dtype=float)
@@ -158,16 +185,99 @@ def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, float, int]
     if n == 0:
         return math.nan, math.nan, math.nan, 0
     m = float(x.mean())
-    if n < 2:
+    if n < max(2, min_n):
         return m, math.nan, math.nan, n
     half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
-    return m, m - half, m + half, n
+    low, high = m - half, m + half
+    if bounds[0] is not None:
+        low = max(low, float(bounds[0]))
+    if bounds[1] is not None:
+        high = min(high, float(bounds[1]))
+    return m, low, high, n
+
+
+def seed_spread(values, *, bounds: tuple[Optional[float], Optional[float]] = (None, None),
+                confidence: float = 0.95) -> dict:
+    """What the report shows of a metric over seeds: ``mean``, ``n``, ``min``, ``max`` and either
+    a Student-t interval (``kind = "ci"``, :data:`MIN_CI_SAMPLES` or more values, clipped to
+    ``bounds``) or the range of the values (``kind = "range"``, 2 values), or nothing (``kind =
+    "single"``/``"none"``, 1 or 0 values). ``low``/``high`` are the bounds drawn as error bars."""
+    x = np.asarray([v for v in values if v is not None], dtype=float)
+    x = x[np.isfinite(x)]
+    n = int(x.size)
+    if n == 0:
+        return {"mean": math.nan, "n": 0, "min": math.nan, "max": math.nan, "low": math.nan, "high": math.nan,
+                "kind": "none"}
+    out = {"mean": float(x.mean()), "n": n, "min": float(x.min()), "max": float(x.max())}
+    if n >= MIN_CI_SAMPLES:
+        _, low, high, _ = mean_ci(x.tolist(), confidence, min_n=MIN_CI_SAMPLES, bounds=bounds)
+        return {**out, "low": low, "high": high, "kind": "ci"}
+    if n == 2:
+        return {**out, "low": out["min"], "high": out["max"], "kind": "range"}
+    return {**out, "low": math.nan, "high": math.nan, "kind": "single"}
+
+
+def spread_text(spread: dict, digits: int = 4) -> str:
+    """One table cell: ``95% CI [a, b] (n=5)``, ``n=2: range [a, b]``, ``n=1`` or ``-``."""
+    f = f"{{:.{digits}g}}"
+    if spread["kind"] == "ci":
+        return f"95% CI [{f.format(spread['low'])}, {f.format(spread['high'])}] (n={spread['n']})"
+    if spread["kind"] == "range":
+        return f"n=2 (too few seeds for a CI): range [{f.format(spread['min'])}, {f.format(spread['max'])}]"
+    if spread["kind"] == "single":
+        return "n=1 (one seed)"
+    return "–"
+
+
+BOUNDED = {"accuracy": (0.0, 1.0), "share": (0.0, 1.0), "ratio": (0.0, 1.0), "nmse": (0.0, None),
+           "_s": (0.0, None), "_j": (0.0, None), "_bytes": (0.0, None), "_hz": (0.0, None)}
+
+
+def metric_bounds(name: str) -> tuple[Optional[float], Optional[float]]:
+    """Possible range of a metric from its name: accuracies, shares and ratios in [0, 1]; times
+    (``_s``), energies (``_j``), NMSE, sizes and bandwidths >= 0; anything else unbounded. A
+    ratio of two times (``latency_ratio_...``) is only >= 0."""
+    leaf = name.split(".")[-1]
+    if "accuracy" in leaf and not leaf.endswith(("_s", "_j")):
+        return 0.0, 1.0
+    if leaf.endswith("_share") or leaf.endswith("truncation_ratio") or leaf in ("compute_share", "communication_share"):
+        return 0.0, 1.0
+    if leaf.startswith("latency_ratio") or "nmse" in leaf or "mse" in leaf:
+        return 0.0, None
+    for suffix in ("_s", "_j", "_bytes", "_hz", "_w"):
+        if leaf.endswith(suffix):
+            return 0.0, None
+    return None, None
+
+
+def choose_target(best_accuracies: Iterable[float], stop_targets: Iterable[Optional[float]],
+                  given: Optional[float] = None) -> tuple[float, str]:
+    """The accuracy for time- and energy-to-accuracy, and where it comes from: the one function
+    :func:`analysis.load_sweep` and ``deftsim report`` both call.
+
+    ``given`` if set; else the runs' common ``stop.target_accuracy`` if every run has the same one
+    and some run reached it; else 90 % of the median best accuracy over runs (rounded down to
+    0.01)."""
+    if given is not None:
+        return float(given), "given with --target"
+    best = np.asarray([b for b in best_accuracies if b is not None], dtype=float)
+    best = best[np.isfinite(best)]
+    if best.size == 0:
+        raise ValueError("no finished run with an accuracy to choose a target accuracy from")
+    value = math.floor(0.9 * float(np.median(best)) * 100) / 100
+    targets = set(stop_targets)
+    if len(targets) == 1 and None not in targets:
+        common = float(targets.pop())
+        if (best >= common).any():
+            return common, "the scenarios' stop.target_accuracy"
+        return value, (f"90 % of the median best accuracy over runs: no run reached the scenarios' "
+                       f"stop.target_accuracy {common:g}; set another with --target")
+    return value, "90 % of the median best accuracy over runs (no common stop.target_accuracy; set --target)"
 
 
 def pareto_mask(frame: pd.DataFrame, maximize: list[str], minimize: list[str]) -> pd.Series:
     """True for the rows no other row dominates (at least as good in every objective, better in
     one). Rows with a missing objective are never on the front."""
-    import numpy as np
 
     cols = list(maximize) + list(minimize)
     values = np.array(frame[cols].astype(float).to_numpy(), dtype=float, copy=True)

@@ -1,0 +1,177 @@
+"""Runs of experiments that compare several variants inside one run, as tidy tables.
+
+=====================  ==========================  ==============================================
+experiment             a variant is                metrics per variant (``summary.json``)
+=====================  ==========================  ==============================================
+``lola_compare``       an allocation algorithm     mean / p95 / planned round latency [s]; final
+                                                   accuracy and accuracy vs. time of the
+                                                   algorithms trained (``lola.train_rounds > 0``)
+``aircomp_vs_ofdma``   an uplink (``ofdma``,       uplink air time per round, final accuracy,
+                       ``aircomp``) at K devices   simulated time, device and uplink energy, and
+                       per round                   (AirComp) NMSE and receive SNR
+``neural_aircomp``     a connection: ``digital``   final and best accuracy, simulated time,
+                       or AirComp at an SNR        uplink time per step, NMSE, receive SNR
+=====================  ==========================  ==============================================
+
+:func:`variant_rows` turns one ``summary.json`` into one row per variant; :func:`variant_curves`
+gives each variant's accuracy curve (from the event log's ``uplink_access``/``device_count`` or
+``variant`` columns, or from ``summary.json``'s ``accuracy_vs_time``). Reads files only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import pandas as pd
+
+from .files import ReportError
+from .metrics import accuracy_curve, energy_to_accuracy_j, time_to_accuracy_s
+
+
+@dataclass(frozen=True)
+class ExperimentView:
+    """How the report draws one experiment's variants."""
+    experiment: str
+    variant_name: str        # what a variant is, for captions
+    series: str              # column of the series (lines/bars) within a run
+    axis: Optional[str]      # numeric column along which a series moves (None: variants are categories)
+    metrics: tuple[str, ...]  # metric columns drawn, in order
+
+
+VIEWS = {
+    "lola_compare": ExperimentView("lola_compare", "allocation algorithm", "algorithm", None,
+                                   ("mean_round_latency_s", "p95_round_latency_s", "final_accuracy",
+                                    "time_to_target_s")),
+    "aircomp_vs_ofdma": ExperimentView("aircomp_vs_ofdma", "uplink at K devices per round", "uplink",
+                                       "device_count",
+                                       ("aggregation_latency_s", "final_accuracy", "total_device_energy_j",
+                                        "aircomp.mean_nmse", "time_to_target_s", "energy_to_target_j")),
+    "neural_aircomp": ExperimentView("neural_aircomp", "connection (digital, or AirComp at a receive SNR)",
+                                     "variant", None,
+                                     ("final_accuracy", "best_accuracy", "aircomp.mean_nmse", "mean_uplink_s",
+                                      "sim_time_s", "time_to_target_s")),
+}
+"""The experiments with several variants per run."""
+
+
+def _num(value) -> float:
+    if isinstance(value, bool) or value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _mapping(summary: dict, key: str, where: str) -> dict:
+    value = summary.get(key)
+    if not isinstance(value, dict):
+        raise ReportError(f"{where}: '{key}' must be a mapping (the summary.json is not one of a complete "
+                          f"{summary.get('experiment')} run)")
+    return value
+
+
+def _lola_rows(summary: dict, where: str) -> list[dict]:
+    lat = _mapping(summary, "mean_round_latency_s", where)
+    alloc = summary.get("allocations") if isinstance(summary.get("allocations"), dict) else {}
+    acc = summary.get("final_accuracy") if isinstance(summary.get("final_accuracy"), dict) else {}
+    rows = []
+    for name, value in lat.items():
+        a = alloc.get(name) if isinstance(alloc.get(name), dict) else {}
+        rows.append({"variant": str(name), "algorithm": str(name), "mean_round_latency_s": _num(value),
+                     "p95_round_latency_s": _num(a.get("p95_round_latency_s")),
+                     "planned_latency_s": _num(a.get("planned_latency_s")),
+                     "final_accuracy": _num(acc.get(name))})
+    return rows
+
+
+def _aircomp_rows(summary: dict, where: str) -> list[dict]:
+    runs = _mapping(summary, "runs", where)
+    lat = summary.get("aggregation_latency_s") if isinstance(summary.get("aggregation_latency_s"), dict) else {}
+    rows = []
+    for uplink, per_k in runs.items():
+        if not isinstance(per_k, dict):
+            raise ReportError(f"{where}: runs.{uplink} must be a mapping of device counts")
+        for k, run in per_k.items():
+            run = run if isinstance(run, dict) else {}
+            air = run.get("aircomp") if isinstance(run.get("aircomp"), dict) else {}
+            rows.append({"variant": f"{uplink} K={k}", "uplink": str(uplink), "device_count": _num(k),
+                         "aggregation_latency_s": _num((lat.get(uplink) or {}).get(k)
+                                                       if isinstance(lat.get(uplink), dict) else None),
+                         **{m: _num(run.get(m)) for m in ("final_accuracy", "best_accuracy", "initial_accuracy",
+                                                           "sim_time_s", "total_device_energy_j",
+                                                           "uplink_energy_j", "rounds_completed")},
+                         "aircomp.mean_nmse": _num(air.get("mean_nmse")),
+                         "aircomp.mean_receive_snr_db": _num(air.get("mean_receive_snr_db"))})
+    rows.sort(key=lambda r: (r["uplink"] != "ofdma", r["device_count"]))
+    return rows
+
+
+def _neural_rows(summary: dict, where: str) -> list[dict]:
+    runs = _mapping(summary, "runs", where)
+    listed = summary.get("variants") if isinstance(summary.get("variants"), list) else []
+    names = [n for n in listed if n in runs] + [n for n in runs if n not in listed]  # the experiment's order
+    rows = []
+    for name in names:
+        run = runs[name] if isinstance(runs[name], dict) else {}
+        air = run.get("aircomp") if isinstance(run.get("aircomp"), dict) else {}
+        rows.append({"variant": str(name), "uplink": str(run.get("uplink", "")),
+                     "receive_snr_db": _num(run.get("receive_snr_db")),
+                     **{m: _num(run.get(m)) for m in ("final_accuracy", "best_accuracy", "initial_accuracy",
+                                                       "sim_time_s", "mean_uplink_s", "uplink_energy_j", "steps")},
+                     "aircomp.mean_nmse": _num(air.get("mean_nmse")),
+                     "aircomp.mean_receive_snr_db": _num(air.get("mean_receive_snr_db"))})
+    return rows
+
+
+_ROWS = {"lola_compare": _lola_rows, "aircomp_vs_ofdma": _aircomp_rows, "neural_aircomp": _neural_rows}
+
+
+def variant_rows(summary: dict, where: str = "summary.json") -> list[dict]:
+    """One dict per variant of a multi-variant experiment's ``summary.json`` (see the module
+    table); ``where`` names the file in errors."""
+    experiment = summary.get("experiment")
+    if experiment not in _ROWS:
+        raise ReportError(f"{where}: experiment {str(experiment)[:40]!r} has no variants to report")
+    return _ROWS[experiment](summary, where)
+
+
+def variant_curves(summary: dict, events: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, Optional[pd.DataFrame]]]:
+    """Variant -> (accuracy curve with columns ``t_s, accuracy``, the variant's events or None).
+
+    ``aircomp_vs_ofdma``: the events of each (``uplink_access``, ``device_count``);
+    ``neural_aircomp``: of each ``variant``; ``lola_compare``: ``summary.json``'s
+    ``accuracy_vs_time`` (only with ``lola.train_rounds > 0``; no events: the LoLa event log
+    holds the simulated rounds, not the training)."""
+    experiment = summary.get("experiment")
+    out: dict[str, tuple[pd.DataFrame, Optional[pd.DataFrame]]] = {}
+    if experiment == "aircomp_vs_ofdma" and {"uplink_access", "device_count"} <= set(events.columns):
+        for (uplink, k), ev in events.groupby(["uplink_access", "device_count"], sort=False):
+            out[f"{uplink} K={k}"] = (accuracy_curve(ev)[["t_s", "accuracy"]].reset_index(drop=True), ev)
+    elif experiment == "neural_aircomp" and "variant" in events.columns:
+        for name, ev in events.groupby("variant", sort=False):
+            out[str(name)] = (accuracy_curve(ev)[["t_s", "accuracy"]].reset_index(drop=True), ev)
+    elif experiment == "lola_compare" and isinstance(summary.get("accuracy_vs_time"), dict):
+        for name, points in summary["accuracy_vs_time"].items():
+            try:
+                frame = pd.DataFrame([[float(t), float(a)] for t, a in points], columns=["t_s", "accuracy"])
+            except (TypeError, ValueError):
+                raise ReportError(f"summary.json: accuracy_vs_time.{str(name)[:40]} must be a list of "
+                                  "[t_s, accuracy] pairs") from None
+            out[str(name)] = (frame, None)
+    return out
+
+
+def curve_time_to(curve: pd.DataFrame, target: float) -> Optional[float]:
+    """First time a curve (``t_s``, ``accuracy``) reached ``target`` (None if never) [s]."""
+    hit = curve[curve["accuracy"] >= target]
+    return None if hit.empty else float(hit["t_s"].iloc[0])
+
+
+def variant_target_metrics(curve: pd.DataFrame, events: Optional[pd.DataFrame], target: float) -> dict:
+    """Time-to-target (from the curve or the events) and energy-to-target (events only)."""
+    t = time_to_accuracy_s(events, target) if events is not None else curve_time_to(curve, target)
+    e = energy_to_accuracy_j(events, target) if events is not None else None
+    return {"time_to_target_s": math.nan if t is None else t, "energy_to_target_j": math.nan if e is None else e,
+            "target_reached": t is not None}
