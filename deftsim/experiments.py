@@ -97,6 +97,57 @@ def progress_total(scenario: Scenario) -> Optional[int]:
     return None
 
 
+@dataclass(frozen=True)
+class PlannedWork:
+    """What a run will compute for real (``deftsim run --dry-run``): upper bounds, since a run
+    may stop early (``stop.target_accuracy``, ``stop.horizon_s``)."""
+
+    device_steps: int   # optimizer steps of the real model (one device's batch each)
+    evaluations: int    # test-set evaluations
+    detail: str         # how the numbers are made up
+
+
+def _evaluations_every(steps: int, every: int) -> int:
+    """Evaluations of a run of ``steps`` steps evaluated at 0, every ``every`` steps and at the end."""
+    return 1 + steps // every + (1 if steps % every else 0)
+
+
+def planned_work(scenario: Scenario) -> PlannedWork:
+    """Count the real work of ``scenario`` without running it (the fake trainer's steps are
+    counted too: they are what its timeline simulates)."""
+    t, n = scenario.training, scenario.num_devices
+    if scenario.experiment == "fedavg":
+        k = t.devices_per_round or n
+        return PlannedWork(t.rounds * k * t.local_steps, t.rounds + 1,
+                           f"{t.rounds} rounds x {k} devices x {t.local_steps} local steps; "
+                           f"an evaluation before round 1 and after every round")
+    if scenario.experiment == "aircomp_vs_ofdma":
+        ks = sorted(set(scenario.aircomp.device_counts))
+        steps = 2 * t.rounds * t.local_steps * sum(ks)
+        return PlannedWork(steps, 2 * len(ks) * (t.rounds + 1),
+                           f"2 uplinks x K in {ks} x {t.rounds} rounds x K devices x {t.local_steps} local steps")
+    if scenario.experiment == "lola_compare":
+        from netsim.scenario import LolaSpec
+
+        lola = scenario.lola or LolaSpec()
+        trained = [a for a in lola.train_algorithms if a in lola.algorithms]
+        if lola.train_rounds == 0 or scenario.trainer != "real" or not trained:
+            return PlannedWork(0, 0, f"latency only: {len(lola.algorithms)} allocation algorithms x {lola.rounds} "
+                                     "simulated rounds, no real training (lola.train_rounds: 0 or trainer: fake)")
+        rounds = min(lola.train_rounds, lola.rounds)
+        per_round = [n if a == "offloading" else lola.num_blocks for a in trained]
+        return PlannedWork(rounds * lola.steps_per_round * sum(per_round), len(trained) * (rounds + 1),
+                           f"{rounds} rounds x {lola.steps_per_round} steps x (blocks or, for offloading, "
+                           f"at most {n} devices) for {trained}")
+    if scenario.experiment == "neural_aircomp":
+        from .neural_experiment import variants
+
+        spec, v = scenario.neural_aircomp, len(variants(scenario))
+        return PlannedWork(v * spec.steps * n, v * _evaluations_every(spec.steps, spec.eval_every_steps),
+                           f"{v} variants x {spec.steps} steps x {n} devices (each runs its segment)")
+    raise ValueError(f"experiment={scenario.experiment!r} has no work count")
+
+
 def get_experiment(name: str) -> Experiment:
     try:
         return EXPERIMENTS[name]

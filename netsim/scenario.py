@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 # Strict scalar types: a boolean or a string is never read as a number (YAML's ``yes`` is a
 # boolean), a float is never truncated to an integer, and (``allow_inf_nan=False`` on every
@@ -337,6 +337,12 @@ class AirCompSpec(Spec):
         default_factory=lambda: [5, 10, 20], min_length=1,
         description="experiment aircomp_vs_ofdma: devices per round K compared",
     )
+
+    @field_validator("receive_snr_db", mode="before")
+    @classmethod
+    def _inf_as_text(cls, value):
+        """``"inf"`` (how strict JSON files such as scenario.json write +infinity) means .inf."""
+        return float("inf") if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", ".inf") else value
 
     @model_validator(mode="after")
     def _snr_is_a_level(self):
