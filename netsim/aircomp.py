@@ -18,19 +18,30 @@ arrives with the same amplitude ``sqrt(rho0)``:
     p_{k,m} = \\sqrt{\\rho_0} / (\\sqrt{g_k}\\, \\tilde h_{k,m})  \\text{ if } |\\tilde h_{k,m}|^2 \\ge g_{th},
     \\text{ else } 0.
 
+Signal. Device k sends the real symbols u_kj = K a_k x_kj / s (value j on one sub-carrier of
+one OFDM symbol, in-phase axis), a_k the aggregation weights (sum 1 over scheduled devices), s
+the RMS of all K a_k x_kj (one scalar of side information, so the symbols have mean power 1
+over all devices, but device k's own mean power c_k = (1/q) sum_j u_kj^2 differs from 1 when the
+weights or update sizes differ, e.g. non-IID data sizes). What device k radiates on value j is
+|p_kj|^2 u_kj^2 = rho0 u_kj^2 / (g_k |h~_kj|^2) for one OFDM symbol time T_sym.
+
 rho0 (the common receive power per sub-carrier) is the largest value every scheduled device's
-power budget P_k allows (per-sub-carrier budget P_k / M):
+power budget P_k allows, counting its real symbol power (per-sub-carrier budget P_k / M, so
+that the M sub-carriers of a symbol together stay within P_k):
 
-* ``average`` (BAA): E[|p|^2] = rho0 E1(g_th) / g_k <= P_k / M, E1 the exponential integral,
-  so rho0 = min_k (P_k / M) g_k / E1(g_th);
-* ``peak``: |p|^2 <= rho0 / (g_k g_th) <= P_k / M for every symbol, rho0 = min_k (P_k/M) g_k g_th.
+* ``average`` (BAA): expected power per sub-carrier symbol, over the fading,
+  E[|p|^2] c_k = rho0 E1(g_th) c_k / g_k <= P_k / M, E1 the exponential integral, so
+  rho0 = min_k (P_k / M) g_k / (E1(g_th) c_k);
+* ``peak``: every symbol, |p|^2 u^2 <= rho0 max_j u_kj^2 / (g_k g_th) <= P_k / M, so
+  rho0 = min_k (P_k / M) g_k g_th / max_j u_kj^2.
 
-Both are limited by the weakest scheduled device (near-far problem): hence cell-interior
-scheduling (only devices within ``radius_m`` of the server transmit).
+The device with the largest c_k / (P_k g_k) (weight or update size against power and gain)
+meets its budget with equality; every other device stays below its own. Both are limited by
+the weakest scheduled device (near-far problem): hence cell-interior scheduling (only devices
+within ``radius_m`` of the server transmit). The energy each device is charged is what it
+radiates, E_k = T_sym sum_{j sent} rho0 u_kj^2 / (g_k |h~_kj|^2) (:func:`radiated_energy_j`).
 
-Signal. Device k sends the real symbols u_k = K a_k x_k / s (one real value per sub-carrier per
-OFDM symbol, on the in-phase axis), a_k the aggregation weights (sum 1 over scheduled devices),
-s the RMS of the K a_k x_k (one scalar of side information, so E|u|^2 = 1). The edge receives
+The edge receives
 ``y_m = sum_{k transmitting} sqrt(rho0) u_k + n_m``, n ~ CN(0, sigma^2), sigma^2 = N0 NF Delta_f,
 and estimates
 
@@ -101,18 +112,46 @@ def truncation_probability(g_th: float, mean_gain: float = 1.0) -> float:
     return 1.0 - math.exp(-g_th / mean_gain)
 
 
+def symbol_power(symbols: np.ndarray, policy: str) -> np.ndarray:
+    """(K,) what device k's symbols u_kj weigh in its power budget: the mean (1/q) sum_j u_kj^2
+    for ``average``, the largest u_kj^2 for ``peak`` [dimensionless]."""
+    u2 = np.asarray(symbols, dtype=float) ** 2
+    if policy == "average":
+        return np.mean(u2, axis=1)
+    if policy == "peak":
+        return np.max(u2, axis=1)
+    raise ValueError(f"power policy {policy!r} unknown; allowed: {POWER_POLICIES}")
+
+
 def receive_power(policy: str, g_th: float, budgets_w_per_subcarrier: np.ndarray,
-                  large_scale_gains: np.ndarray) -> float:
-    """Common receive power rho0 per sub-carrier that every device's budget allows [W]."""
+                  large_scale_gains: np.ndarray, symbol_powers: Optional[np.ndarray] = None) -> float:
+    """Common receive power rho0 per sub-carrier that every device's budget allows [W]:
+    ``average`` min_k (P_k/M) g_k / (E1(g_th) c_k), ``peak`` min_k (P_k/M) g_k g_th / c_k, with
+    c_k = ``symbol_powers`` (:func:`symbol_power`; None: 1, unit-power symbols). Devices with
+    c_k = 0 (nothing to send) do not limit rho0; if no device sends anything, c = 1."""
     if g_th <= 0:
         raise ValueError(f"truncation threshold must be > 0, got {g_th}")
     budgets = np.asarray(budgets_w_per_subcarrier, dtype=float)
     gains = np.asarray(large_scale_gains, dtype=float)
-    if policy == "average":
-        return float(np.min(budgets * gains / exp1(g_th)))
-    if policy == "peak":
-        return float(np.min(budgets * gains * g_th))
+    c = np.ones_like(budgets) if symbol_powers is None else np.asarray(symbol_powers, dtype=float)
+    if not np.any(c > 0):
+        c = np.ones_like(budgets)
+    with np.errstate(divide="ignore"):
+        if policy == "average":
+            return float(np.min(np.where(c > 0, budgets * gains / (exp1(g_th) * c), np.inf)))
+        if policy == "peak":
+            return float(np.min(np.where(c > 0, budgets * gains * g_th / c, np.inf)))
     raise ValueError(f"power policy {policy!r} unknown; allowed: {POWER_POLICIES}")
+
+
+def radiated_energy_j(rho0_w: float, large_scale_gains: np.ndarray, small_scale_gains: np.ndarray,
+                      transmit: np.ndarray, symbols: np.ndarray, symbol_s: float) -> np.ndarray:
+    """(K,) energy each device radiates in the slot [J]: every value j it sends (``transmit``)
+    occupies one sub-carrier for one OFDM symbol at power |p_kj|^2 u_kj^2 = rho0 u_kj^2 /
+    (g_k |h~_kj|^2), so E_k = T_sym sum_{j sent} rho0 u_kj^2 / (g_k |h~_kj|^2)."""
+    u2 = np.asarray(symbols, dtype=float) ** 2
+    per_value = np.where(transmit, u2 / np.where(transmit, small_scale_gains, 1.0), 0.0)
+    return rho0_w / np.asarray(large_scale_gains, dtype=float) * np.sum(per_value, axis=1) * symbol_s
 
 
 def value_gains(links: Sequence[Link], num_values: int, num_subcarriers: int, symbol_s: float,
@@ -158,8 +197,12 @@ class AirCompStats:
     receive_snr_db : 10 log10(rho0 / sigma^2).
     mse : measured mean squared error per value of the estimate vs. the exact weighted sum.
     mse_theory : the closed-form expectation of ``mse`` given the inputs (module docstring).
+    noise_mse : the receiver-noise part of ``mse_theory``, s^2 sigma^2 / (2 K^2 rho0)
+        (divided by (1 - p)^2 when debiased), to combine several servers' slots.
     signal_power : mean squared value of the exact weighted sum (for a normalised MSE).
-    latency_s, num_symbols, rho0_w, noise_w, tx_energy_j (per device, realised).
+    latency_s, num_symbols, rho0_w, noise_w.
+    tx_energy_j : per device, the energy it radiated (:func:`radiated_energy_j`) [J].
+    symbol_power : per device, c_k of :func:`symbol_power` under the power policy.
     """
 
     num_devices: int
@@ -174,26 +217,40 @@ class AirCompStats:
     mse_theory: float
     signal_power: float
     tx_energy_j: list[float] = field(default_factory=list)
+    noise_mse: float = 0.0
+    symbol_power: list[float] = field(default_factory=list)
 
     @property
     def nmse(self) -> float:
         return self.mse / self.signal_power if self.signal_power > 0 else float("nan")
 
 
+def truncation_mse(updates: np.ndarray, weights: np.ndarray, p_trunc: np.ndarray, debias: bool = False) -> float:
+    """The truncation part of E[MSE] per value given the updates:
+    (1/q) sum_j [sum_k a_k^2 x_kj^2 p_k (1 - p_k) + (sum_k a_k x_kj p_k)^2] (BAA estimator), or
+    (1/q) sum_j sum_k a_k^2 x_kj^2 p / (1 - p) (debiased: divided by 1 - p, p common)."""
+    a = np.asarray(weights, dtype=float)[:, None] * updates
+    p = np.asarray(p_trunc, dtype=float)[:, None]
+    if debias:
+        return float(np.mean(np.sum(a**2 * p / (1.0 - p), axis=0)))
+    return float(np.mean(np.sum(a**2 * p * (1.0 - p), axis=0) + np.sum(a * p, axis=0) ** 2))
+
+
+def noise_mse(scale: float, noise_w: float, num_devices: int, rho0_w: float, keep: float = 1.0) -> float:
+    """The receiver-noise part of E[MSE] per value: s^2 sigma^2 / (2 K^2 rho0 keep^2), keep = 1 - p
+    when debiased, else 1 (the real part of CN(0, sigma^2) has variance sigma^2 / 2)."""
+    return scale**2 * noise_w / (2.0 * num_devices**2 * rho0_w * keep**2)
+
+
 def expected_mse(updates: np.ndarray, weights: np.ndarray, p_trunc: np.ndarray, scale: float,
                  noise_w: float, rho0_w: float, debias: bool = False) -> float:
-    """Closed-form E[MSE] per value given the updates (module docstring). With ``debias`` the
-    estimate is divided by 1 - p (p the common truncation probability): unbiased, with
+    """Closed-form E[MSE] per value given the updates (module docstring):
+    :func:`truncation_mse` + :func:`noise_mse`. With ``debias`` the estimate is divided by
+    1 - p (p the common truncation probability): unbiased, with
     MSE = (1/q) sum_j sum_k a_k^2 x_kj^2 p / (1 - p) + s^2 sigma^2 / (2 K^2 rho0 (1 - p)^2)."""
     k = updates.shape[0]
-    a = weights[:, None] * updates
-    p = np.asarray(p_trunc, dtype=float)[:, None]
-    noise = scale**2 * noise_w / (2.0 * k**2 * rho0_w)
-    if debias:
-        keep = float(1.0 - p[0, 0])
-        return float(np.mean(np.sum(a**2 * p / (1.0 - p), axis=0)) + noise / keep**2)
-    trunc = np.sum(a**2 * p * (1.0 - p), axis=0) + np.sum(a * p, axis=0) ** 2
-    return float(np.mean(trunc) + noise)
+    keep = float(1.0 - np.asarray(p_trunc, dtype=float)[0]) if debias else 1.0
+    return float(truncation_mse(updates, weights, p_trunc, debias) + noise_mse(scale, noise_w, k, rho0_w, keep))
 
 
 def over_the_air_sum(updates: np.ndarray, weights: Optional[np.ndarray], links: Sequence[Link], *,
@@ -233,18 +290,19 @@ def over_the_air_sum(updates: np.ndarray, weights: Optional[np.ndarray], links: 
     rng = rng if rng is not None else np.random.default_rng(0)
     powers = np.array([l.tx_power_w for l in links] if tx_power_w is None else tx_power_w, dtype=float)
     g = np.array([l.large_scale_gain for l in links], dtype=float)
-    rho0 = receive_power(power_policy, truncation_threshold, powers / m, g)
+    scaled = k * a[:, None] * x                        # K a_k x_k: exact sum is mean over k
+    scale = float(np.sqrt(np.mean(scaled**2))) or 1.0  # s: RMS, so the mean of u^2 over all is 1
+    symbols = scaled / scale                           # u_kj
+    c = symbol_power(symbols, power_policy)
+    rho0 = receive_power(power_policy, truncation_threshold, powers / m, g, c)
     noise_w_per_subcarrier = noise_for_snr(rho0, noise_w_per_subcarrier, receive_snr_db)
     t_sym = ofdm_symbol_s(subcarrier_spacing_hz, cyclic_prefix_fraction)
     n_sym = aircomp_symbols(q, m)
 
-    scaled = k * a[:, None] * x                        # K a_k x_k: exact sum is mean over k
-    scale = float(np.sqrt(np.mean(scaled**2))) or 1.0  # s: RMS, so E|u|^2 = 1
     h2 = value_gains(links, q, m, t_sym, start_s, coherence_time_s)
     transmit = h2 >= truncation_threshold
-    inv_gain_sum = np.sum(np.where(transmit, 1.0 / h2, 0.0), axis=1)   # sum of 1/|h~|^2 sent
     noise = rng.standard_normal(q) * math.sqrt(noise_w_per_subcarrier / 2.0)
-    received = math.sqrt(rho0) * np.sum(np.where(transmit, scaled / scale, 0.0), axis=0) + noise
+    received = math.sqrt(rho0) * np.sum(np.where(transmit, symbols, 0.0), axis=0) + noise
     estimate = scale * received / (k * math.sqrt(rho0))
     p_trunc = np.full(k, truncation_probability(truncation_threshold))
     if debias:
@@ -252,12 +310,13 @@ def over_the_air_sum(updates: np.ndarray, weights: Optional[np.ndarray], links: 
 
     exact = np.sum(a[:, None] * x, axis=0)
     latency = n_sym * t_sym
-    # realised transmit energy: |p|^2 E|u|^2 per transmitted entry, for one symbol time each
-    energy = (rho0 / g) * inv_gain_sum * t_sym
+    energy = radiated_energy_j(rho0, g, h2, transmit, symbols, t_sym)
+    keep = float(1.0 - p_trunc[0]) if debias else 1.0
     stats = AirCompStats(
         num_devices=k, num_values=q, num_symbols=n_sym, latency_s=latency, rho0_w=rho0,
         noise_w=noise_w_per_subcarrier, receive_snr_db=snr_db(rho0, noise_w_per_subcarrier),
         truncation_ratio=float(1.0 - transmit.mean()), mse=float(np.mean((estimate - exact) ** 2)),
         mse_theory=expected_mse(x, a, p_trunc, scale, noise_w_per_subcarrier, rho0, debias),
-        signal_power=float(np.mean(exact**2)), tx_energy_j=[float(e) for e in energy])
+        signal_power=float(np.mean(exact**2)), tx_energy_j=[float(e) for e in energy],
+        noise_mse=noise_mse(scale, noise_w_per_subcarrier, k, rho0, keep), symbol_power=[float(v) for v in c])
     return estimate, stats

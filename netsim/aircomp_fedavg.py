@@ -14,7 +14,9 @@ real local steps), except the upload + aggregation:
    tensors (``trainer.aggregate_flat``).
 
 With several edge servers each aggregates its own devices on its own band at the same time and
-the estimates are added (ideal backhaul, as in FedAvg).
+the estimates, weighted by each server's share of the data, are added (ideal backhaul, as in
+FedAvg); the logged MSE / NMSE are those of that applied aggregate against the exact weighted
+sum over every scheduled device (:func:`applied_aggregate_error`).
 
 The trainer must offer ``flatten_update(result) -> np.ndarray`` and ``aggregate_flat(vector)``
 (``FakeTrainer`` and ``fomo.PeftTrainer`` do). Each round's statistics (truncation ratio,
@@ -30,7 +32,7 @@ from typing import Optional
 
 import numpy as np
 
-from .aircomp import over_the_air_sum
+from .aircomp import AirCompStats, over_the_air_sum, truncation_mse, truncation_probability
 from .budgets import compute_time_s
 from .channel import noise_power_w
 from .fedavg import FedAvgSimulation, RoundCallback
@@ -58,7 +60,7 @@ class AirCompFedAvgSimulation(FedAvgSimulation):
                                 f"{type(trainer).__name__} has none")
         self.num_subcarriers = num_subcarriers(scenario)
         self.noise_w = noise_power_w(scenario.channel, scenario.aircomp.subcarrier_spacing_hz)
-        self._noise_rng = child_rng(seed, 0, 6)   # receiver noise of the over-the-air slots
+        self._noise_rng = child_rng(self.network_seed, 0, 6)   # receiver noise of the over-the-air slots (a channel draw)
         self.aircomp_log: list[dict] = []
 
     def scheduled(self, device: Device) -> bool:
@@ -85,13 +87,13 @@ class AirCompFedAvgSimulation(FedAvgSimulation):
             if self.scheduled(dev):
                 chosen.append((dev, res))
             else:
-                self.recorder.emit("not_scheduled", t_s=t0, node=dev.name, round=r)
+                self.recorder.emit("not_scheduled", t_s=t0, node=dev.name, round=r, **self._tags(dev))
         if not chosen:
             self.aircomp_log.append({"round": r, "scheduled": 0, "selected": len(results)})
             return
         total = float(sum(res.num_examples for _, res in chosen))
         estimate = None
-        latency, per_server = 0.0, []
+        latency, per_server, server_weights, all_x, all_w = 0.0, [], [], [], []
         for server in self.network.servers:
             members = [(d, res) for d, res in chosen if d.server == server.index]
             if not members:
@@ -109,9 +111,12 @@ class AirCompFedAvgSimulation(FedAvgSimulation):
             estimate = est if estimate is None else estimate + est
             latency = max(latency, st.latency_s)
             per_server.append(st)
+            server_weights.append(float(w.sum()))
+            all_x.append(x)
+            all_w.append(w)
             for (d, res), e in zip(members, st.tx_energy_j):
                 self.recorder.emit("uplink", t_s=t0, duration_s=st.latency_s, node=d.name, peer=server.name,
-                                   round=r, bytes=res.update_bytes, energy_j=e)
+                                   round=r, bytes=res.update_bytes, energy_j=e, **self._tags(d))
         yield self.env.timeout(latency)
         self.trainer.aggregate_flat(estimate)
         q = int(estimate.size)
@@ -120,17 +125,40 @@ class AirCompFedAvgSimulation(FedAvgSimulation):
         self.recorder.emit("aggregate", t_s=self.env.now, duration_s=duration, node=self._edge_name, round=r,
                            flops=flops)
         k_all = sum(st.num_devices for st in per_server)
+        quality = applied_aggregate_error(estimate, np.concatenate(all_x), np.concatenate(all_w), per_server,
+                                          server_weights, ac.truncation_threshold, ac.debias)
         self.aircomp_log.append({
             "round": r, "selected": len(results), "scheduled": k_all, "num_values": q,
             "latency_s": latency, "num_symbols": max(st.num_symbols for st in per_server),
             "truncation_ratio": float(np.average([st.truncation_ratio for st in per_server],
                                                  weights=[st.num_devices for st in per_server])),
             "receive_snr_db": float(min(st.receive_snr_db for st in per_server)),
-            "mse": float(sum(st.mse for st in per_server)),
-            "mse_theory": float(sum(st.mse_theory for st in per_server)),
-            "nmse": float(np.mean([st.nmse for st in per_server])),
+            **quality,
         })
         yield self.env.timeout(duration)
+
+
+def applied_aggregate_error(estimate: np.ndarray, updates: np.ndarray, weights: np.ndarray,
+                            per_server: list[AirCompStats], server_weights: list[float], g_th: float,
+                            debias: bool) -> dict:
+    """MSE, closed-form MSE and NMSE of the aggregate the edge actually applies.
+
+    With S servers, server s estimates sum_{k in s} a_k x_k (a_k = w_k / W_s, W_s = sum_{k in s} w_k)
+    and the applied aggregate is sum_s W_s xhat_s, whose target is sum_k w_k x_k over every
+    scheduled device. Measured: mse = (1/q) sum_j (applied_j - target_j)^2, nmse = mse /
+    ((1/q) sum_j target_j^2). Closed form: the devices' truncations and the servers' noises are
+    independent, so the truncation term is that of all scheduled devices with their global
+    weights w_k (:func:`netsim.aircomp.truncation_mse`) and the noise terms add with weight
+    W_s^2: E[mse] = truncation_mse(x, w) + sum_s W_s^2 noise_mse_s. One server: W = 1, the
+    slot's own statistics."""
+    target = weights @ updates
+    mse = float(np.mean((estimate - target) ** 2))
+    signal = float(np.mean(target**2))
+    p = np.full(len(weights), truncation_probability(g_th))
+    theory = truncation_mse(updates, weights, p, debias) + sum(
+        w_s**2 * st.noise_mse for w_s, st in zip(server_weights, per_server))
+    return {"mse": mse, "mse_theory": float(theory), "nmse": mse / signal if signal > 0 else float("nan"),
+            "signal_power": signal}
 
 
 def make_simulation(scenario: Scenario, seed: int, trainer: Trainer,

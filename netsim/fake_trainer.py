@@ -27,7 +27,8 @@ class FakeTrainer:
         self.spec = scenario.fake
         self.num_classes = self.spec.num_classes
         self._n_devices = scenario.num_devices
-        self._rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(9,)))
+        # training-side randomness: the scenario's training seed (``training_seed``, else ``seed``)
+        self._rng = np.random.default_rng(np.random.SeedSequence(scenario.train_seed(seed), spawn_key=(9,)))
         self.progress = 0.0
 
     def num_devices(self) -> int:

@@ -52,7 +52,10 @@ class FedAvgSimulation:
     ----------
     scenario : Scenario
     seed : int
-        Run seed; every random draw derives from it (see ``netsim.network``).
+        Run seed. The network (positions, shadowing, fading, D2D graph) is drawn with
+        ``scenario.network_seed(seed)`` (``topology_seed``, else ``seed``), the device selection
+        with ``scenario.train_seed(seed)`` (``training_seed``, else ``seed``); see
+        ``netsim.network`` for the per-entity streams.
     trainer : Trainer
         Real (``fomo.PeftTrainer``) or fake (``netsim.FakeTrainer``).
     on_round : callable, optional
@@ -65,12 +68,18 @@ class FedAvgSimulation:
         self.trainer = trainer
         self.on_round = on_round
         self.env = simpy.Environment()
-        self.network = Network(scenario, seed)
+        self.network_seed = scenario.network_seed(seed)
+        self.train_seed = scenario.train_seed(seed)
+        self.network = Network(scenario, self.network_seed)
         self.recorder = Recorder()
-        self._select_rng = child_rng(seed, 0, 4)
+        self._select_rng = child_rng(self.train_seed, 0, 4)
         self._uplink_weights = self.network.uplink_weights()
         self.outcome: Optional[RunOutcome] = None
         self._edge_name = self.network.servers[0].name
+
+    def _tags(self, device: Device) -> dict:
+        """The ``group`` and ``server`` columns of a device's events."""
+        return {"group": device.group.name, "server": self.network.servers[device.server].name}
 
     # ------------------------------------------------------------------ public
     def run(self) -> RunOutcome:
@@ -130,7 +139,8 @@ class FedAvgSimulation:
             if fits_in_memory(need, d.group.memory_bytes):
                 fit.append(d)
             else:
-                self.recorder.emit("memory_exceeded", t_s=self.env.now, node=d.name, round=r, memory_bytes=need)
+                self.recorder.emit("memory_exceeded", t_s=self.env.now, node=d.name, round=r, memory_bytes=need,
+                                   **self._tags(d))
         return fit
 
     def _uplink_shares(self, devices: list[Device]) -> dict[int, float]:
@@ -170,12 +180,12 @@ class FedAvgSimulation:
         server_name = self.network.servers[device.server].name
         size_bytes = self.trainer.adapter_bytes()
         self.recorder.emit("downlink", t_s=self.env.now, duration_s=download_s, node=device.name, peer=server_name,
-                           round=r, bytes=size_bytes, energy_j=energy_j(g.rx_power_w, download_s))
+                           round=r, bytes=size_bytes, energy_j=energy_j(g.rx_power_w, download_s), **self._tags(device))
         yield self.env.timeout(download_s)
         t_compute = compute_time_s(result.flops, g.compute_flops_per_s)
         self.recorder.emit("compute", t_s=self.env.now, duration_s=t_compute, node=device.name, round=r,
                            flops=result.flops, memory_bytes=result.peak_memory_bytes,
-                           energy_j=energy_j(g.compute_power_w, t_compute), loss=result.loss)
+                           energy_j=energy_j(g.compute_power_w, t_compute), loss=result.loss, **self._tags(device))
         yield self.env.timeout(t_compute)
         yield from self._upload(r, device, result, share)
 
@@ -185,7 +195,7 @@ class FedAvgSimulation:
                                                  share * self.scenario.channel.uplink_bandwidth_hz)
         self.recorder.emit("uplink", t_s=self.env.now, duration_s=t_up, node=device.name,
                            peer=self.network.servers[device.server].name, round=r, bytes=result.update_bytes,
-                           energy_j=energy_j(device.group.tx_power_w, t_up))
+                           energy_j=energy_j(device.group.tx_power_w, t_up), **self._tags(device))
         yield self.env.timeout(t_up)
 
     # ------------------------------------------------------------ edge work

@@ -1,7 +1,6 @@
 """Neural connection over the air: the channel and the SimPy timeline (torch-free).
 
-Multi-device split fine-tuning (issue 6, item 4; docs/aircomp.md, "Neural connection over the
-air"). K devices each hold one segment of every example and compute a feature vector of
+Multi-device split fine-tuning (docs/aircomp.md, "Neural connection over the air"). K devices each hold one segment of every example and compute a feature vector of
 ``d`` values per example; the edge's next layer consumes
 
 .. math::
@@ -12,7 +11,8 @@ received either
 * **over the air** (``aircomp``): the q = B d feature values of a batch go up in one analog
   slot of ceil(q / M) OFDM symbols with truncated channel inversion, exactly the model of
   :mod:`netsim.aircomp` (same sub-carrier fading draws of the devices' own uplinks, same
-  common receive power rho0 from the weakest device's budget, same estimator). The edge gets
+  common receive power rho0, the largest every device's power budget allows given its own
+  symbol power, same estimator, same radiated-energy accounting). The edge gets
 
   .. math::
       \\hat z_j = \\sum_k a_k \\chi_{kj} f_{kj} + \\frac{s}{K\\sqrt{\\rho_0}} n_j, \\quad
@@ -36,12 +36,15 @@ Timeline of one training step (one SimPy process, all devices in parallel):
 2. uplink: the AirComp slot, or the OFDMA uploads;
 3. edge compute: counted FLOPs of the head forward + backward (incl. dL/dz), / edge FLOP/s;
 4. downlink broadcast of dL/dz (B d float32 values; the same vector serves every device)
-   over the full downlink band, until the weakest device has decoded it;
+   over the full downlink band with rateless coding: each device decodes at its own per-block
+   rate (its ``downlink`` event lasts its own decode time, rx energy = rx power x that time);
+   the broadcast, and the step, go on until the last device has decoded it;
 5. device backward: counted FLOPs of the projection's backward, / the device's FLOP/s.
 
 Evaluation (test accuracy through the same connection) is an instrument: it takes no simulated
-time. Random streams: receiver noise of training slots ``child_rng(seed, 0, 7)``, of
-evaluation slots ``child_rng(seed, 0, 8)`` (the same draws for every SNR: common random numbers).
+time. Random streams (receiver noise is a channel draw, so it follows the network seed
+``scenario.network_seed(seed)``): training slots ``child_rng(network_seed, 0, 7)``, evaluation
+slots ``child_rng(network_seed, 0, 8)`` (the same draws for every SNR: common random numbers).
 """
 from __future__ import annotations
 
@@ -52,8 +55,9 @@ from typing import Callable, Optional, Protocol, Sequence
 import numpy as np
 import simpy
 
-from .aircomp import (AirCompStats, aircomp_latency_s, aircomp_symbols, expected_mse, noise_for_snr, ofdm_symbol_s,
-                      receive_power, snr_db, truncation_probability, value_gains)
+from .aircomp import (AirCompStats, aircomp_latency_s, aircomp_symbols, expected_mse, noise_for_snr, noise_mse,
+                      ofdm_symbol_s, radiated_energy_j, receive_power, snr_db, symbol_power, truncation_probability,
+                      value_gains)
 from .budgets import compute_time_s, energy_j
 from .channel import Link, noise_power_w
 from .network import Network, child_rng
@@ -106,18 +110,19 @@ def feature_channel(features: np.ndarray, weights: np.ndarray, links: Sequence[L
     m = int(cfg.num_subcarriers)
     powers = np.array([l.tx_power_w for l in links], dtype=float)
     g = np.array([l.large_scale_gain for l in links], dtype=float)
-    rho0 = receive_power(cfg.power_policy, cfg.truncation_threshold, powers / m, g)
+    scale = float(np.sqrt(np.mean((k * a[:, None] * x) ** 2))) or 1.0
+    symbols = k * a[:, None] * x / scale           # u_kj, what device k modulates
+    c = symbol_power(symbols, cfg.power_policy)
+    rho0 = receive_power(cfg.power_policy, cfg.truncation_threshold, powers / m, g, c)
     noise_w = noise_for_snr(rho0, cfg.noise_w_per_subcarrier, cfg.receive_snr_db)
     t_sym = ofdm_symbol_s(cfg.subcarrier_spacing_hz, cfg.cyclic_prefix_fraction)
     h2 = value_gains(links, q, m, t_sym, start_s, cfg.coherence_time_s)
     chi = h2 >= cfg.truncation_threshold
-    scale = float(np.sqrt(np.mean((k * a[:, None] * x) ** 2))) or 1.0
     n_r = rng.standard_normal(q)          # drawn even when noise is off: same stream for every SNR
     noise = n_r * (math.sqrt(noise_w / 2.0) * scale / (k * math.sqrt(rho0)))
     exact = np.sum(a[:, None] * x, axis=0)
     estimate = np.sum(np.where(chi, a[:, None] * x, 0.0), axis=0) + noise
-    inv_gain_sum = np.sum(np.where(chi, 1.0 / h2, 0.0), axis=1)
-    energy = (rho0 / g) * inv_gain_sum * t_sym
+    energy = radiated_energy_j(rho0, g, h2, chi, symbols, t_sym)
     p_trunc = np.full(k, truncation_probability(cfg.truncation_threshold))
     stats = AirCompStats(
         num_devices=k, num_values=q, num_symbols=aircomp_symbols(q, m),
@@ -125,7 +130,8 @@ def feature_channel(features: np.ndarray, weights: np.ndarray, links: Sequence[L
         noise_w=noise_w, receive_snr_db=snr_db(rho0, noise_w),
         truncation_ratio=float(1.0 - chi.mean()), mse=float(np.mean((estimate - exact) ** 2)),
         mse_theory=expected_mse(x, a, p_trunc, scale, noise_w, rho0), signal_power=float(np.mean(exact**2)),
-        tx_energy_j=[float(e) for e in energy])
+        tx_energy_j=[float(e) for e in energy], noise_mse=noise_mse(scale, noise_w, k, rho0),
+        symbol_power=[float(v) for v in c])
     return chi, noise, stats
 
 
@@ -136,10 +142,16 @@ def ofdma_upload_s(links: Sequence[Link], bits_per_device: float, start_s: float
     return [link.transfer_duration_s(bits_per_device, start_s, share) for link in links]
 
 
+def decode_times_s(downlinks: Sequence[Link], bits: float, start_s: float, bandwidth_hz: float) -> list[float]:
+    """Each device's time to decode a broadcast of ``bits`` over the full band: rateless coding,
+    the device accumulates the payload at its own per-block Shannon rate [s]."""
+    return [link.transfer_duration_s(bits, start_s, bandwidth_hz) for link in downlinks]
+
+
 def broadcast_s(downlinks: Sequence[Link], bits: float, start_s: float, bandwidth_hz: float) -> float:
-    """Downlink broadcast of ``bits`` over the full band: done when the weakest device has
-    decoded it (each accumulates at its own per-block rate, rateless coding) [s]."""
-    return max(link.transfer_duration_s(bits, start_s, bandwidth_hz) for link in downlinks)
+    """Downlink broadcast of ``bits`` over the full band: done when the last device has
+    decoded it (:func:`decode_times_s`) [s]."""
+    return max(decode_times_s(downlinks, bits, start_s, bandwidth_hz))
 
 
 # ---------------------------------------------------------------------------- simulation
@@ -179,7 +191,8 @@ class NeuralConnectionSimulation:
         if uplink not in ("aircomp", "digital"):
             raise ValueError(f"uplink {uplink!r}: expected 'aircomp' or 'digital'")
         self.scenario, self.seed, self.model, self.uplink = scenario, seed, model, uplink
-        self.network = network if network is not None else Network(scenario, seed)
+        self.network_seed = scenario.network_seed(seed)
+        self.network = network if network is not None else Network(scenario, self.network_seed)
         self.devices = self.network.devices[: model.num_devices]
         if len(self.devices) != model.num_devices:
             raise ValueError(f"the model has {model.num_devices} device parts but the scenario {len(self.devices)} devices")
@@ -194,10 +207,14 @@ class NeuralConnectionSimulation:
         self.receive_snr_db = receive_snr_db
         self.env = simpy.Environment()
         self.recorder = Recorder()
-        self._noise_rng = child_rng(seed, *NOISE_SPAWN_KEY)
-        self._eval_rng = child_rng(seed, *EVAL_NOISE_SPAWN_KEY)
+        self._noise_rng = child_rng(self.network_seed, *NOISE_SPAWN_KEY)   # receiver noise: a channel draw
+        self._eval_rng = child_rng(self.network_seed, *EVAL_NOISE_SPAWN_KEY)
         self.channel_log: list[dict] = []
         self._edge = self.network.servers[0]
+
+    def _tags(self, device) -> dict:
+        """The ``group`` and ``server`` columns of a device's events."""
+        return {"group": device.group.name, "server": self.network.servers[device.server].name}
 
     # ------------------------------------------------------------------ connections
     def _connect(self, rng: np.random.Generator, log: Optional[list]) -> Optional[Callable]:
@@ -223,7 +240,7 @@ class NeuralConnectionSimulation:
         for d in self.devices:
             dur = compute_time_s(flops, d.group.compute_flops_per_s)
             self.recorder.emit("compute", t_s=self.env.now, duration_s=dur, node=d.name, round=step, flops=flops,
-                               energy_j=energy_j(d.group.compute_power_w, dur))
+                               energy_j=energy_j(d.group.compute_power_w, dur), **self._tags(d))
             longest = max(longest, dur)
         return longest
 
@@ -240,7 +257,7 @@ class NeuralConnectionSimulation:
             up = st.latency_s
             for d, e in zip(self.devices, st.tx_energy_j):
                 self.recorder.emit("uplink", t_s=t_up, duration_s=up, node=d.name, peer=self._edge.name, round=step,
-                                   bytes=0, energy_j=e)
+                                   bytes=0, energy_j=e, **self._tags(d))
             self.channel_log.append({"step": step, "latency_s": up, "num_symbols": st.num_symbols,
                                      "truncation_ratio": st.truncation_ratio, "receive_snr_db": st.receive_snr_db,
                                      "mse": st.mse, "mse_theory": st.mse_theory, "nmse": st.nmse})
@@ -248,7 +265,7 @@ class NeuralConnectionSimulation:
             durs = ofdma_upload_s([d.uplink for d in self.devices], bits, t_up, sc.channel.uplink_bandwidth_hz)
             for d, dur in zip(self.devices, durs):
                 self.recorder.emit("uplink", t_s=t_up, duration_s=dur, node=d.name, peer=self._edge.name, round=step,
-                                   bytes=bits // 8, energy_j=energy_j(d.group.tx_power_w, dur))
+                                   bytes=bits // 8, energy_j=energy_j(d.group.tx_power_w, dur), **self._tags(d))
             up = max(durs)
             self.channel_log.append({"step": step, "latency_s": up})
         yield self.env.timeout(up)
@@ -257,12 +274,13 @@ class NeuralConnectionSimulation:
                            flops=m.edge_flops, loss=loss)
         yield self.env.timeout(edge_s)
         t_down = self.env.now
-        down = broadcast_s([d.downlink for d in self.devices], bits, t_down, sc.channel.downlink_bandwidth_hz)
+        decode = decode_times_s([d.downlink for d in self.devices], bits, t_down, sc.channel.downlink_bandwidth_hz)
+        down = max(decode)
         self.recorder.emit("broadcast", t_s=t_down, duration_s=down, node=self._edge.name, round=step, bytes=bits // 8,
                            energy_j=energy_j(self._edge.spec.tx_power_w, down))
-        for d in self.devices:
-            self.recorder.emit("downlink", t_s=t_down, duration_s=down, node=d.name, peer=self._edge.name, round=step,
-                               bytes=bits // 8, energy_j=energy_j(d.group.rx_power_w, down))
+        for d, own in zip(self.devices, decode):
+            self.recorder.emit("downlink", t_s=t_down, duration_s=own, node=d.name, peer=self._edge.name, round=step,
+                               bytes=bits // 8, energy_j=energy_j(d.group.rx_power_w, own), **self._tags(d))
         yield self.env.timeout(down)
         yield self.env.timeout(self._emit_compute(step, m.device_backward_flops))
 

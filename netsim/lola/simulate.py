@@ -1,6 +1,7 @@
 """Cooperative (LoLa) rounds on a SimPy timeline, one run per allocation algorithm (torch-free).
 
-For every algorithm the same devices, channels and seed are rebuilt (``Network(scenario, seed)``)
+For every algorithm the same devices, channels and seed are rebuilt
+(``Network(scenario, scenario.network_seed())``)
 and ``lola.rounds`` rounds are simulated:
 
 1. the edge starts the round (the allocation is fixed: large-scale gains do not change);
@@ -35,6 +36,11 @@ from .allocation import ALGORITHMS, Allocation, Instance, allocate
 from .profile import DepthProfile, analytic_profile
 
 _RNG_KEY_RANDOM = (1, 0)  # SeedSequence spawn key of the random baseline (netsim uses (0, ...))
+
+
+def device_tags(network: Network, device) -> dict:
+    """The ``group`` and ``server`` columns of a device's events."""
+    return {"group": device.group.name, "server": network.servers[device.server].name}
 
 
 def snr_hz(link) -> float:
@@ -87,12 +93,13 @@ def _simulate_cooperative(scenario: Scenario, network: Network, inst: Instance, 
         dev = network.devices[k]
         comp = float(inst.compute_s[k, n])
         recorder.emit("compute", t_s=env.now, node=dev.name, round=r, duration_s=comp, flops=float(flops[n]),
-                      memory_bytes=int(mem[n]), energy_j=dev.group.compute_power_w * comp, peer=f"block{n}")
+                      memory_bytes=int(mem[n]), energy_j=dev.group.compute_power_w * comp, peer=f"block{n}",
+                      **device_tags(network, dev))
         yield env.timeout(comp)
         bits = float(inst.upload_bits[n])
         dur = dev.uplink.transfer_duration_s(bits, env.now, float(alloc.bandwidth_hz[k]))
         recorder.emit("uplink", t_s=env.now, node=dev.name, peer=edge, round=r, duration_s=dur,
-                      bytes=int(bits // 8), energy_j=dev.group.tx_power_w * dur)
+                      bytes=int(bits // 8), energy_j=dev.group.tx_power_w * dur, **device_tags(network, dev))
         yield env.timeout(dur)
 
     def main():
@@ -130,7 +137,7 @@ def _simulate_offloading(scenario: Scenario, network: Network, inst: Instance, p
         dev = network.devices[k]
         dur = dev.uplink.transfer_duration_s(bits, env.now, share)
         recorder.emit("uplink", t_s=env.now, node=dev.name, peer=server.name, round=r, duration_s=dur,
-                      bytes=int(bits // 8), energy_j=dev.group.tx_power_w * dur)
+                      bytes=int(bits // 8), energy_j=dev.group.tx_power_w * dur, **device_tags(network, dev))
         yield env.timeout(dur)
         with queue.request() as req:
             yield req
@@ -154,7 +161,9 @@ def _simulate_offloading(scenario: Scenario, network: Network, inst: Instance, p
 
 def compare(scenario: Scenario, profile: Optional[DepthProfile] = None) -> tuple[dict, pd.DataFrame, Network]:
     """Run every algorithm of ``scenario.lola.algorithms`` on the same devices, channels and
-    seed. Returns (summary, events with an ``algorithm`` column, the network)."""
+    seed. The network is drawn with ``scenario.network_seed()`` (``topology_seed``, else
+    ``seed``), the random baseline's matching with ``scenario.train_seed()``. Returns (summary,
+    events with an ``algorithm`` column, the network)."""
     if scenario.lola is None:  # the section's defaults
         from ..scenario import LolaSpec
 
@@ -165,16 +174,17 @@ def compare(scenario: Scenario, profile: Optional[DepthProfile] = None) -> tuple
     frames = []
     mean_latency: dict[str, float] = {}
     details: dict[str, dict] = {}
-    network = Network(scenario, scenario.seed)
+    net_seed, train_seed = scenario.network_seed(), scenario.train_seed()
+    network = Network(scenario, net_seed)
     inst = build_instance(scenario, network, profile)
     for name in scenario.lola.algorithms:
-        network = Network(scenario, scenario.seed)  # fresh fading state: same channels for all
+        network = Network(scenario, net_seed)  # fresh fading state: same channels for all
         recorder = Recorder()
         if name == "offloading":
             lat, info = _simulate_offloading(scenario, network, inst, profile, recorder)
             details[name] = info
         else:
-            rng = child_rng(scenario.seed, *_RNG_KEY_RANDOM)
+            rng = child_rng(train_seed, *_RNG_KEY_RANDOM)
             kw = {"iterations": scenario.lola.jbba_iterations} if name == "jbba" else {}
             alloc = allocate(name, inst, rng=rng, **kw)
             lat = _simulate_cooperative(scenario, network, inst, profile, alloc, recorder)
