@@ -1,4 +1,4 @@
-"""Single-device accuracy/latency/memory trade-off of the output-first rule (issue 5 item 3).
+"""Single-device accuracy/latency/memory trade-off of the output-first rule.
 
     python bench/lola_single_device.py --out runs/lola_device [--train-rounds 3] [--fake]
 

@@ -1,5 +1,5 @@
 """Per-round latency of every LoLa algorithm vs number of devices K, total bandwidth B and the
-wearables' memory budget (issue 5 item 6, latency part).
+wearables' memory budget (latency part).
 
     python bench/lola_sweep.py --out runs/lola_sweep [--rounds 20] [--measured]
 

@@ -1,4 +1,4 @@
-"""Single-device accuracy/latency/memory trade-off of the output-first rule (issue 5 item 3).
+"""Single-device accuracy/latency/memory trade-off of the output-first rule.
 
 For each device budget, :func:`netsim.lola.single_device.choose_allocation` picks the top
 blocks and LoRA rank from a per-layer depth profile (one layer per block: measured on the real

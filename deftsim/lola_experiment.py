@@ -79,14 +79,14 @@ def run_lola_compare(scenario: Scenario, on_round=None):
                             "lola.num_blocks)") from None
     title = f"{scenario.name} (seed {scenario.seed}, N={profile.num_blocks}, K={len(network.devices)})"
     figures = {"lola_latency.png": lambda p: plot_latency(summary, p, title)}
-    from analysis.depth import plot_profile, profile_table  # depth profile table and plot (issue 5 item 2)
+    from analysis.depth import plot_profile, profile_table  # depth profile table and plot
 
     figures["depth_profile.png"] = lambda p: plot_profile(profile, p)
     figures["depth_profile.csv"] = lambda p: profile_table(profile).to_csv(p, index=False)
     timings = {"profile_wall_s": t1 - t0, "simulation_wall_s": time.perf_counter() - t1}
     if scenario.lola.train_rounds > 0 and scenario.trainer != "real":
         summary["accuracy_vs_time_skipped"] = "lola.train_rounds > 0 needs trainer: real (trainer is fake)"
-    elif scenario.lola.train_rounds > 0:  # real block fine-tuning: accuracy vs. simulated time (item 6)
+    elif scenario.lola.train_rounds > 0:  # real block fine-tuning: accuracy vs. simulated time
         from fomo.block_training import accuracy_vs_time, plot_accuracy_vs_time
 
         t2 = time.perf_counter()

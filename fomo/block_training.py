@@ -1,4 +1,4 @@
-"""Real cooperative block fine-tuning for LoLa (issue 5 item 6: accuracy vs. simulated time).
+"""Real cooperative block fine-tuning for LoLa (accuracy vs. simulated time).
 
 A small dedicated trainer (it does not touch :class:`fomo.trainer.PeftTrainer`, but loads the
 data, the partition, the model and the LoRA exactly as it does, from the same seed streams):

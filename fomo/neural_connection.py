@@ -1,4 +1,4 @@
-"""Split fine-tuning with a neural connection between K devices and the edge (issue 6 item 4).
+"""Split fine-tuning with a neural connection between K devices and the edge.
 
 Model (docs/aircomp.md, "Neural connection over the air"):
 
