@@ -36,6 +36,9 @@ PositiveFloat = Annotated[float, Strict(), Field(gt=0)]
 NonNegFloat = Annotated[float, Strict(), Field(ge=0)]
 
 
+MAX_DEVICES = 1_000_000  # devices in all groups together
+
+
 class Spec(BaseModel):
     """Base of every scenario section: unknown keys are errors, values are validated on
     assignment too."""
@@ -493,6 +496,9 @@ class Scenario(Spec):
     @model_validator(mode="after")
     def _cross_checks(self) -> "Scenario":
         n = self.num_devices
+        if n > MAX_DEVICES:
+            raise ValueError(f"devices: {n:,} devices in all (sum of devices.*.count); at most {MAX_DEVICES:,} "
+                             "are allowed")
         for i, g in enumerate(self.devices):
             if g.placement.around_server >= len(self.edge_servers):
                 raise ValueError(
