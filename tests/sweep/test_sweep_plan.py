@@ -136,3 +136,14 @@ def test_dry_run_prints_plan(write_sweep, tmp_path, deftsim):
     assert "devices.0.count" in lines[1] and "training.devices_per_round" in lines[1]
     assert sum("invalid combination" in line for line in lines) == 2  # (6, 8) x 2 seeds
     assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_can_hold_the_drop_and_vary_the_training_seed(write_sweep):
+    """topology_seed fixed, training_seed varied: every run has the same network seed."""
+    from deftsim.sweep import plan_sweep
+    from netsim.scenario import Scenario
+
+    plan = plan_sweep(write_sweep({"set": {"topology_seed": 11}, "vary": {"grid": {"training_seed": [0, 1, 2]}}}))
+    scenarios = [Scenario.model_validate(r.scenario) for r in plan.runs]
+    assert [s.network_seed() for s in scenarios] == [11, 11, 11]
+    assert [s.train_seed() for s in scenarios] == [0, 1, 2]
