@@ -84,6 +84,8 @@ POINT_METRICS = ["final_accuracy", "sim_time_s", "time_to_target_s", "energy_to_
 STALE = ["accuracy_vs_time", "to_accuracy_*", "latency_breakdown", "latency_per_round", "pareto", "aircomp",
          "variants", "variants_vs_*", "variant_accuracy_vs_time"]
 """Figure stems of an earlier report, removed before writing a new one."""
+NO_CURVES = {"lola_compare": "lola_compare fine-tunes for real only with lola.train_rounds > 0 and trainer: real; "
+                              "these runs simulate the rounds' latency alone"}
 SEED_NOTE = ("With 3 or more seeds per point, spreads are 95% Student-t confidence intervals of the mean "
              "(clipped to the metric's range: accuracies and shares to [0, 1], times and energies to 0 or more); "
              "with 2 seeds the report shows the seeds' range instead (a t-interval of 2 values is 12.7 "
@@ -252,6 +254,14 @@ def _pareto(points: pd.DataFrame) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------- figures
+def _suptitle(fig, text: str, fontsize: float = 9) -> None:
+    """A figure title wrapped to the figure's width (about 13 characters per inch at 9 pt)."""
+    import textwrap
+
+    width = int(fig.get_size_inches()[0] * 13 * 9 / fontsize)
+    fig.suptitle(textwrap.fill(text, width=max(width, 40)), fontsize=fontsize)
+
+
 def _param_axis(values: list) -> tuple[bool, list, dict]:
     """(numeric, ordered values, value -> x position) of a swept field's values: numbers at their
     value, categories (text, booleans, lists) at 0, 1, 2, ... in sorted order."""
@@ -288,7 +298,8 @@ def fig_accuracy(data: ReportData, runs: pd.DataFrame, points: pd.DataFrame, tar
                  fw: FigureWriter) -> bytes:
     """Accuracy vs. simulated time: per point the mean over seeds with a band, seeds faint."""
     pyplot = plt()
-    fig, ax = pyplot.subplots(figsize=(7.5, 4.5))
+    longest = max((len(str(v)) for v in points["label"]), default=0) if len(points) <= MAX_LEGEND_POINTS else 8
+    fig, ax = pyplot.subplots(figsize=(min(7.5 + 0.055 * max(longest - 30, 0), 12), 4.5))
     ok = runs[runs["status"] == "ok"]
     point_ids = sorted(points["point"])
     palette = dict(zip(point_ids, colors(len(point_ids))))
@@ -319,7 +330,7 @@ def fig_accuracy(data: ReportData, runs: pd.DataFrame, points: pd.DataFrame, tar
     seeds = ok.groupby("point").size()
     what = "mean over seeds per point, band: " + spread_note(
         {("ci" if n >= 3 else "range" if n == 2 else "single") for n in seeds}) if seeds.max() > 1 else "one run per point"
-    ax.set_title(f"Test accuracy of the global model ({what})", fontsize=9)
+    ax.set_title(f"Test accuracy of the global model\n({what})", fontsize=9)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
               ncol=2 if len(point_ids) > MAX_LEGEND_POINTS else 1)
     fig.tight_layout()
@@ -339,7 +350,7 @@ def fig_to_accuracy(param: str, params: list[str], runs: pd.DataFrame, target: f
     n_combos = combos.nunique()
     grouped = bool(others) and not random and 1 < n_combos <= MAX_GROUP_LINES
     numeric, order, xpos = _param_axis(list(pd.unique(ok[param])))
-    fig, axes = pyplot.subplots(1, 2, figsize=(10, 4))
+    fig, axes = pyplot.subplots(1, 2, figsize=(10, 4.6 if grouped else 4))
 
     def order_key(key):
         first = ok[combos == key].iloc[0]
@@ -378,12 +389,19 @@ def fig_to_accuracy(param: str, params: list[str], runs: pd.DataFrame, target: f
         ax.set_ylabel(pretty[metric])
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
+    bottom = 0.0
     if grouped:
-        axes[1].legend(fontsize=7, title="other fields", title_fontsize=7, loc="best")
+        handles, labels = axes[0].get_legend_handles_labels() or axes[1].get_legend_handles_labels()
+        if not labels:
+            handles, labels = axes[1].get_legend_handles_labels()
+        ncol = min(len(labels), 3)
+        fig.legend(handles, labels, loc="lower center", ncol=max(ncol, 1), fontsize=7, frameon=False,
+                   title="other swept fields", title_fontsize=7)
+        bottom = 0.03 + 0.045 * math.ceil(len(labels) / max(ncol, 1))
     spread = "seeds" if (grouped or not others) else "seeds and the other swept fields"
-    fig.suptitle(f"{short_label(param)}: mean over {spread}; bars: {spread_note(kinds)} "
+    _suptitle(fig, f"{short_label(param)}: mean over {spread}; bars: {spread_note(kinds)} "
                  "(hollow: not every run reached the target)", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     return fw.save(fig, stem), kinds
 
 
@@ -455,7 +473,7 @@ def fig_aircomp(table: pd.DataFrame, params: list[str], fw: FigureWriter) -> byt
     if line_fields:
         axes[1].legend(fontsize=7, loc="best")
     marks = f"; numbers at the markers: {', '.join(short_label(p) for p in labelled)}" if labelled else ""
-    fig.suptitle(f"Over-the-air aggregation: mean over seeds (error bars: {spread_note(kinds)}{marks})", fontsize=9)
+    _suptitle(fig, f"Over-the-air aggregation: mean over seeds (error bars: {spread_note(kinds)}{marks})", fontsize=9)
     fig.tight_layout()
     return fw.save(fig, "aircomp")
 
@@ -540,7 +558,7 @@ def fig_pareto(front: pd.DataFrame, fw: FigureWriter) -> bytes:
     axes[2].set_xlabel("simulated run time (delay) [s]")
     axes[2].set_ylabel("total device energy [J]")
     axes[2].grid(alpha=0.3)
-    fig.suptitle("Accuracy vs. delay vs. energy, mean over seeds per point; outlined/red: not dominated in all three",
+    _suptitle(fig, "Accuracy vs. delay vs. energy, mean over seeds per point; outlined/red: not dominated in all three",
                  fontsize=9)
     fig.tight_layout()
     return fw.save(fig, "pareto")
@@ -657,6 +675,11 @@ def _style_metric(ax, metric: str, target: float) -> None:
     ax.set_axisbelow(True)
 
 
+def _point_text(sub: pd.DataFrame, point, varied: list[str]) -> str:
+    """``P3 (rank=8, method=lora)``: a point and the values of the fields that vary in the sweep."""
+    return f"P{point}" + (f" ({point_label(sub.iloc[0].to_dict(), varied)})" if varied and len(sub) else "")
+
+
 def fig_variants(table: pd.DataFrame, view: ExperimentView, params: list[str], target: float,
                  fw: FigureWriter) -> tuple[bytes, set, bool]:
     """Each metric per variant, mean over seeds with error bars. With an inner axis
@@ -671,6 +694,7 @@ def fig_variants(table: pd.DataFrame, view: ExperimentView, params: list[str], t
                                                                     for p in point_ids]
     kinds: set = set()
     variants = _variant_order(table)
+    varied = [p for p in params if table[p].astype(str).nunique() > 1]
     for ax, metric in zip(axes, metrics):
         if view.axis:
             series = list(pd.unique(table[view.series]))
@@ -680,7 +704,7 @@ def fig_variants(table: pd.DataFrame, view: ExperimentView, params: list[str], t
                     s = sub[sub[view.series] == name]
                     xs = sorted(pd.unique(s[view.axis].astype(float)))
                     vals = [s.loc[s[view.axis].astype(float) == x, metric].astype(float).tolist() for x in xs]
-                    label = name if point is None else f"P{point} {name}"
+                    label = name if point is None else f"{_point_text(sub, point, varied)}: {name}"
                     drawn = spread_errorbar(ax, xs, vals, metric, palette[gi * len(series) + si], label,
                                             ls="--" if si else "-")
                     kinds |= {d["kind"] for d in drawn}
@@ -710,7 +734,8 @@ def fig_variants(table: pd.DataFrame, view: ExperimentView, params: list[str], t
                 if xs:
                     bars = ax.bar(xs, means, width=width * 0.92, color=palette[gi],
                                   yerr=[lo, hi] if any(lo) or any(hi) else None, capsize=2,
-                                  label=None if point is None else f"P{point}", error_kw={"lw": 0.8})
+                                  label=None if point is None else _point_text(sub, point, varied),
+                                  error_kw={"lw": 0.8})
                     if len(groups) == 1:
                         ax.bar_label(bars, fmt="%.3g", fontsize=6, padding=2)
             missing = [vi for vi, v in enumerate(variants) if table.loc[table["variant"] == v, metric].isna().all()]
@@ -719,11 +744,15 @@ def fig_variants(table: pd.DataFrame, view: ExperimentView, params: list[str], t
             ax.set_xticks(range(len(variants)), [v[:18] for v in variants], rotation=35, ha="right", fontsize=7)
             ax.set_xlim(-0.6, len(variants) - 0.4)
         _style_metric(ax, metric, target)
+    bottom = 0.0
     if axes and (view.axis or len(groups) > 1):
-        axes[0].legend(fontsize=7, loc="best")
+        handles, labels = axes[0].get_legend_handles_labels()
+        ncol = max(min(len(labels), 3), 1)
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+        bottom = (0.25 + 0.18 * math.ceil(len(labels) / ncol)) / fig.get_size_inches()[1]
     what = "pooled over all points and seeds" if pooled else ("per point, " if len(groups) > 1 else "") + "mean over seeds"
-    fig.suptitle(f"Each {view.variant_name}: {what}; error bars: {spread_note(kinds)}", fontsize=9)
-    fig.tight_layout()
+    _suptitle(fig, f"Each {view.variant_name}: {what}; error bars: {spread_note(kinds)}", fontsize=9)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     return fw.save(fig, "variants"), kinds, pooled
 
 
@@ -754,13 +783,13 @@ def fig_variants_vs_field(table: pd.DataFrame, view: ExperimentView, param: str,
         _style_param_axis(ax, param, numeric, order, random)
         _style_metric(ax, metric, target)
     handles, labels = axes[0].get_legend_handles_labels() if axes else ([], [])
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=7, frameon=False)
+    ncol = max(min(len(labels), 6), 1)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
     others = [p for p in params if p != param]
     spread = "seeds" + (" and the other swept fields" if others else "")
     more = f" (first {MAX_VARIANT_LINES} variants)" if len(_variant_order(table)) > MAX_VARIANT_LINES else ""
-    fig.suptitle(f"{short_label(param)}: mean over {spread}{more}; error bars: {spread_note(kinds)}", fontsize=9)
-    rows = math.ceil(len(metrics) / 3)
-    fig.tight_layout(rect=(0, 0.05 + 0.05 * math.ceil(len(labels) / 6) / rows, 1, 1))
+    _suptitle(fig, f"{short_label(param)}: mean over {spread}{more}; error bars: {spread_note(kinds)}", fontsize=9)
+    fig.tight_layout(rect=(0, (0.25 + 0.18 * math.ceil(len(labels) / ncol)) / fig.get_size_inches()[1], 1, 1))
     return fw.save(fig, stem), kinds
 
 
@@ -803,7 +832,7 @@ def fig_variant_accuracy(table: pd.DataFrame, curves: dict, view: ExperimentView
     seeds = table.groupby(["point", "variant"]).size()
     band = ("; band: " + spread_note({("ci" if n >= 3 else "range" if n == 2 else "single") for n in seeds})
             if seeds.max() > 1 else "")
-    fig.suptitle(f"Test accuracy per {view.variant_name}: mean over seeds{band}{extra}", fontsize=9)
+    _suptitle(fig, f"Test accuracy per {view.variant_name}: mean over seeds{band}{extra}", fontsize=9)
     if len(shown) == 1:
         axes.flat[0].legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
         fig.tight_layout()
@@ -1054,8 +1083,9 @@ def _experiment_sections(data: ReportData, out: Path, fw: FigureWriter, target: 
                   f"({esc(view.variant_name)}) inside each run, on the same seed. {note}All times are simulated, "
                   f"never host time. {esc(SEED_NOTE)}</p>"]
     skipped = {s.get("accuracy_vs_time_skipped") for s in data.summaries.values()} - {None}
-    if skipped:
-        sections[0] += "<p class=note>No accuracy curves: " + esc("; ".join(sorted(map(str, skipped)))) + ".</p>"
+    if not curves:
+        why = "; ".join(sorted(map(str, skipped))) if skipped else NO_CURVES.get(view.experiment, "none recorded")
+        sections[0] += f"<p class=note>No accuracy curves: {esc(why)}.</p>"
     sections += _runs_sections(data, runs, ["run_id", "point", "seed", "status", *data.params, "run_dir"])
     keys = ["point", *data.params, "variant"] + [c for c in (view.series, view.axis)
                                                    if c and c != "variant" and c in vpoints] + ["runs_ok"]
