@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional
 
@@ -127,11 +129,90 @@ def load_bbc_news() -> tuple[list[str], np.ndarray, list[str]]:
     return list(texts), np.asarray(labels, dtype=np.int64), list(topics)
 
 
+MAX_CSV_BYTES = 2 * 1024**3
+"""Largest data file read [bytes] (pandas holds it in memory several times over)."""
+MAX_TEXT_CHARS = 1_000_000
+"""Longest text accepted [characters]; a longer one is not one classification example (the
+longest BBC News article has about 25,000), and tokenizing it would take a long time before
+``model.max_length_tokens`` cuts it."""
+SNIFF_BYTES = 64 * 1024
+"""Bytes read from the start of a data file to tell text from binary."""
+
+
 def _require_column(columns: list[str], column: str, field: str, path: str) -> None:
-    """Raise a ValueError naming the scenario field if ``column`` is not in the CSV."""
+    """Raise a ValueError naming the scenario field if ``column`` is not in the CSV (the header
+    names are not quoted: they are file content)."""
     if column not in columns:
         raise ValueError(
-            f"{field}={column!r}: no such column in {path} (columns: {columns})"
+            f"{field}={column!r}: no such column in data.path={path!r} (its header row has "
+            f"{len(columns)} column(s)); expected a header row naming data.text_column and data.label_column"
+        )
+
+
+def check_csv_file(path: str) -> None:
+    """A data file must be a readable, non-empty UTF-8 text file of at most
+    :data:`MAX_CSV_BYTES` without NUL bytes (checked on its first :data:`SNIFF_BYTES`)."""
+    where = f"data.path={path!r}"
+    try:
+        size = os.stat(path).st_size
+        with open(path, "rb") as fh:
+            head = fh.read(SNIFF_BYTES)
+    except OSError as err:
+        raise ValueError(f"{where} cannot be read ({err.strerror or type(err).__name__})") from None
+    if size == 0 or not head.strip():
+        raise ValueError(f"{where} is empty: expected a CSV file with a header row naming data.text_column "
+                         "and data.label_column, then one row per example")
+    if size > MAX_CSV_BYTES:
+        raise ValueError(f"{where} is {size:,} bytes; at most {MAX_CSV_BYTES:,} bytes are read")
+    if b"\x00" in head:
+        raise ValueError(f"{where} is a binary file (it contains NUL bytes): expected a UTF-8 CSV text file")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 4:  # not just a character cut at the end of the sniffed bytes
+            raise ValueError(f"{where} is not UTF-8 text (byte {err.start}): expected a UTF-8 CSV text file") from None
+
+
+def read_csv_frame(path: str):
+    """``pandas.read_csv`` with its errors turned into ValueErrors naming ``data.path`` (and
+    never quoting the file)."""
+    import pandas as pd
+
+    check_csv_file(path)
+    where = f"data.path={path!r}"
+    try:
+        with warnings.catch_warnings():
+            # a row with more fields than the header would be cut silently: make it an error
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(path, encoding="utf-8", index_col=False)
+    except pd.errors.ParserWarning:
+        raise ValueError(f"{where} is not a well-formed CSV (a row has more fields than the header row): "
+                         "expected the same number of comma-separated fields on every row, quoted where a "
+                         "text holds commas") from None
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{where} has no header row: expected a CSV file with a header row naming "
+                         "data.text_column and data.label_column") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{where} is not UTF-8 text (byte {err.start}): expected a UTF-8 CSV text file") from None
+    except pd.errors.ParserError as err:
+        # pandas' messages name line and field counts only, e.g. "Expected 2 fields in line 3, saw 4"
+        detail = str(err).strip().splitlines()[0].removeprefix("Error tokenizing data. C error: ")[:200]
+        raise ValueError(f"{where} is not a well-formed CSV ({detail}): expected the same number of "
+                         "comma-separated fields on every row, quoted where a text holds commas") from None
+    except (OSError, MemoryError) as err:
+        raise ValueError(f"{where} cannot be read ({type(err).__name__})") from None
+
+
+def _check_texts(frame, path: str, text_column: str) -> None:
+    """Every text is at most :data:`MAX_TEXT_CHARS` characters (``frame``: the rows kept, its
+    index = data row number - 1)."""
+    lengths = frame[text_column].str.len()
+    if lengths.max() > MAX_TEXT_CHARS:
+        row = int(lengths.idxmax())
+        raise ValueError(
+            f"data.text_column={text_column!r} in data.path={path!r}: data row {row + 1} has a text of "
+            f"{int(lengths.max()):,} characters; at most {MAX_TEXT_CHARS:,} are allowed (one example per row: "
+            "check the quoting of the file)"
         )
 
 
@@ -150,19 +231,26 @@ def encode_labels(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
 
 def load_csv(path: str, text_column: str, label_column: str) -> tuple[list[str], np.ndarray, list[str]]:
     """Read a CSV with pandas: (texts, int64 labels, class names). Rows whose text or label is
-    missing are dropped."""
-    import pandas as pd
-
-    frame = pd.read_csv(path)
+    missing are dropped. ValueError naming ``data.path`` / ``data.text_column`` /
+    ``data.label_column`` if the file is empty, binary, not UTF-8, not a well-formed CSV, lacks
+    a column, has no complete row, a text over :data:`MAX_TEXT_CHARS` or fewer than 2 classes."""
+    frame = read_csv_frame(path)
     columns = [str(c) for c in frame.columns]
     _require_column(columns, text_column, "data.text_column", path)
     _require_column(columns, label_column, "data.label_column", path)
     frame = frame[[text_column, label_column]].dropna()
-    texts = frame[text_column].astype(str).tolist()
+    if len(frame) == 0:
+        raise ValueError(
+            f"data.path={path!r} has no row with both a text (data.text_column={text_column!r}) and a label "
+            f"(data.label_column={label_column!r}): every row misses one of them"
+        )
+    frame = frame.assign(**{text_column: frame[text_column].astype(str)})
+    _check_texts(frame, path, text_column)
+    texts = frame[text_column].tolist()
     labels, class_names = encode_labels(frame[label_column].to_numpy())
     if len(class_names) < 2:
         raise ValueError(
-            f"data.label_column={label_column!r} in {path} has {len(class_names)} distinct "
+            f"data.label_column={label_column!r} in data.path={path!r} has {len(class_names)} distinct "
             "value(s); classification needs at least 2"
         )
     return texts, labels, class_names
@@ -326,10 +414,13 @@ def split_and_partition(
     return train_idx, test_idx, parts
 
 
-def check_data_fits(scenario: "Scenario", seed: Optional[int] = None) -> None:
-    """Load, split and partition the scenario's data as the trainer would (seed: ``seed`` or
-    ``scenario.seed``); raise ValueError naming the scenario fields if it does not fit."""
-    _, labels, _ = load_texts(scenario.data)
+def check_data_fits(scenario: "Scenario", seed: Optional[int] = None) -> int:
+    """Load, split and partition the scenario's data as the trainer would (with
+    ``scenario.train_seed(seed)``: ``training_seed``, else ``seed``, else ``scenario.seed``);
+    raise ValueError naming the scenario fields if it does not fit. Returns the number of
+    classes."""
+    _, labels, class_names = load_texts(scenario.data)
     split_and_partition(
-        labels, scenario.data, scenario.num_devices, scenario.seed if seed is None else seed
+        labels, scenario.data, scenario.num_devices, scenario.train_seed(seed)
     )
+    return len(class_names)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import torch
 from torch import nn
 
-from fomo.checkpoint import DEFAULT_MODEL_PACKAGE, default_model_path  # noqa: F401 (re-exported)
+from fomo.checkpoint import DEFAULT_MODEL_PACKAGE, check_checkpoint, default_model_path  # noqa: F401
 
 if TYPE_CHECKING:  # pragma: no cover
     from netsim.scenario import ModelSpec, PeftSpec
@@ -56,6 +56,25 @@ def quiet_hf() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def checkpoint_errors(folder: str) -> Iterator[None]:
+    """Turn any error raised while transformers reads the checkpoint folder into one ValueError
+    that names ``model.path`` and the error type (first line of the library's message, at most
+    200 characters). The block holds only library calls on the user's folder, whose errors come
+    in many types (OSError, ValueError, TypeError, RuntimeError for mismatched sizes,
+    ``SafetensorError``, huggingface_hub's ``StrictDataclassError``, tokenizers' plain
+    ``Exception``), hence ``except Exception``. The folder was checked by
+    :func:`fomo.checkpoint.check_checkpoint` first, so this is the rare case that check misses."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 (see the docstring)
+        first = (str(err).strip().splitlines() or [""])[0]
+        first = first if len(first) <= 200 else first[:197] + "..."
+        raise ValueError(f"model.path={folder!r}: transformers cannot load the checkpoint "
+                         f"({type(err).__name__}: {first}); expected a Hugging Face checkpoint folder "
+                         "(config.json + weights + tokenizer)") from None
+
+
 def dropout_overrides(folder: str) -> dict[str, float]:
     """Config keys holding a dropout probability (top-level float fields whose name contains
     "dropout", e.g. BERT's ``hidden_dropout_prob``), each mapped to 0.0."""
@@ -89,7 +108,8 @@ def load_base(
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = model_folder(model_spec)
-    with quiet_hf():
+    check_head_fits(check_checkpoint(folder), num_labels)
+    with quiet_hf(), checkpoint_errors(folder):
         tokenizer = AutoTokenizer.from_pretrained(folder)
         overrides: dict[str, Any] = dropout_overrides(folder) if disable_dropout else {}
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -103,6 +123,18 @@ def load_base(
         model.config.pad_token_id = tokenizer.pad_token_id
     model.train()
     return tokenizer, model
+
+
+def check_head_fits(info: Any, num_labels: int) -> None:
+    """A classification head saved in the checkpoint (``classifier`` / ``score``) must have one
+    output per class of the data (transformers refuses a head of another size)."""
+    from fomo.checkpoint import head_outputs
+
+    head = head_outputs(info.shapes) if info.shapes is not None else None
+    if head is not None and head[1] != num_labels:
+        raise ValueError(f"model.path={info.folder!r}: {info.weights_file} holds a classification head "
+                         f"({head[0]}) with {head[1]} outputs but the data has {num_labels} classes; use the "
+                         "checkpoint without its head or data with as many classes")
 
 
 def num_hidden_layers(config: Any) -> Optional[int]:
@@ -129,20 +161,59 @@ def check_layers(model: nn.Module, layers: Optional[list[int]]) -> None:
         )
 
 
+def linear_types() -> tuple[type, ...]:
+    """Module types peft's LoRA treats as linear layers (and ``all-linear`` selects):
+    ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2's fused projections, weight stored
+    in x out; peft sets ``fan_in_fan_out`` for them itself)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
+
+
+def adaptable_types() -> tuple[type, ...]:
+    """Module types LoRA can adapt: the linear ones, embeddings and 2-D convolutions."""
+    return (*linear_types(), nn.Embedding, nn.Conv2d)
+
+
+def matches_target(name: str, target: str) -> bool:
+    """peft's rule for a list of target modules: the module name equals the target or ends
+    with "." + target."""
+    return name == target or name.endswith("." + target)
+
+
+def adaptable_suffixes(model: nn.Module) -> dict[str, str]:
+    """Last name segment -> module type (``Linear``, ``Conv1D``, ``Embedding``, ...) of every
+    module LoRA can adapt, sorted by name."""
+    kinds = adaptable_types()
+    found: dict[str, set[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, kinds):
+            found.setdefault(name.rsplit(".", 1)[-1], set()).add(type(module).__name__)
+    return {suffix: "/".join(sorted(types)) for suffix, types in sorted(found.items())}
+
+
 def check_target_modules(model: nn.Module, targets: list[str]) -> None:
     """Raise ValueError naming ``peft.target_modules`` if a target matches no module name
-    (peft's rule: a module matches when its name equals the target or ends with "." + target)."""
-    names = [name for name, _ in model.named_modules()]
-    missing = [
-        t for t in targets
-        if t != ALL_LINEAR and not any(n == t or n.endswith("." + t) for n in names)
-    ]
-    if missing:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(
-            f"peft.target_modules={targets}: {missing} not found in the model "
-            f"(its linear modules are named: {linear})"
-        )
+    (:func:`matches_target`) or only modules LoRA cannot adapt (a LayerNorm, a whole attention
+    block); the message lists the adaptable modules with their types."""
+    kinds = adaptable_types()
+    modules = list(model.named_modules())
+    missing, unsupported = [], []
+    for t in targets:
+        if t == ALL_LINEAR:
+            continue
+        hits = [m for n, m in modules if matches_target(n, t)]
+        if not hits:
+            missing.append(t)
+        elif not any(isinstance(m, kinds) for m in hits):
+            unsupported.append(f"{t} ({type(hits[0]).__name__})")
+    if missing or unsupported:
+        listing = ", ".join(f"{s} ({k})" for s, k in adaptable_suffixes(model).items())
+        what = "; ".join(part for part in (
+            f"{missing} not found in the model" if missing else "",
+            f"{unsupported} cannot take LoRA" if unsupported else "") if part)
+        raise ValueError(f"peft.target_modules={targets}: {what}. LoRA adapts linear, Conv1D, embedding and "
+                         f"Conv2d layers; this model has: {listing}")
 
 
 _LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")  # peft's rule: the first numbered segment
@@ -189,9 +260,9 @@ def rank_patterns(model: nn.Module, peft_spec: "PeftSpec") -> tuple[dict[str, in
         if idx is None or idx not in ranks:
             continue
         if ALL_LINEAR in targets:
-            hit = isinstance(module, nn.Linear)
+            hit = isinstance(module, linear_types())
         else:
-            hit = any(name == t or name.endswith("." + t) for t in targets)
+            hit = any(matches_target(name, t) for t in targets)
         if hit:
             rank_pat[re.escape(name)] = ranks[idx]
             alpha_pat[re.escape(name)] = float(peft_spec.alpha) * ranks[idx] / peft_spec.rank
@@ -210,7 +281,7 @@ def _lora_targets(peft_spec: "PeftSpec", layers: Optional[list[int]], model: Opt
     if model is None:
         raise ValueError("peft.target_modules=all-linear with chosen blocks: peft_config needs the model")
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and layer_index(name) is not None})
+                   if isinstance(m, linear_types()) and layer_index(name) is not None})
 
 
 def peft_config(peft_spec: "PeftSpec", model: Optional[nn.Module] = None) -> Any:
