@@ -1,26 +1,29 @@
-"""Scenario checks that need files (data set, model config) but not torch.
+"""Scenario checks that need files (data set, model folder) but not torch, and warnings about
+settings that have no effect.
 
-Run by ``deftsim validate`` and before ``deftsim run``; each raises ``ValueError`` with a
-message naming the field, the value and what is allowed.
+:func:`check_scenario_resources` is run by ``deftsim validate`` and before ``deftsim run``; it
+raises ``ValueError`` with a message naming the field, the value and what is allowed.
+:func:`settings_warnings` lists the fields a scenario sets that nothing reads.
 """
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-from pathlib import Path
+from typing import Any, Iterator
 
-from fomo.checkpoint import default_model_path
+from pydantic import BaseModel
+
+from fomo.checkpoint import (HEAD_MODULES, CheckpointInfo, adaptable_modules, check_checkpoint, config_depth,
+                             default_model_path, head_outputs, read_config)
 from netsim.scenario import Scenario
+
+ALL_LINEAR = "all-linear"
+LORA_EXPERIMENTS = ("fedavg", "aircomp_vs_ofdma", "lola_compare")
+"""Experiments that fine-tune with ``peft`` (neural_aircomp trains its own projections)."""
 
 
 def model_depth(model_dir: str) -> int:
-    """Number of transformer blocks from the checkpoint's config.json."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if key in cfg:
-            return int(cfg[key])
-    raise ValueError(f"model.path={model_dir!r}: config.json names no layer count (num_hidden_layers)")
+    """Number of transformer blocks from the checkpoint's config.json (an integer in 1..1024;
+    ValueError naming model.path and config.json otherwise)."""
+    return config_depth(read_config(model_dir), model_dir)
 
 
 def check_rank_per_layer(rank_per_layer, depth: int) -> None:
@@ -40,18 +43,192 @@ def check_rank_per_layer(rank_per_layer, depth: int) -> None:
                          f"{depth} blocks, allowed indices 0..{depth - 1}")
 
 
+def _module_matches(module: str, target: str) -> bool:
+    """peft's rule (name equals the target or ends with "." + target), applied to a module name
+    of the weights file; also true when the target is a longer, prefixed form of the name (the
+    loaded model prefixes e.g. ``bert.``)."""
+    return module == target or module.endswith("." + target) or target.endswith("." + module)
+
+
+def check_target_modules(info: CheckpointInfo, targets: list[str]) -> None:
+    """Every ``peft.target_modules`` entry must name a layer of the checkpoint that LoRA can
+    adapt: a module owning a 2-D ``weight`` in the weights file (linear layers, GPT-2's Conv1D,
+    embeddings) or the classification head transformers adds (:data:`HEAD_MODULES`). Skipped
+    for ``pytorch_model.bin`` weights (their names need torch; the trainer checks them)."""
+    if info.shapes is None:
+        return
+    modules = adaptable_modules(info.shapes)
+    unknown = [t for t in targets
+               if t != ALL_LINEAR and t not in HEAD_MODULES and not any(_module_matches(m, t) for m in modules)]
+    if unknown:
+        suffixes = sorted({m.rsplit(".", 1)[-1] for m in modules})
+        raise ValueError(f"peft.target_modules={targets}: {unknown} match no layer of {info.weights_file} in "
+                         f"model.path={info.folder!r} that LoRA can adapt (linear, Conv1D or embedding layers, "
+                         f"all supported by peft's LoRA); its layers end in: {', '.join(suffixes)} "
+                         f"(or use {ALL_LINEAR!r})")
+
+
+def check_head(info: CheckpointInfo, num_classes: int) -> None:
+    """A classification head saved in the checkpoint must have one output per class."""
+    head = head_outputs(info.shapes) if info.shapes is not None else None
+    if head is not None and head[1] != num_classes:
+        raise ValueError(f"model.path={info.folder!r}: {info.weights_file} holds a classification head "
+                         f"({head[0]}) with {head[1]} outputs but the data has {num_classes} classes; use the "
+                         "checkpoint without its head or data with as many classes")
+
+
 def check_scenario_resources(scenario: Scenario) -> None:
+    """Checks of a ``trainer: real`` scenario against its files, without torch: the model folder
+    (:func:`fomo.checkpoint.check_checkpoint`), ``peft.layers`` / ``peft.rank_per_layer`` against
+    its depth, ``peft.target_modules`` against its layers, and the data (readable, has the
+    columns, >= 2 classes, fits the devices; a saved head fits the classes)."""
     if scenario.trainer != "real":
         return
-    model_dir = scenario.model.path or default_model_path()
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise ValueError(f"model.path={model_dir!r} has no config.json")
-    depth = model_depth(model_dir)
+    info = check_checkpoint(scenario.model.path or default_model_path())
+    depth = info.depth
     bad = [layer for layer in (scenario.peft.layers or []) if layer >= depth]
     if bad:
         raise ValueError(f"peft.layers={scenario.peft.layers}: block(s) {bad} do not exist; the model has "
                          f"{depth} blocks, allowed indices 0..{depth - 1}")
     check_rank_per_layer(scenario.peft.rank_per_layer, depth)
+    uses_lora = scenario.experiment in LORA_EXPERIMENTS and scenario.peft.method == "lora"
+    if uses_lora:
+        check_target_modules(info, list(scenario.peft.target_modules))
     from fomo.data import check_data_fits
 
-    check_data_fits(scenario)
+    num_classes = check_data_fits(scenario)
+    if scenario.experiment in LORA_EXPERIMENTS:
+        check_head(info, num_classes)
+
+
+# --------------------------------------------------------------------------------------------
+# Settings without effect
+# --------------------------------------------------------------------------------------------
+def explicit_fields(section: BaseModel) -> dict[str, Any]:
+    """Fields of a scenario section that the file (or ``--set``, or a sweep) sets to a value
+    other than the default: pydantic's ``model_fields_set``, less the fields whose value equals
+    the default (an override into a section the file leaves out copies the section's defaults,
+    which set nothing)."""
+    out: dict[str, Any] = {}
+    fields = type(section).model_fields
+    for name in sorted(section.model_fields_set):
+        value = getattr(section, name)
+        if value != fields[name].get_default(call_default_factory=True):
+            out[name] = value
+    return out
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json", exclude_defaults=True)
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _ignored(prefix: str, section: BaseModel, names: tuple[str, ...] | None, reason: str) -> Iterator[str]:
+    """One message per field of ``section`` in ``names`` (None: every field) set explicitly."""
+    for name, value in explicit_fields(section).items():
+        if names is None or name in names:
+            yield f"{prefix}.{name}={_short(value)} has no effect: {reason}"
+
+
+def _peft_warnings(s: Scenario) -> Iterator[str]:
+    if s.experiment == "neural_aircomp":
+        yield from _ignored("peft", s.peft, None, "experiment 'neural_aircomp' trains its own projections, not PEFT")
+    elif s.peft.method == "prompt_tuning":
+        yield from _ignored("peft", s.peft, ("rank", "alpha", "dropout", "target_modules", "layers"),
+                            "LoRA only, and peft.method is 'prompt_tuning'")
+    else:
+        yield from _ignored("peft", s.peft, ("num_virtual_tokens",), "prompt tuning only, and peft.method is 'lora'")
+
+
+def _data_warnings(s: Scenario) -> Iterator[str]:
+    if s.data.partition == "iid":
+        yield from _ignored("data", s.data, ("dirichlet_alpha",), "used with data.partition 'dirichlet' only, "
+                            "and data.partition is 'iid'")
+    if s.data.dataset == "bbc_news":
+        yield from _ignored("data", s.data, ("path", "text_column", "label_column"),
+                            "used with data.dataset 'csv' only, and data.dataset is 'bbc_news'")
+    if s.experiment == "neural_aircomp":
+        yield from _ignored("data", s.data, ("partition", "dirichlet_alpha", "min_examples_per_device"),
+                            "experiment 'neural_aircomp' splits every example across the devices, not the data set")
+
+
+def _trainer_warnings(s: Scenario) -> Iterator[str]:
+    if s.trainer == "real":
+        # lola_compare's measured depth profile sizes its head with fake.num_classes
+        keep = ("num_classes",) if s.experiment == "lola_compare" else ()
+        names = tuple(n for n in type(s.fake).model_fields if n not in keep)
+        yield from _ignored("fake", s.fake, names, "the parameters of trainer 'fake', and trainer is 'real'")
+        if s.execution.strategy == "sequential":
+            yield from _ignored("execution", s.execution, ("max_devices_per_pass",),
+                                "batched only, and execution.strategy is 'sequential'")
+        return
+    yield from _ignored("execution", s.execution, None, "how the real trainer runs its steps, and trainer is 'fake'")
+    yield from _ignored("model", s.model, ("path",), "the real trainer's checkpoint, and trainer is 'fake'")
+    if s.experiment != "lola_compare":  # lola's analytic profile reads peft.rank and target_modules
+        yield from _ignored("data", s.data, None, "trainer 'fake' has no data set (see fake.examples_per_device)")
+        yield from _ignored("peft", s.peft, None, "trainer 'fake' has no model to adapt (see fake.adapter_bytes)")
+
+
+def _experiment_warnings(s: Scenario) -> Iterator[str]:
+    if s.lola is not None and s.experiment != "lola_compare":
+        yield f"lola={_short(s.lola)} has no effect: used by experiment 'lola_compare' only, and experiment is " \
+              f"{s.experiment!r}"
+    if "neural_aircomp" in s.model_fields_set and explicit_fields(s.neural_aircomp) and s.experiment != "neural_aircomp":
+        yield f"neural_aircomp={_short(s.neural_aircomp)} has no effect: used by experiment 'neural_aircomp' only, " \
+              f"and experiment is {s.experiment!r}"
+    aircomp_used = s.experiment in ("aircomp_vs_ofdma", "neural_aircomp") or (
+        s.experiment == "fedavg" and s.channel.uplink_access == "aircomp")
+    if not aircomp_used:
+        yield from _ignored("aircomp", s.aircomp, None,
+                            f"over-the-air settings, and experiment {s.experiment!r} uses channel.uplink_access "
+                            f"{s.channel.uplink_access!r}")
+    elif s.experiment != "aircomp_vs_ofdma":
+        yield from _ignored("aircomp", s.aircomp, ("device_counts",),
+                            f"used by experiment 'aircomp_vs_ofdma' only, and experiment is {s.experiment!r}")
+    if s.experiment == "aircomp_vs_ofdma":
+        yield from _ignored("channel", s.channel, ("uplink_access",),
+                            "experiment 'aircomp_vs_ofdma' runs both 'ofdma' and 'aircomp'")
+
+
+def _lola_warnings(s: Scenario) -> Iterator[str]:
+    if s.lola is None or s.experiment != "lola_compare":
+        return
+    lola = s.lola
+    if lola.train_rounds == 0:
+        yield from _ignored("lola", lola, ("train_algorithms",), "lola.train_rounds is 0 (latency only)")
+    if "jbba" not in lola.algorithms:
+        yield from _ignored("lola", lola, ("jbba_iterations",), "'jbba' is not in lola.algorithms")
+    measured = lola.profile == "measured" or (lola.profile == "auto" and s.trainer == "real")
+    if measured:
+        yield from _ignored("lola", lola, ("analytic",), "the depth profile is measured on the real model "
+                            f"(lola.profile {lola.profile!r}, trainer {s.trainer!r})")
+
+
+def _radio_warnings(s: Scenario) -> Iterator[str]:
+    if s.channel.pathloss.model != "log_distance":
+        yield from _ignored("channel.pathloss", s.channel.pathloss, ("exponent", "ref_loss_db"),
+                            f"log_distance only, and channel.pathloss.model is {s.channel.pathloss.model!r}")
+    if s.d2d.kind != "distance":
+        yield from _ignored("d2d", s.d2d, ("threshold_m",), f"d2d.kind 'distance' only, and d2d.kind is {s.d2d.kind!r}")
+    if s.d2d.kind != "knn":
+        yield from _ignored("d2d", s.d2d, ("k",), f"d2d.kind 'knn' only, and d2d.kind is {s.d2d.kind!r}")
+    if s.d2d.kind == "none":
+        yield from _ignored("d2d", s.d2d, ("bandwidth_hz",), "d2d.kind is 'none' (no sidelinks)")
+
+
+def settings_warnings(scenario: Scenario) -> list[str]:
+    """One message per field the scenario sets (to a non-default value) that has no effect
+    with the rest of the scenario, naming the field, its value and why; empty if none.
+
+    Examples: ``peft.rank`` under ``peft.method: prompt_tuning``, ``data.dirichlet_alpha`` with
+    ``data.partition: iid``, ``data.path`` with ``data.dataset: bbc_news``, a ``fake:`` section
+    with ``trainer: real``, ``lola:`` with another experiment, ``aircomp`` settings with
+    ``channel.uplink_access: ofdma`` and experiment ``fedavg``."""
+    out: dict[str, str] = {}  # field path -> its first message
+    for rule in (_trainer_warnings, _peft_warnings, _data_warnings, _experiment_warnings, _lola_warnings,
+                 _radio_warnings):
+        for message in rule(scenario):
+            out.setdefault(message.split("=", 1)[0], message)
+    return list(out.values())
