@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -177,6 +178,41 @@ def test_saved_head_must_fit_the_classes(tmp_path, tiny_gpt2):
     res = deftsim("validate", str(scenario_file(tmp_path, model=tiny_gpt2, data=csv,
                                                 peft={"target_modules": ["c_attn"]})))
     assert_clean_exit_2(res, "score.weight", "2 outputs", "3 classes")
+
+
+def _safetensors_bytes(header: dict, data: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def test_safetensors_header_check_agrees_with_the_library(tmp_path):
+    """fomo.checkpoint.safetensors_header reads what safetensors writes, refuses what the
+    library refuses (cut data, trailing bytes), and checks sizes against shape x dtype."""
+    import numpy as np
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from fomo.checkpoint import safetensors_header
+
+    path = tmp_path / "model.safetensors"
+    save_file({"enc.0.w.weight": np.zeros((3, 5), np.float32), "enc.0.b": np.zeros(7, np.float16)}, str(path))
+    assert safetensors_header(path, tmp_path) == {"enc.0.w.weight": (3, 5), "enc.0.b": (7,)}
+    whole = path.read_bytes()
+    for broken, fragment in [(whole[:-1], "truncated"), (whole + b"\0", "not fully covered"),
+                             (whole[:6], "shorter than the 8-byte header length")]:
+        path.write_bytes(broken)
+        with pytest.raises(ValueError, match=fragment):
+            safetensors_header(path, tmp_path)
+        with pytest.raises(Exception):  # the library refuses the same file
+            with safe_open(str(path), framework="numpy") as fh:
+                list(fh.keys())
+    entry = {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 20]}  # 2 x 3 x 4 bytes = 24, not 20
+    path.write_bytes(_safetensors_bytes({"w": entry}, b"\0" * 20))
+    with pytest.raises(ValueError, match="has 20 bytes of data but its shape \\[2, 3\\] needs 24"):
+        safetensors_header(path, tmp_path)
+    path.write_bytes(_safetensors_bytes({"w": {"dtype": "F32", "shape": "x", "data_offsets": [0, 4]}}, b"\0" * 4))
+    with pytest.raises(ValueError, match="corrupt header entry"):
+        safetensors_header(path, tmp_path)
 
 
 # --------------------------------------------------------------------------------------------

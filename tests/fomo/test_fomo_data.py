@@ -81,7 +81,7 @@ def test_impossible_dirichlet_raises_naming_alpha() -> None:
 
 
 def test_check_data_fits_on_scenarios() -> None:
-    fdata.check_data_fits(Scenario.model_validate({"devices": [{"count": 10}]}))
+    assert fdata.check_data_fits(Scenario.model_validate({"devices": [{"count": 10}]})) == 5  # BBC topics
     crowded = Scenario.model_validate(
         {"devices": [{"count": 300}], "data": {"min_examples_per_device": 8}}
     )
@@ -108,6 +108,48 @@ def test_csv_missing_column_names_it(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="data.label_column='topic'"):
         fdata.load_texts(scenario.data)
+
+
+def test_csv_errors_name_the_file_and_never_quote_it(tmp_path: Path) -> None:
+    secret = "SECRET-CONTENT-1c9e"
+    cases = {
+        "empty": (b"", "is empty"),
+        "binary": (b"\x00\x01" + secret.encode(), "binary file"),
+        "latin1": (f"text,label\ncaf\xe9 {secret},a\nb,b\n".encode("latin-1"), "not UTF-8 text (byte 14)"),
+        "header_only": (b"text,label\n", "no row with both a text"),
+        "empty_texts": (b"text,label\n,a\n,b\n", "no row with both a text"),
+        "no_column": (f"{secret},label\nx,a\ny,b\n".encode(), "data.text_column='text': no such column"),
+        "one_class": (b"text,label\nx,a\ny,a\n", "1 distinct value"),
+        "quote": (f'text,label\n"{secret},a\n'.encode(), "not a well-formed CSV"),
+        "wide_row": (f"text,label\n{secret},a,b\ny,b\n".encode(), "more fields than the header"),
+        "wide_later_row": (f"text,label\nx,a\n{secret},b,c\n".encode(), "Expected 2 fields in line 3, saw 3"),
+    }
+    for name, (content, fragment) in cases.items():
+        path = tmp_path / f"{name}.csv"
+        path.write_bytes(content)
+        with pytest.raises(ValueError) as err:
+            fdata.load_csv(str(path), "text", "label")
+        message = str(err.value)
+        assert fragment in message and f"{name}.csv" in message and secret not in message, (name, message)
+
+
+def test_csv_text_length_limit(tmp_path: Path) -> None:
+    """A text of exactly MAX_TEXT_CHARS is accepted, one more character is refused (naming the row)."""
+    limit = fdata.MAX_TEXT_CHARS
+    path = tmp_path / "long.csv"
+    path.write_text(f"text,label\nshort,a\n{'x' * limit},b\n")
+    texts, _, _ = fdata.load_csv(str(path), "text", "label")
+    assert len(texts[1]) == limit
+    path.write_text(f"text,label\nshort,a\n{'x' * (limit + 1)},b\n")
+    with pytest.raises(ValueError, match=f"data row 2 has a text of {limit + 1:,} characters"):
+        fdata.load_csv(str(path), "text", "label")
+
+
+def test_csv_with_quoted_commas_and_utf8_loads(tmp_path: Path) -> None:
+    path = tmp_path / "ok.csv"
+    path.write_text('text,label\n"one, two",a\ncafé,b\n', encoding="utf-8")
+    texts, labels, names = fdata.load_csv(str(path), "text", "label")
+    assert texts == ["one, two", "café"] and labels.tolist() == [0, 1] and names == ["a", "b"]
 
 
 def test_seed_streams_are_distinct() -> None:
