@@ -262,6 +262,12 @@ def _suptitle(fig, text: str, fontsize: float = 9) -> None:
     fig.suptitle(textwrap.fill(text, width=max(width, 40)), fontsize=fontsize)
 
 
+def _caption_label(runs: pd.DataFrame, param: str) -> str:
+    """A swept field's name for a caption: with its unit if numeric, without if categorical."""
+    values = list(pd.unique(runs.loc[runs["status"] == "ok", param])) if param in runs else []
+    return field_label(param) if is_numeric(values) else short_label(param)
+
+
 def _param_axis(values: list) -> tuple[bool, list, dict]:
     """(numeric, ordered values, value -> x position) of a swept field's values: numbers at their
     value, categories (text, booleans, lists) at 0, 1, 2, ... in sorted order."""
@@ -512,7 +518,8 @@ def fig_latency_rounds(points: pd.DataFrame, runs: pd.DataFrame, breakdown: pd.D
             break
     cols = min(3, len(shown))
     rows = math.ceil(len(shown) / cols)
-    fig, axes = pyplot.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows + 0.4), squeeze=False, sharey=True)
+    height = 3.0 * rows + 0.35
+    fig, axes = pyplot.subplots(rows, cols, figsize=(4.2 * cols, height), squeeze=False, sharey=True)
     for ax, (p, run) in zip(axes.flat, shown):
         b = breakdown[breakdown["run_id"] == run["run_id"]]
         bottom = np.zeros(len(b))
@@ -529,7 +536,7 @@ def fig_latency_rounds(points: pd.DataFrame, runs: pd.DataFrame, breakdown: pd.D
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.4 / (3.0 * rows + 0.4) + 0.04, 1, 1))
+    fig.tight_layout(rect=(0, 0.3 / height, 1, 1))
     return fw.save(fig, "latency_per_round")
 
 
@@ -742,6 +749,7 @@ def fig_variants(table: pd.DataFrame, view: ExperimentView, params: list[str], t
             for vi in missing:
                 ax.text(vi, 0, "n/a", ha="center", va="bottom", fontsize=7, color="#777777")
             ax.set_xticks(range(len(variants)), [v[:18] for v in variants], rotation=35, ha="right", fontsize=7)
+            ax.margins(y=0.12)
             ax.set_xlim(-0.6, len(variants) - 0.4)
         _style_metric(ax, metric, target)
     bottom = 0.0
@@ -812,7 +820,7 @@ def fig_variant_accuracy(table: pd.DataFrame, curves: dict, view: ExperimentView
         sub = table[table["point"] == point]
         for v in variants:
             keys = [(r, v) for r in sub.loc[sub["variant"] == v, "run_id"] if (r, v) in curves]
-            mean_band(ax, [curves[k] for k in keys], palette[v], v, marker="." if len(keys) == 1 else "o")
+            mean_band(ax, [curves[k] for k in keys], palette[v], v)
         if chance is not None and np.isfinite(chance):
             ax.axhline(chance, color="grey", ls="--", lw=1)
         if np.isfinite(target):
@@ -832,7 +840,8 @@ def fig_variant_accuracy(table: pd.DataFrame, curves: dict, view: ExperimentView
     seeds = table.groupby(["point", "variant"]).size()
     band = ("; band: " + spread_note({("ci" if n >= 3 else "range" if n == 2 else "single") for n in seeds})
             if seeds.max() > 1 else "")
-    _suptitle(fig, f"Test accuracy per {view.variant_name}: mean over seeds{band}{extra}", fontsize=9)
+    what = "mean over seeds" if seeds.max() > 1 else "one run"
+    _suptitle(fig, f"Test accuracy per {view.variant_name}: {what}{band}{extra}", fontsize=9)
     if len(shown) == 1:
         axes.flat[0].legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
         fig.tight_layout()
@@ -945,10 +954,14 @@ def _names(stem: str, fw: FigureWriter) -> str:
 
 def _spread_table(frame: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataFrame:
     """The HTML view of a points table: the key columns, then per metric its mean and its spread
-    over seeds as text (a CI only with 3 or more seeds)."""
+    over seeds as text (a CI only with 3 or more seeds); with one seed everywhere, the values."""
     cols = {k: frame[k] for k in keys if k in frame}
+    single = all(frame[f"{m}_n"].max() <= 1 for m in metrics if f"{m}_n" in frame and len(frame))
     for m in metrics:
         if f"{m}_mean" in frame:
+            if single:
+                cols[m] = frame[f"{m}_mean"]
+                continue
             cols[f"{m} (mean)"] = frame[f"{m}_mean"]
             cols[f"{m} over seeds"] = frame[f"{m}_spread"]
     return pd.DataFrame(cols)
@@ -969,7 +982,9 @@ def _header(data: ReportData, runs: pd.DataFrame, n_points: int, ok_count: int) 
         out += "<p>Swept fields: " + ", ".join(f"<code>{esc(p)}</code> ({esc(short_label(p))})"
                                                for p in data.params) + ".</p>"
     per_point = runs[runs["status"] == "ok"].groupby("point").size()
-    if len(per_point) and per_point.min() < 3:
+    if data.kind == "run":
+        out += "<p class=note>One run, one seed: the tables show its values, with no spread over seeds.</p>"
+    elif len(per_point) and per_point.min() < 3:
         out += (f"<p class=note><b>Fewer than 3 seeds</b> at {int((per_point < 3).sum())} of {len(per_point)} "
                 "point(s): no confidence interval is shown there, only the number of seeds and their range "
                 "(2 seeds) or the value (1 seed).</p>")
@@ -1022,7 +1037,7 @@ def _fedavg_sections(data: ReportData, out: Path, fw: FigureWriter, target: Opti
         stem = f"to_accuracy_{i:02d}_{p.replace('.', '_')}"
         png, kinds = fig_to_accuracy(p, data.params, runs, target, p in data.random_params, fw, stem, partners)
         param_figs.append(_figure(png, f"time and energy to accuracy against {p}",
-                                  f"Time and device energy to reach accuracy {target:g} against {field_label(p)}: "
+                                  f"Time and device energy to reach accuracy {target:g} against {_caption_label(runs, p)}: "
                                   f"mean over runs that reached it; error bars: {spread_note(kinds)}.",
                                   _names(stem, fw)))
     if param_figs:
@@ -1087,8 +1102,9 @@ def _experiment_sections(data: ReportData, out: Path, fw: FigureWriter, target: 
         why = "; ".join(sorted(map(str, skipped))) if skipped else NO_CURVES.get(view.experiment, "none recorded")
         sections[0] += f"<p class=note>No accuracy curves: {esc(why)}.</p>"
     sections += _runs_sections(data, runs, ["run_id", "point", "seed", "status", *data.params, "run_dir"])
-    keys = ["point", *data.params, "variant"] + [c for c in (view.series, view.axis)
-                                                   if c and c != "variant" and c in vpoints] + ["runs_ok"]
+    keys = ["point", *data.params, "variant"] + [
+        c for c in (view.series, view.axis) if c and c != "variant" and c in vpoints
+        and not (vpoints[c].astype(str) == vpoints["variant"].astype(str)).all()] + ["runs_ok"]
     sections.append(f"<h2>Variants (mean and spread over seeds)</h2>"
                     + html_table(_spread_table(vpoints, keys, list(view.metrics))))
     png, kinds, pooled = fig_variants(table, view, data.params, chosen, fw)
@@ -1104,7 +1120,7 @@ def _experiment_sections(data: ReportData, out: Path, fw: FigureWriter, target: 
         stem = f"variants_vs_{i:02d}_{p.replace('.', '_')}"
         png, kinds = fig_variants_vs_field(table, view, p, data.params, chosen, p in data.random_params, fw, stem)
         figs.append(_figure(png, f"metrics per variant against {p}",
-                            f"Each metric against {field_label(p)}, a line per variant; error bars: "
+                            f"Each metric against {_caption_label(runs, p)}, a line per variant; error bars: "
                             f"{spread_note(kinds)}.", _names(stem, fw)))
     if figs:
         sections.append("<h2>Metrics per variant against each swept field</h2>" + "".join(figs))
@@ -1116,7 +1132,7 @@ def _experiment_sections(data: ReportData, out: Path, fw: FigureWriter, target: 
         sections.append("<h2>Accuracy vs. simulated time per variant</h2>" + _figure(
             png, "test accuracy against simulated time per variant",
             f"Test accuracy against simulated time for each {view.variant_name} that has an accuracy curve: "
-            "the mean over seeds of each evaluation's time and accuracy, a band over seeds with 2 or more.",
+            "with several seeds the mean over seeds of each evaluation's time and accuracy and a band over seeds.",
             _names("variant_accuracy_vs_time", fw)))
     return sections
 

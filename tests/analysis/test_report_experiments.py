@@ -164,3 +164,32 @@ def test_neural_aircomp_and_trained_lola_runs(cli, tmp_path):
     for name, acc in summary["final_accuracy"].items():
         assert table.loc[name, "final_accuracy"] == acc
     _png(tmp_path / "lola" / "report" / "variant_accuracy_vs_time.png")
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian package: chromium)")
+def test_experiment_reports_open_in_headless_chromium(cli, results, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    problems, counts = [], {}
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        for name in ("lola", "cmp"):
+            res = cli("report", results[name], "--out", tmp_path / name)
+            assert res.returncode == 0, res.stderr
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in
+                    ("error", "warning") else None)
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+            page.goto((tmp_path / name / "report.html").as_uri())
+            page.wait_for_load_state("load")
+            images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
+            assert all(done and width > 100 for done, width in images), images
+            counts[name] = len(images)
+            page.screenshot(path=str(tmp_path / f"{name}.png"), full_page=True)
+            page.close()
+        browser.close()
+    assert problems == []
+    assert counts == {"lola": 1, "cmp": 2}   # lola (fake): metrics only; cmp: metrics and accuracy vs time
