@@ -38,11 +38,15 @@ def print_comparison(summary: dict, out_dir: str) -> None:
 def print_lola(summary: dict, out_dir: str) -> None:
     """Console table of experiment ``lola_compare``: mean per-round latency per algorithm."""
     lat = summary["mean_round_latency_s"]
+    acc = summary.get("final_accuracy") if isinstance(summary.get("final_accuracy"), dict) else {}
     best = min(lat.values())
     click.echo("")
-    click.echo(f"  {'algorithm':<16} {'mean round latency':>19}  {'vs best':>8}")
+    click.echo(f"  {'algorithm':<16} {'mean round latency':>19}  {'vs best':>8}" + (f"  {'final acc':>9}" if acc else ""))
     for name, value in lat.items():
-        click.echo(f"  {name:<16} {1e3 * value:>16.2f} ms  {value / best:>7.2f}x")
+        trained = (f"  {acc[name]:>9.3f}" if name in acc else f"  {'-':>9}") if acc else ""
+        click.echo(f"  {name:<16} {1e3 * value:>16.2f} ms  {value / best:>7.2f}x" + trained)
+    if acc:
+        click.echo(f"  (final acc: after {summary.get('train_rounds', '?')} rounds of real block fine-tuning)")
     click.echo(_files(out_dir))
 
 
