@@ -88,9 +88,39 @@ def read_parquet(path: Path, *, what: str = "Parquet table", columns: Iterable[s
     return frame
 
 
+NUMERIC_EVENT_COLUMNS = ("t_s", "duration_s", "round", "energy_j", "accuracy")
+
+
 def read_events(run_dir: Path) -> pd.DataFrame:
-    """``run_dir/events.parquet`` with the columns the report needs (:data:`EVENT_COLUMNS`)."""
-    return read_parquet(Path(run_dir) / "events.parquet", what="event log", columns=EVENT_COLUMNS)
+    """``run_dir/events.parquet`` with the columns the report needs (:data:`EVENT_COLUMNS`),
+    the times, round, energy and accuracy numeric and ``kind``/``node`` text."""
+    path = Path(run_dir) / "events.parquet"
+    frame = read_parquet(path, what="event log", columns=EVENT_COLUMNS)
+    for col in NUMERIC_EVENT_COLUMNS:
+        if not pd.api.types.is_numeric_dtype(frame[col]) or pd.api.types.is_bool_dtype(frame[col]):
+            raise ReportError(f"{_name(path)}: event log column {col} must be numeric, not {frame[col].dtype}")
+    for col in ("kind", "node"):
+        if not (pd.api.types.is_object_dtype(frame[col]) or pd.api.types.is_string_dtype(frame[col])) \
+                or not frame[col].map(lambda v: isinstance(v, str)).all():
+            raise ReportError(f"{_name(path)}: event log column {col} must hold text")
+    return frame
+
+
+def check_numbers(summary: dict, path: Path, required: Iterable[str], optional: Iterable[str] = ()) -> None:
+    """Each ``required`` key of a ``summary.json`` is a number, each ``optional`` one a number or
+    null if present (a :class:`ReportError` naming the file and the key otherwise)."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    for key in required:
+        if key not in summary:
+            raise ReportError(f"{_name(path)}: run summary lacks {key!r}; it is not a complete FedAvg run summary")
+        if not number(summary[key]):
+            raise ReportError(f"{_name(path)}: {key} must be a number, not a JSON {type(summary[key]).__name__}")
+    for key in optional:
+        if key in summary and summary[key] is not None and not number(summary[key]):
+            raise ReportError(f"{_name(path)}: {key} must be a number or null, not a JSON "
+                              f"{type(summary[key]).__name__}")
 
 
 def prepare_out_dir(out: Path) -> Path:

@@ -55,7 +55,7 @@ import pandas as pd
 
 from .figures import (FigureWriter, aligned_mean, category_text, check_formats, colors, is_numeric, mean_band, plt,
                       spread_errorbar, spread_note)
-from .files import ReportError, prepare_out_dir, read_events, read_json, write_bytes_atomic
+from .files import ReportError, check_numbers, prepare_out_dir, read_events, read_json, write_bytes_atomic
 from .labels import axis_label, field_label, short_label, unit_of
 from .load import flatten_summary
 from .metrics import (LATENCY_PARTS, accuracy_curve, choose_target as _choose_target, latency_breakdown,
@@ -124,7 +124,15 @@ def _experiment(runs: pd.DataFrame, where: str) -> str:
     return name
 
 
+FEDAVG_REQUIRED = ("best_accuracy", "final_accuracy")
+FEDAVG_OPTIONAL = ("chance_accuracy", "sim_time_s", "total_device_energy_j", "mean_device_energy_j",
+                   "rounds_completed", "compute_share", "communication_share")
+
+
 def _read_ok_run(data: ReportData, run_id: str, run_dir: Path) -> None:
+    if data.experiment == "fedavg":
+        summary = read_json(run_dir / "summary.json", what="run summary")
+        check_numbers(summary, run_dir / "summary.json", FEDAVG_REQUIRED, FEDAVG_OPTIONAL)
     data.events[run_id] = read_events(run_dir)
     scenario_file = run_dir / "scenario.json"
     resolved = read_json(scenario_file, what="resolved scenario") if scenario_file.exists() else {}
@@ -801,7 +809,7 @@ def fig_variants_vs_field(table: pd.DataFrame, view: ExperimentView, param: str,
     return fw.save(fig, stem), kinds
 
 
-def fig_variant_accuracy(table: pd.DataFrame, curves: dict, view: ExperimentView, target: float,
+def fig_variant_accuracy(table: pd.DataFrame, curves: dict, view: ExperimentView, params: list[str], target: float,
                          chance: Optional[float], fw: FigureWriter) -> bytes:
     """Accuracy vs. simulated time, a panel per point (first :data:`MAX_ROUND_PANELS`), a line per
     variant: the mean over seeds with a band (2 or more seeds), each seed faint."""
@@ -816,6 +824,7 @@ def fig_variant_accuracy(table: pd.DataFrame, curves: dict, view: ExperimentView
     fig, axes = pyplot.subplots(rows, cols, figsize=size, squeeze=False)
     variants = [v for v in _variant_order(table) if any(k[1] == v for k in curves)]
     palette = dict(zip(variants, colors(len(variants))))
+    varied = [p for p in params if p in table and table[p].astype(str).nunique() > 1]
     for ax, point in zip(axes.flat, shown):
         sub = table[table["point"] == point]
         for v in variants:
@@ -830,7 +839,7 @@ def fig_variant_accuracy(table: pd.DataFrame, curves: dict, view: ExperimentView
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         if len(shown) > 1:
-            ax.set_title(f"P{point}", fontsize=8)
+            ax.set_title(_point_text(sub, point, varied), fontsize=8)
     for ax in list(axes.flat)[len(shown):]:
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
@@ -1128,7 +1137,7 @@ def _experiment_sections(data: ReportData, out: Path, fw: FigureWriter, target: 
         chances = [float(s["chance_accuracy"]) for s in data.summaries.values()
                    if isinstance(s.get("chance_accuracy"), (int, float)) and not isinstance(s["chance_accuracy"], bool)]
         chance = float(np.median(chances)) if chances else math.nan
-        png = fig_variant_accuracy(table, curves, view, chosen, chance if np.isfinite(chance) else None, fw)
+        png = fig_variant_accuracy(table, curves, view, data.params, chosen, chance if np.isfinite(chance) else None, fw)
         sections.append("<h2>Accuracy vs. simulated time per variant</h2>" + _figure(
             png, "test accuracy against simulated time per variant",
             f"Test accuracy against simulated time for each {view.variant_name} that has an accuracy curve: "

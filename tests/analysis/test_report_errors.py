@@ -37,7 +37,30 @@ DAMAGE = {
     "deep summary": ("summary.json", lambda p: p.write_text("[" * 100_000 + "]" * 100_000), "nested too deeply"),
     "cut scenario": ("scenario.json", lambda p: _truncate(p, 0.3), "is not valid JSON"),
     "unreadable summary": ("summary.json", lambda p: (p.unlink(), p.mkdir()), "cannot read"),
+    "summary without best accuracy": ("summary.json", lambda p: _edit_json(p, best_accuracy=None, drop=True),
+                                      "lacks 'best_accuracy'"),
+    "text accuracy": ("summary.json", lambda p: _edit_json(p, final_accuracy=SECRET), "final_accuracy must be a number"),
+    "text times in events": ("events.parquet", lambda p: _edit_events(p, t_s=SECRET), "t_s must be numeric"),
 }
+
+
+def _edit_json(path, drop=False, **values):
+    import json
+
+    data = json.loads(path.read_text())
+    for key, value in values.items():
+        if drop:
+            data.pop(key)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+
+
+def _edit_events(path, **values):
+    frame = pd.read_parquet(path)
+    for key, value in values.items():
+        frame[key] = value
+    frame.to_parquet(path)
 
 
 @pytest.mark.parametrize("case", sorted(DAMAGE))
