@@ -978,7 +978,8 @@ def _spread_table(frame: pd.DataFrame, keys: list[str], metrics: list[str]) -> p
 
 def _header(data: ReportData, runs: pd.DataFrame, n_points: int, ok_count: int) -> str:
     esc = html.escape
-    seeds = sorted({int(s) for s in runs["seed"].dropna()})
+    seeds = sorted({int(s) for s in runs["seed"].dropna() if isinstance(s, (int, np.integer, float, np.floating))
+                    and not isinstance(s, (bool, np.bool_)) and float(s).is_integer()})
     failed = int((runs["status"] == "failed").sum())
     pending = int((runs["status"] == "pending").sum())
     what = "" if data.experiment == "fedavg" else f" of experiment <code>{esc(data.experiment)}</code>"

@@ -47,8 +47,9 @@ def load_plan(sweep_dir: PathLike) -> dict:
                 or not isinstance(run["params"], dict):
             raise ReportError(f"{where}: runs[{i}] must have run_id, point, seed and params")
         safe_run_id(run["run_id"], f"{where}: runs[{i}]")
-        if isinstance(run["point"], bool) or not isinstance(run["point"], int):
-            raise ReportError(f"{where}: runs[{i}].point must be an integer")
+        for key in ("point", "seed"):
+            if isinstance(run[key], bool) or not isinstance(run[key], int):
+                raise ReportError(f"{where}: runs[{i}].{key} must be an integer")
     plan.setdefault("name", Path(sweep_dir).resolve().name)
     return plan
 
