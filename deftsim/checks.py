@@ -11,11 +11,10 @@ from typing import Any, Iterator
 
 from pydantic import BaseModel
 
-from fomo.checkpoint import (HEAD_MODULES, CheckpointInfo, adaptable_modules, check_checkpoint, config_depth,
-                             default_model_path, head_outputs, read_config)
+from fomo.checkpoint import (ALL_LINEAR, HEAD_MODULES, CheckpointInfo, adaptable_modules, check_checkpoint,
+                             check_head_fits, config_depth, default_model_path, read_config)
 from netsim.scenario import Scenario
 
-ALL_LINEAR = "all-linear"
 LORA_EXPERIMENTS = ("fedavg", "aircomp_vs_ofdma", "lola_compare")
 """Experiments that fine-tune with ``peft`` (neural_aircomp trains its own projections)."""
 
@@ -68,15 +67,6 @@ def check_target_modules(info: CheckpointInfo, targets: list[str]) -> None:
                          f"(or use {ALL_LINEAR!r})")
 
 
-def check_head(info: CheckpointInfo, num_classes: int) -> None:
-    """A classification head saved in the checkpoint must have one output per class."""
-    head = head_outputs(info.shapes) if info.shapes is not None else None
-    if head is not None and head[1] != num_classes:
-        raise ValueError(f"model.path={info.folder!r}: {info.weights_file} holds a classification head "
-                         f"({head[0]}) with {head[1]} outputs but the data has {num_classes} classes; use the "
-                         "checkpoint without its head or data with as many classes")
-
-
 def check_scenario_resources(scenario: Scenario) -> None:
     """Checks of a ``trainer: real`` scenario against its files, without torch: the model folder
     (:func:`fomo.checkpoint.check_checkpoint`), ``peft.layers`` / ``peft.rank_per_layer`` against
@@ -98,7 +88,7 @@ def check_scenario_resources(scenario: Scenario) -> None:
 
     num_classes = check_data_fits(scenario)
     if scenario.experiment in LORA_EXPERIMENTS:
-        check_head(info, num_classes)
+        check_head_fits(info, num_classes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,7 +165,7 @@ def _experiment_warnings(s: Scenario) -> Iterator[str]:
     if s.lola is not None and s.experiment != "lola_compare":
         yield f"lola={_short(s.lola)} has no effect: used by experiment 'lola_compare' only, and experiment is " \
               f"{s.experiment!r}"
-    if "neural_aircomp" in s.model_fields_set and explicit_fields(s.neural_aircomp) and s.experiment != "neural_aircomp":
+    if s.experiment != "neural_aircomp" and explicit_fields(s.neural_aircomp):
         yield f"neural_aircomp={_short(s.neural_aircomp)} has no effect: used by experiment 'neural_aircomp' only, " \
               f"and experiment is {s.experiment!r}"
     aircomp_used = s.experiment in ("aircomp_vs_ofdma", "neural_aircomp") or (

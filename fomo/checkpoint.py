@@ -40,6 +40,8 @@ HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
 WORD_EMBEDDING_SUFFIXES = ("word_embeddings.weight", "wte.weight", "embed_tokens.weight")
 HEAD_WEIGHTS = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
 """Sequence-classification heads a checkpoint may already hold (BERT, GPT-2, RoBERTa layouts)."""
+ALL_LINEAR = "all-linear"
+"""peft's target meaning every linear layer but the output head."""
 HEAD_MODULES = ("classifier", "score", "out_proj")
 """Head modules AutoModelForSequenceClassification adds when the checkpoint has none."""
 
@@ -162,7 +164,8 @@ def safetensors_header(path: Path, folder: str | Path) -> dict[str, tuple[int, .
         with path.open("rb") as fh:
             head = fh.read(8)
             if len(head) < 8:
-                raise ValueError(f"{where} is truncated ({size} bytes, shorter than the 8-byte header length): {expected}")
+                raise ValueError(f"{where} is truncated ({size} bytes, shorter than the 8-byte header length): "
+                                 f"{expected}")
             (n,) = struct.unpack("<Q", head)
             if n > SAFETENSORS_MAX_HEADER_BYTES or 8 + n > size:
                 raise ValueError(f"{where} is truncated or not safetensors: its header length ({n:,} bytes) does "
@@ -290,6 +293,16 @@ def _check_weights_fit_config(cfg: dict, shapes: dict[str, tuple[int, ...]], dep
         if key is not None and cfg[key] != want:
             raise ValueError(f"{_where(folder, 'config.json')} field {key}={cfg[key]:,} but the word embedding in "
                              f"{weights_file} is {embedding[0]} x {embedding[1]}; expected {key}={want}")
+
+
+def check_head_fits(info: "CheckpointInfo", num_classes: int) -> None:
+    """A classification head saved in the checkpoint (:data:`HEAD_WEIGHTS`) must have one output
+    per class of the data (transformers refuses a head of another size)."""
+    head = head_outputs(info.shapes) if info.shapes is not None else None
+    if head is not None and head[1] != num_classes:
+        raise ValueError(f"model.path={info.folder!r}: {info.weights_file} holds a classification head "
+                         f"({head[0]}) with {head[1]} outputs but the data has {num_classes} classes; use the "
+                         "checkpoint without its head or data with as many classes")
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,14 +20,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import torch
 from torch import nn
 
-from fomo.checkpoint import DEFAULT_MODEL_PACKAGE, check_checkpoint, default_model_path  # noqa: F401
+from fomo.checkpoint import (ALL_LINEAR, DEFAULT_MODEL_PACKAGE, check_checkpoint, check_head_fits,  # noqa: F401
+                             default_model_path)
 
 if TYPE_CHECKING:  # pragma: no cover
     from netsim.scenario import ModelSpec, PeftSpec
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-
-ALL_LINEAR = "all-linear"
 
 
 def model_folder(model_spec: "ModelSpec") -> str:
@@ -123,18 +122,6 @@ def load_base(
         model.config.pad_token_id = tokenizer.pad_token_id
     model.train()
     return tokenizer, model
-
-
-def check_head_fits(info: Any, num_labels: int) -> None:
-    """A classification head saved in the checkpoint (``classifier`` / ``score``) must have one
-    output per class of the data (transformers refuses a head of another size)."""
-    from fomo.checkpoint import head_outputs
-
-    head = head_outputs(info.shapes) if info.shapes is not None else None
-    if head is not None and head[1] != num_labels:
-        raise ValueError(f"model.path={info.folder!r}: {info.weights_file} holds a classification head "
-                         f"({head[0]}) with {head[1]} outputs but the data has {num_labels} classes; use the "
-                         "checkpoint without its head or data with as many classes")
 
 
 def num_hidden_layers(config: Any) -> Optional[int]:

@@ -248,7 +248,8 @@ def test_broken_csv_validate_exit_2(case, tmp_path):
 def test_broken_csv_run_exit_2(tmp_path):
     csv = tmp_path / "binary.csv"
     csv.write_bytes(bytes(range(256)) * 64)
-    res = deftsim("run", str(scenario_file(tmp_path, data=csv)), "--out", str(tmp_path / "out"), "--quiet", "--threads", "1")
+    res = deftsim("run", str(scenario_file(tmp_path, data=csv)), "--out", str(tmp_path / "out"), "--quiet",
+                  "--threads", "1")
     assert_clean_exit_2(res, "binary.csv", "data.path")
 
 
@@ -347,6 +348,8 @@ WARNINGS = [
     ({"trainer": "fake", "data": {"partition": "dirichlet"}}, ["data.partition='dirichlet'", "no data set"]),
     ({"lola": {"num_blocks": 2}}, ["lola={'num_blocks': 2}", "'lola_compare' only", "'fedavg'"]),
     ({"aircomp": {"num_subcarriers": 64}}, ["aircomp.num_subcarriers=64", "'ofdma'", "'fedavg'"]),
+    ({"neural_aircomp": {"steps": 5}}, ["neural_aircomp={'steps': 5}", "'neural_aircomp' only"]),
+    ({"experiment": "neural_aircomp", "peft": {"rank": 4}}, ["peft.rank=4", "trains its own projections"]),
     ({"channel": {"uplink_access": "aircomp"}, "aircomp": {"device_counts": [3]}},
      ["aircomp.device_counts=[3]", "'aircomp_vs_ofdma' only"]),
     ({"channel": {"pathloss": {"exponent": 3.5}}}, ["channel.pathloss.exponent=3.5", "log_distance only"]),
