@@ -279,8 +279,11 @@ def _check_weights_fit_config(cfg: dict, shapes: dict[str, tuple[int, ...]], dep
     """config.json must not describe more blocks than the weights hold (they would be random),
     and its hidden and vocabulary sizes must match the word-embedding matrix if there is one."""
     blocks = weight_block_count(shapes)
-    if blocks is not None and depth > blocks:
-        raise ValueError(f"{_where(folder, 'config.json')} says {depth:,} transformer blocks but {weights_file} "
+    # ALBERT shares one set of block weights among num_hidden_layers blocks: it stores num_hidden_groups
+    groups = cfg.get("num_hidden_groups")
+    stored = groups if isinstance(groups, int) and not isinstance(groups, bool) and groups >= 1 else depth
+    if blocks is not None and stored > blocks:
+        raise ValueError(f"{_where(folder, 'config.json')} says {stored:,} transformer blocks but {weights_file} "
                          f"holds {blocks} (blocks 0..{blocks - 1}); expected at most {blocks}")
     embedding = next((s for n, s in shapes.items() if n.endswith(WORD_EMBEDDING_SUFFIXES) and len(s) == 2), None)
     if embedding is None:

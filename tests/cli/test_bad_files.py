@@ -215,6 +215,30 @@ def test_safetensors_header_check_agrees_with_the_library(tmp_path):
         safetensors_header(path, tmp_path)
 
 
+def test_config_against_weights_allows_shared_blocks_and_factorised_embeddings(tmp_path):
+    """ALBERT stores num_hidden_groups blocks for num_hidden_layers and embeds at embedding_size:
+    check_checkpoint accepts that, and refuses the same config without those fields."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from fomo.checkpoint import check_checkpoint
+
+    save_file({"embeddings.word_embeddings.weight": np.zeros((50, 8), np.float32),
+               "encoder.albert_layer_groups.0.albert_layers.0.ffn.weight": np.zeros((64, 16), np.float32)},
+              str(tmp_path / "model.safetensors"))
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    config = {"model_type": "albert", "num_hidden_layers": 12, "num_hidden_groups": 1, "hidden_size": 16,
+              "embedding_size": 8, "vocab_size": 50}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert check_checkpoint(tmp_path).depth == 12
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "num_hidden_groups"}))
+    with pytest.raises(ValueError, match="says 12 transformer blocks but model.safetensors holds 1"):
+        check_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "embedding_size"}))
+    with pytest.raises(ValueError, match="hidden_size=16 but the word embedding in model.safetensors is 50 x 8"):
+        check_checkpoint(tmp_path)
+
+
 # --------------------------------------------------------------------------------------------
 # Data file
 # --------------------------------------------------------------------------------------------
