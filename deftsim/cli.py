@@ -38,11 +38,20 @@ def _load(path: str, overrides: tuple[str, ...], seed: Optional[int]):
     try:
         scenario = load_scenario(path, overrides, seed)
         _semantic_checks(scenario)
-        return scenario
     except ScenarioError as err:
         _fail(str(err))
     except ValueError as err:
         _fail(f"invalid scenario file {path!r}: {err}")
+    _warn_settings(scenario)
+    return scenario
+
+
+def _warn_settings(scenario) -> None:
+    """``warning: ...`` on stderr for every set field that has no effect (deftsim.checks)."""
+    from .checks import settings_warnings
+
+    for message in settings_warnings(scenario):
+        click.echo(f"warning: {message}", err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,29 +62,42 @@ def main() -> None:
 
 @main.command()
 @click.argument("scenario_file", metavar="SCENARIO.yaml")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="results folder")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="results folder (required unless --dry-run)")
 @click.option("--seed", type=int, default=None, help="run seed (overrides the file's seed)")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="override a field (repeatable)")
 @click.option("--quiet", is_flag=True, help="no progress bar or summary table")
 @click.option("--threads", type=int, default=None,
-              help="PyTorch threads of the real trainer (default: torch's own choice; results may differ "
-                   "at float rounding between thread counts)")
-def run(scenario_file: str, out_dir: str, seed: Optional[int], overrides: tuple[str, ...], quiet: bool,
-        threads: Optional[int]) -> None:
-    """Run one scenario and write DIR/events.parquet, summary.json, scenario.json and a plot."""
-    from .report import print_summary
+              help="PyTorch threads of the real trainer (default: DEFTSIM_TORCH_THREADS, else the cores this "
+                   "process may use, at most 8; OpenMP threads wait passively). Results may differ at float "
+                   "rounding between thread counts")
+@click.option("--overwrite", is_flag=True, help="replace a run already in --out (files of others are kept)")
+@click.option("--dry-run", is_flag=True, help="validate and print the real device steps and evaluations the run "
+                                              "would do; run nothing")
+def run(scenario_file: str, out_dir: Optional[str], seed: Optional[int], overrides: tuple[str, ...], quiet: bool,
+        threads: Optional[int], overwrite: bool, dry_run: bool) -> None:
+    """Run one scenario and write DIR/events.parquet, summary.json, scenario.json and a plot.
 
-    if threads is not None:
-        if threads < 1:
-            _fail(f"--threads {threads}: must be >= 1")
-        from .sweep_run import pin_threads
-
-        pin_threads(threads)
-    from .runner import run_scenario
-
-    scenario = _load(scenario_file, overrides, seed)
+    DIR is checked and locked before anything runs; a DIR that already holds a run is refused
+    unless --overwrite."""
     if seed is not None and seed < 0:
         _fail(f"--seed {seed}: must be >= 0")
+    scenario = _load(scenario_file, overrides, seed)
+    if dry_run:
+        _print_work(scenario)
+        return
+    if out_dir is None:
+        _fail("missing option --out DIR (the results folder)")
+    from .report import print_summary
+    from .run_folder import RunFolder
+    from .runner import run_scenario
+
+    try:  # fail on a bad --out now, not after the experiment
+        with RunFolder(out_dir, overwrite=overwrite):
+            pass
+    except ScenarioError as err:
+        _fail(str(err))
+    thread_record = _apply_threads(scenario, threads, quiet)
     bar = None
     if not quiet:
         from tqdm import tqdm
@@ -91,14 +113,45 @@ def run(scenario_file: str, out_dir: str, seed: Optional[int], overrides: tuple[
             bar.set_postfix(acc=f"{acc:.3f}", sim_t=f"{t_s:.2f}s")
 
     try:
-        summary = run_scenario(scenario, out_dir, on_round=on_round)
+        summary = run_scenario(scenario, out_dir, on_round=on_round, overwrite=overwrite,
+                               timing_extra={"threads": thread_record})
     except ScenarioError as err:
         _fail(str(err))
+    except OSError as err:
+        _fail(f"--out {out_dir!r}: cannot write the results ({err.strerror or err}); the folder is left as it was")
     finally:
         if bar is not None:
             bar.close()
     if not quiet:
         print_summary(summary, out_dir)
+
+
+def _apply_threads(scenario, threads: Optional[int], quiet: bool) -> dict:
+    """Apply the thread policy (:mod:`deftsim.threads`) before torch is imported, say what it
+    is, and return the record for timing.json. The fake trainer runs no torch: nothing to set."""
+    from .threads import ThreadPolicyError, configure_threads, describe
+
+    if scenario.trainer != "real":
+        return {"torch_threads": None, "note": "trainer: fake runs no PyTorch"}
+    try:
+        record = configure_threads(threads)
+    except ThreadPolicyError as err:
+        _fail(str(err))
+    if not quiet:
+        click.echo(describe(record), err=True)
+    return record
+
+
+def _print_work(scenario) -> None:
+    from .experiments import planned_work
+
+    work = planned_work(scenario)
+    click.echo(f"dry run of {scenario.name!r} (experiment {scenario.experiment}, trainer {scenario.trainer}, "
+               f"{scenario.num_devices} devices): nothing was run")
+    click.echo(f"  real device steps: at most {work.device_steps:,}")
+    click.echo(f"  evaluations:       at most {work.evaluations:,} (of up to {scenario.data.max_test_examples} "
+               "test examples each)")
+    click.echo(f"  ({work.detail})")
 
 
 @main.command()
@@ -260,14 +313,18 @@ def _print_plan(plan, out_dir: Optional[str]) -> None:
 @click.option("--target", type=float, default=None,
               help="accuracy for time-/energy-to-accuracy (default: the scenarios' stop.target_accuracy, "
                    "else 90% of the median best accuracy)")
-def report(folder: str, report_dir: Optional[str], target: Optional[float]) -> None:
-    """Write an HTML report (plus PNG figures and CSV/Parquet tables) of a sweep or run folder."""
+@click.option("--format", "formats", default="png", show_default=True, metavar="png,pdf,svg",
+              help="figure formats to write besides the HTML (comma-separated; the HTML embeds PNG)")
+def report(folder: str, report_dir: Optional[str], target: Optional[float], formats: str) -> None:
+    """Write an HTML report (plus figures and CSV/Parquet tables) of a sweep or run folder of any
+    experiment."""
     from analysis.report import ReportError, build_report
 
     if target is not None and not 0 < target <= 1:
         _fail(f"--target {target}: must be in (0, 1]")
     try:
-        path = build_report(folder, report_dir, target=target)
+        path = build_report(folder, report_dir, target=target,
+                            formats=[f.strip() for f in formats.split(",") if f.strip()])
     except ReportError as err:
         _fail(str(err))
     click.echo(f"report: {path}")

@@ -81,9 +81,17 @@ def _crashpoint(name: str) -> None:
 # ------------------------------------------------------------------------- worker side
 def pin_threads(threads: int) -> None:
     """Pin PyTorch's and the BLAS libraries' threads of runs started in this process (read when
-    the trainer is built; ``fomo.trainer.configure_threads``)."""
+    the trainer is built; ``fomo.trainer.configure_threads``), and let idle OpenMP threads sleep
+    (``OMP_WAIT_POLICY=PASSIVE`` unless set: the thread policy of :mod:`deftsim.threads`; read
+    when torch is imported, which a worker process does after this)."""
     for var in (THREADS_ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _threads_record(threads: int) -> dict:
+    return {"torch_threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+            "source": "--threads-per-run"}
 
 
 def execute_run(task: dict) -> dict:
@@ -106,7 +114,7 @@ def execute_run(task: dict) -> dict:
         check_scenario_resources(scenario)
         phase = "run"
         with tempfile.TemporaryDirectory(prefix=f"deftsim-{task['run_id']}-") as tmp:
-            run_scenario(scenario, tmp)
+            run_scenario(scenario, tmp, timing_extra={"threads": _threads_record(int(task.get("threads", 1)))})
             files = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir())
                      if p.is_file() and not p.name.startswith(".")}  # not the lock and manifest
         return {"status": "ok", "files": files, "wall_s": time.perf_counter() - t0, **info}
