@@ -74,7 +74,7 @@ def run_aircomp_vs_ofdma(scenario: Scenario, on_round=None):
             outcome = sim.run()
             events = sim.recorder.to_frame()
             s = summarize(events, num_classes=trainer.num_classes, stop_reason=outcome.stop_reason,
-                          target_accuracy=sc.stop.target_accuracy)
+                          target_accuracy=sc.stop.target_accuracy, devices=[d.name for d in sim.network.devices])
             key = str(k)
             latency[uplink][key] = aggregation_latency_s(events)
             accuracy[uplink][key] = s["final_accuracy"]

@@ -44,7 +44,8 @@ def fedavg(scenario: Scenario, on_round=None) -> ExperimentResult:
     outcome = sim.run()
     events = sim.recorder.to_frame()
     summary = summarize(events, num_classes=trainer.num_classes, stop_reason=outcome.stop_reason,
-                        target_accuracy=scenario.stop.target_accuracy)
+                        target_accuracy=scenario.stop.target_accuracy,
+                        devices=[d.name for d in sim.network.devices])
     if isinstance(sim, AirCompFedAvgSimulation):
         summary["aircomp"] = aircomp_summary(sim.aircomp_log)
     title = f"{scenario.name} (seed {scenario.seed})"

@@ -84,9 +84,9 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
             os.unlink(tmp)
 
 
-def _write_json(path: Path, obj, nonfinite: NonFinite = "null") -> None:
+def _write_json(path: Path, obj, nonfinite: NonFinite = "null", sort_keys: bool = True) -> None:
     """Strict JSON (no NaN/Infinity tokens; see :mod:`deftsim.jsonio`)."""
-    _write_atomic(path, lambda p: p.write_text(dumps_strict(obj, nonfinite) + "\n"))
+    _write_atomic(path, lambda p: p.write_text(dumps_strict(obj, nonfinite, sort_keys=sort_keys) + "\n"))
 
 
 def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
@@ -170,6 +170,7 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, on_round=None, overwri
         for name, write in result.figures.items():
             _write_atomic(stage / name, write)
         _write_json(stage / "timing.json", {"wall_s": wall_s, **result.timing, **(timing_extra or {})})
-        _write_json(stage / "summary.json", result.summary)
+        # in the order the summary was built (deterministic): devices stay in natural order
+        _write_json(stage / "summary.json", result.summary, sort_keys=False)
         folder.commit()
     return result.summary
