@@ -214,6 +214,7 @@ def sweep(sweep_file: str, out_dir: Optional[str], backend: str, workers: Option
         plan = plan_sweep(sweep_file, overrides)
     except (SweepError, ScenarioError) as err:
         _fail(str(err))
+    _warn_sweep_settings(plan)
     if workers is not None and workers < 1:
         _fail(f"--workers {workers}: must be >= 1")
     if threads_per_run < 1:
@@ -250,6 +251,23 @@ def sweep(sweep_file: str, out_dir: Optional[str], backend: str, workers: Option
     click.echo(f"results: {out_dir}/runs.parquet; report: deftsim report {out_dir}")
     if result.failed:
         sys.exit(3)
+
+
+def _warn_sweep_settings(plan) -> None:
+    """Warnings for settings without effect, each once over the sweep's valid runs."""
+    from netsim.scenario import Scenario
+
+    from .checks import settings_warnings
+
+    seen: set[str] = set()
+    points: set[int] = set()
+    for run in plan.runs:
+        if run.valid and run.point not in points:  # seeds do not change which settings matter
+            points.add(run.point)
+            for message in settings_warnings(Scenario.model_validate(run.scenario)):
+                if message not in seen:
+                    seen.add(message)
+                    click.echo(f"warning: {message}", err=True)
 
 
 def _short_error(message: Optional[str], limit: int = 300) -> str:
