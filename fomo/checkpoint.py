@@ -311,25 +311,35 @@ def check_head_fits(info: "CheckpointInfo", num_classes: int) -> None:
 # --------------------------------------------------------------------------------------------
 # Tokenizer
 # --------------------------------------------------------------------------------------------
-SENTENCEPIECE_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+VOCAB_FREE_TOKENIZERS = ("ByT5Tokenizer", "CanineTokenizer")
+"""Byte / character tokenizers that need no vocabulary file (named by tokenizer_config.json)."""
+
+
+def _has_vocabulary(folder: Path) -> bool:
+    """tokenizer.json, vocab.txt (WordPiece), vocab.json + merges.txt (BPE), or a SentencePiece
+    model (``*.model``, ``*.spm``)."""
+    def has(name: str) -> bool:
+        return (folder / name).is_file()
+
+    return (has("tokenizer.json") or has("vocab.txt") or (has("vocab.json") and has("merges.txt"))
+            or any(p.is_file() for pattern in ("*.model", "*.spm") for p in folder.glob(pattern)))
 
 
 def check_tokenizer_files(folder: str | Path) -> None:
     """The folder must hold a tokenizer: ``tokenizer.json``, ``vocab.txt`` (WordPiece),
-    ``vocab.json`` + ``merges.txt`` (BPE) or a SentencePiece model. (Without them transformers
-    builds a tokenizer that maps every word to [UNK] and trains on nothing.) ``tokenizer.json``
-    and ``tokenizer_config.json`` must parse as JSON objects."""
+    ``vocab.json`` + ``merges.txt`` (BPE), a SentencePiece model, or a tokenizer_config.json
+    naming a vocabulary-free tokenizer (:data:`VOCAB_FREE_TOKENIZERS`). (Without them
+    transformers builds a tokenizer that maps every word to [UNK] and trains on nothing.)
+    ``tokenizer.json`` and ``tokenizer_config.json`` must parse as JSON objects."""
     folder = Path(folder)
-    has = {name: (folder / name).is_file() for name in
-           ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", *SENTENCEPIECE_FILES)}
-    if not (has["tokenizer.json"] or has["vocab.txt"] or (has["vocab.json"] and has["merges.txt"])
-            or any(has[n] for n in SENTENCEPIECE_FILES)):
+    tok_config = (read_json_object(folder / "tokenizer_config.json", folder, "tokenizer configuration")
+                  if (folder / "tokenizer_config.json").is_file() else {})
+    if not _has_vocabulary(folder) and tok_config.get("tokenizer_class") not in VOCAB_FREE_TOKENIZERS:
         raise ValueError(f"model.path={str(folder)!r} has no tokenizer: expected tokenizer.json, vocab.txt, "
                          "vocab.json + merges.txt or a SentencePiece .model file saved with the checkpoint")
-    if has["tokenizer.json"] and (folder / "tokenizer.json").stat().st_size <= TOKENIZER_JSON_MAX_BYTES:
-        read_json_object(folder / "tokenizer.json", folder, "tokenizer", TOKENIZER_JSON_MAX_BYTES)
-    if (folder / "tokenizer_config.json").is_file():
-        read_json_object(folder / "tokenizer_config.json", folder, "tokenizer configuration")
+    path = folder / "tokenizer.json"
+    if path.is_file() and path.stat().st_size <= TOKENIZER_JSON_MAX_BYTES:
+        read_json_object(path, folder, "tokenizer", TOKENIZER_JSON_MAX_BYTES)
 
 
 # --------------------------------------------------------------------------------------------

@@ -239,6 +239,27 @@ def test_config_against_weights_allows_shared_blocks_and_factorised_embeddings(t
         check_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("files,ok", [
+    ({"tokenizer_config.json": '{"tokenizer_class": "BertTokenizer"}'}, False),  # no vocabulary
+    ({"special_tokens_map.json": "{}"}, False),
+    ({"vocab.json": "{}"}, False),  # BPE needs merges.txt too
+    ({"vocab.json": "{}", "merges.txt": "#version: 0.2\n"}, True),
+    ({"vocab.txt": "[UNK]\n"}, True),
+    ({"spm.model": ""}, True),  # SentencePiece (DeBERTa-v3 name)
+    ({"tokenizer_config.json": '{"tokenizer_class": "ByT5Tokenizer"}'}, True),  # bytes: no vocabulary file
+])
+def test_tokenizer_files(files, ok, tmp_path):
+    from fomo.checkpoint import check_tokenizer_files
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    if ok:
+        check_tokenizer_files(tmp_path)
+    else:
+        with pytest.raises(ValueError, match="has no tokenizer"):
+            check_tokenizer_files(tmp_path)
+
+
 # --------------------------------------------------------------------------------------------
 # Data file
 # --------------------------------------------------------------------------------------------
