@@ -1,7 +1,6 @@
 """Helpers shared by the benchmark scripts (not a benchmark itself)."""
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
@@ -14,12 +13,15 @@ if str(ROOT) not in sys.path:  # run as `python bench/x.py` from anywhere
 
 
 def set_threads() -> int:
-    """torch threads: ``DEFTSIM_TORCH_THREADS`` if set, else the CPU count (at most 16)."""
-    import torch
+    """Apply deftsim's thread policy (deftsim/threads.py: ``DEFTSIM_TORCH_THREADS`` if set, else
+    the available physical cores up to 8; OpenMP passive wait, which needs this to run before
+    torch is imported); returns the torch thread count."""
+    from deftsim.threads import configure_threads, describe
 
-    threads = int(os.environ.get("DEFTSIM_TORCH_THREADS") or min(os.cpu_count() or 1, 16))
-    torch.set_num_threads(threads)
-    return threads
+    record = configure_threads(None)
+    if record["note"]:
+        print(describe(record), file=sys.stderr)
+    return int(record["torch_threads"])
 
 
 def small_scenario(devices: int, batch_size: int = 4, tokens: int = 32, **sections: Any):
@@ -65,6 +67,43 @@ def matmul_peak_gflops(rows: int = 4096, inner: int = 384, cols: int = 1536, sec
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+F32_LOSS_RTOL = 1e-4
+"""float32 losses of two execution strategies agree to this relative tolerance: mixed-sign
+rounding errors grow like sqrt(n) u = 2.4e-6 for the 1536-term reductions of MiniLM, times a
+forward conditioning of about 5 (tests/fomo/test_fomo_execution.py derives and tests it)."""
+
+F32_UPDATE_REL_L2_TOL = 1e-2
+"""float32 AdamW updates: |u_a - u_b|_2 / |u_a|_2 over all devices' update tensors. Empirical,
+not derived: AdamW moves a coordinate by lr * g / (|g| + eps), so a rounding flip of a
+near-zero gradient changes that coordinate by up to 2 lr, and how many coordinates sit there
+has no bound. Measured between a float32 and a float64 run (a larger rounding gap than any
+two summation orders): 1e-4 to 5e-4, 20x inside this tolerance."""
+
+
+def same_costs(results_a: list, results_b: list) -> bool:
+    """Same devices, FLOPs, peak memory, upload bytes and example counts: what the simulated
+    timeline is made of; identical on any machine."""
+    def costs(r):
+        return (r.device_id, r.flops, r.peak_memory_bytes, r.update_bytes, r.num_examples)
+    return len(results_a) == len(results_b) and [costs(a) for a in results_a] == [costs(b) for b in results_b]
+
+
+def loss_rel_diff(results_a: list, results_b: list) -> float:
+    """Largest |loss_a - loss_b| / |loss_a| over the devices."""
+    return max(abs(a.loss - b.loss) / abs(a.loss) for a, b in zip(results_a, results_b))
+
+
+def update_rel_l2(results_a: list, results_b: list) -> float:
+    """|u_a - u_b|_2 / |u_a|_2 over every update tensor of every device (float64 sums)."""
+    num = den = 0.0
+    for a, b in zip(results_a, results_b):
+        for name, tensor in a.update.items():
+            ref = tensor.double()
+            num += float(((ref - b.update[name].double()) ** 2).sum())
+            den += float((ref ** 2).sum())
+    return (num / den) ** 0.5 if den > 0 else num ** 0.5
 
 
 def max_abs_diff(results_a: list, results_b: list) -> float:

@@ -5,21 +5,25 @@ wrapped in a timing proxy. Everything inside ``local_train``/``evaluate``/``aggr
 PyTorch work; the rest of the run (SimPy events, channel maths, recording, writing results) is
 simulator overhead.
 
-    python bench/quickstart_overhead.py [--rounds N]
+    python bench/quickstart_overhead.py [--rounds N] [--threads N | --torch-default-threads]
+
+Threads: deftsim's thread policy (deftsim/threads.py: the available physical cores up to 8,
+or ``--threads N`` / ``DEFTSIM_TORCH_THREADS``; OpenMP passive wait), applied before torch is
+imported; ``--torch-default-threads`` leaves torch's own choice (active wait) instead.
 
 Ends with one line ``RESULT key=value ...``.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import deftsim.runner as runner
-from deftsim.config import load_scenario
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 
 class TimedTrainer:
@@ -52,7 +56,23 @@ class TimedTrainer:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: deftsim's policy)")
+    ap.add_argument("--torch-default-threads", action="store_true",
+                    help="torch's own thread count and OpenMP's default wait policy")
     args = ap.parse_args()
+    if args.torch_default_threads:
+        import torch
+
+        threads = f"torch_threads={torch.get_num_threads()} wait=torch_default"
+    else:
+        from deftsim.threads import configure_threads, describe
+
+        record = configure_threads(args.threads)  # before torch is imported
+        print(describe(record))
+        threads = f"torch_threads={record['torch_threads']} wait={record['omp_wait_policy']}"
+    import deftsim.runner as runner
+    from deftsim.config import load_scenario
+
     overrides = [f"training.rounds={args.rounds}"] if args.rounds else []
     scenario = load_scenario(ROOT / "scenarios" / "quickstart.yaml", overrides)
     timed = {}
@@ -78,7 +98,7 @@ def main() -> None:
     print(f"wall: total {total:.2f} s, inside PyTorch {t.torch_s:.2f} s (training {t.train_s:.2f} s for "
           f"{t.steps} steps), outside {outside:.2f} s")
     print(f"RESULT wall_s={total:.2f} ms_per_step={1000 * t.train_s / max(t.steps, 1):.1f} "
-          f"outside_torch_share={outside / total:.4f} steps={t.steps}")
+          f"outside_torch_share={outside / total:.4f} steps={t.steps} {threads}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ One policy for ``deftsim run``, ``deftsim sweep`` and the benchmarks:
   default is a function of the machine only, never of its current load: the float32 rounding
   of a step depends on the thread count, and the same scenario and seed must give the same
   event log bit for bit on one machine.
+* **Sweeps** (:func:`sweep_threads`): W runs in parallel share the cores, so each run's default
+  is ``max(1, available_cores() // W)`` (at most ``DEFAULT_MAX_THREADS``).
 * **Waiting** (:func:`apply_thread_policy`): ``OMP_WAIT_POLICY=PASSIVE``. With torch's
   default (active) policy, OpenMP worker threads spin for a while after every parallel
   region; beside another CPU-bound process they burn the cores that process (or this run's
@@ -191,6 +193,14 @@ def apply_thread_policy(threads: int, source: str = "default") -> dict:
         "available_cores": available_cores(),
         "note": note,
     }
+
+
+def sweep_threads(workers: int) -> int:
+    """Default torch threads of each run of a sweep with ``workers`` runs in parallel:
+    ``max(1, min(available_cores() // workers, DEFAULT_MAX_THREADS))``, so that the workers
+    together do not ask for more cores than the process may use."""
+    workers = _check_count(workers, "--workers")
+    return max(1, min(available_cores() // workers, DEFAULT_MAX_THREADS))
 
 
 def configure_threads(requested: Optional[int] = None) -> dict:

@@ -153,3 +153,10 @@ def test_describe_names_the_count_its_origin_and_the_policy() -> None:
     rec = {"torch_threads": 2, "omp_wait_policy": "PASSIVE", "source": "default", "available_cores": 2, "note": ""}
     assert dt.describe(rec) == "torch threads: 2 (default: 2 cores available), OpenMP wait policy PASSIVE"
     assert "(--threads)" in dt.describe({**rec, "source": "--threads"})
+
+
+def test_sweep_workers_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dt, "available_cores", lambda: 16)
+    assert [dt.sweep_threads(w) for w in (1, 2, 3, 16, 40)] == [dt.DEFAULT_MAX_THREADS, 8, 5, 1, 1]
+    with pytest.raises(dt.ThreadPolicyError, match="--workers=0"):
+        dt.sweep_threads(0)
