@@ -89,10 +89,13 @@ def run_lola_compare(scenario: Scenario, on_round=None):
     elif scenario.lola.train_rounds > 0:  # real block fine-tuning: accuracy vs. simulated time
         from fomo.block_training import accuracy_vs_time, plot_accuracy_vs_time
 
+        from .runner import trainer_errors
+
         t2 = time.perf_counter()
         train_rounds = min(scenario.lola.train_rounds, scenario.lola.rounds)  # simulated rounds give the times
-        curves, final = accuracy_vs_time(scenario, summary, events, network, scenario.lola.train_algorithms,
-                                         train_rounds)
+        with trainer_errors(scenario):
+            curves, final = accuracy_vs_time(scenario, summary, events, network, scenario.lola.train_algorithms,
+                                             train_rounds)
         summary["train_rounds"] = train_rounds
         summary["accuracy_vs_time"] = curves
         summary["final_accuracy"] = final

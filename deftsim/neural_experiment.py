@@ -57,11 +57,12 @@ def run_neural_aircomp(scenario: Scenario, on_round=None):
     from fomo.neural_connection import NeuralConnectionTrainer, prepare_split_data
 
     from .experiments import ExperimentResult
-    from .runner import topology_record
+    from .runner import topology_record, trainer_errors
 
     spec = scenario.neural_aircomp
     t0 = time.perf_counter()
-    data = prepare_split_data(scenario, scenario.train_seed())
+    with trainer_errors(scenario):
+        data = prepare_split_data(scenario, scenario.train_seed())
     setup_s = time.perf_counter() - t0
     network = Network(scenario, scenario.network_seed())
     frames, runs, acc, sim_time, uplink = [], {}, {}, {}, {}

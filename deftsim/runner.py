@@ -15,6 +15,7 @@ staged and moved in when all are written, ``summary.json`` last, so a folder wit
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -23,7 +24,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from netsim.fake_trainer import FakeTrainer
 from netsim.fedavg import FedAvgSimulation
@@ -40,6 +41,16 @@ from analysis.plot import plot_accuracy_vs_time
 PACKAGES = ("deftsim", "simpy", "numpy", "pandas", "networkx", "pydantic", "torch", "transformers", "peft")
 
 
+@contextlib.contextmanager
+def trainer_errors(scenario: Scenario) -> Iterator[None]:
+    """Errors in the scenario's model or data found while building a real trainer (ValueError
+    or OSError from fomo) become :class:`ScenarioError` (exit code 2, no traceback)."""
+    try:
+        yield
+    except (ValueError, OSError) as err:
+        raise ScenarioError(f"cannot build the trainer for scenario {scenario.name!r}: {err}") from None
+
+
 def make_trainer(scenario: Scenario, seed: int):
     """The trainer a scenario asks for; the real one is imported only when needed. Errors in
     the scenario found while building it become :class:`ScenarioError`."""
@@ -48,10 +59,8 @@ def make_trainer(scenario: Scenario, seed: int):
         return FakeTrainer(scenario, seed)
     from fomo import build_trainer
 
-    try:
+    with trainer_errors(scenario):
         return build_trainer(scenario, seed)
-    except (ValueError, OSError) as err:
-        raise ScenarioError(f"cannot build the trainer for scenario {scenario.name!r}: {err}") from None
 
 
 def package_versions() -> dict[str, Optional[str]]:

@@ -102,7 +102,8 @@ def load_encoder(scenario: "Scenario"):
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = models.model_folder(scenario.model)
-    with models.quiet_hf():
+    models.check_checkpoint(folder)
+    with models.quiet_hf(), models.checkpoint_errors(folder):
         tokenizer = AutoTokenizer.from_pretrained(folder)
         encoder = AutoModel.from_pretrained(folder, **models.dropout_overrides(folder))
     models.zero_dropout_modules(encoder)
