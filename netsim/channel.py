@@ -183,8 +183,11 @@ class Link:
                                    constant_rate=self.fading.kind == "none")
 
     def mean_snr_db(self, bandwidth_hz: float) -> float:
-        """SNR with the fading averaged out (E|h|^2 = 1) [dB]."""
+        """SNR with the fading averaged out (E|h|^2 = 1) [dB]; -inf for a zero SNR, NaN for a
+        NaN one (callers that need a rate get a clear error from :meth:`transfer_duration_s`)."""
         snr = self.tx_power_w * self.large_scale_gain / (self._noise_w_per_hz * bandwidth_hz)
+        if not snr > 0:
+            return -math.inf if snr == 0 else math.nan
         return 10.0 * math.log10(snr)
 
 
