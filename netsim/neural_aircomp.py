@@ -1,7 +1,8 @@
 """Neural connection over the air: the channel and the SimPy timeline (torch-free).
 
-Multi-device split fine-tuning (docs/aircomp.md, "Neural connection over the air"). K devices each hold one segment of every example and compute a feature vector of
-``d`` values per example; the edge's next layer consumes
+Multi-device split fine-tuning (docs/aircomp.md, "Neural connection over the air"). K devices
+each hold one segment of every example and compute a feature vector of ``d`` values per
+example; the edge's next layer consumes
 
 .. math::
     z = \\sum_k a_k f_k \\quad (a_k = 1: \\text{sum}, \\ a_k = 1/K: \\text{mean})
