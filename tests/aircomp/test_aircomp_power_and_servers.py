@@ -143,20 +143,20 @@ class RecordingTrainer(FakeTrainer):
         super().aggregate_flat(vector)
 
 
-def multi_server_scenario(servers):
+def multi_server_scenario(servers, debias=False):
     edges = [{"name": f"e{i}", "position_m": [400.0 * i, 0.0]} for i in range(servers)]
     groups = [{"name": f"g{i}", "count": 3 + i, "placement": {"around_server": i, "max_distance_m": 120.0}}
               for i in range(servers)]
     return Scenario.model_validate({
         "trainer": "fake", "devices": groups, "edge_servers": edges,
         "channel": {"uplink_access": "aircomp", "uplink_bandwidth_hz": 10e6},
-        "aircomp": {"num_subcarriers": 64, "receive_snr_db": 5.0, "truncation_threshold": 0.3},
+        "aircomp": {"num_subcarriers": 64, "receive_snr_db": 5.0, "truncation_threshold": 0.3, "debias": debias},
         "training": {"rounds": 12}, "fake": {"adapter_bytes": 4 * 64 * 60}})
 
 
-@pytest.mark.parametrize("servers", [2, 3])
-def test_multi_server_mse_is_measured_on_the_applied_aggregate(servers):
-    sc = multi_server_scenario(servers)
+@pytest.mark.parametrize("servers,debias", [(2, False), (3, False), (3, True)])
+def test_multi_server_mse_is_measured_on_the_applied_aggregate(servers, debias):
+    sc = multi_server_scenario(servers, debias)
     q = 64 * 60
     trainer = RecordingTrainer(sc, 0, q)
     sim = AirCompFedAvgSimulation(sc, 0, trainer)
