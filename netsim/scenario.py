@@ -314,8 +314,9 @@ class AirCompSpec(Spec):
 
     Truncated channel inversion: a device sends on a sub-carrier only if its small-scale gain
     |h|^2 >= ``truncation_threshold``; every device arrives with the same receive power rho0, the
-    largest the weakest scheduled device's budget allows (``average``: E|p|^2 <= P/M, BAA;
-    ``peak``: |p|^2 <= P/M on every symbol). ``interior_radius_m`` schedules only devices within
+    largest every scheduled device's budget allows given its own symbol power c_k (``average``:
+    rho0 E1(g_th) c_k / g_k <= P_k/M in expectation over the fading, BAA; ``peak``:
+    rho0 max_j u_kj^2 / (g_k g_th) <= P_k/M on every symbol). ``interior_radius_m`` schedules only devices within
     that distance of their server (cell-interior scheduling)."""
 
     num_subcarriers: Optional[Int] = Field(
@@ -442,8 +443,8 @@ class Scenario(Spec):
     seed: Int = Field(0, ge=0, le=2**63 - 1, description="run seed: every random draw derives from it unless "
                       "topology_seed / training_seed say otherwise")
     topology_seed: Optional[Int] = Field(
-        None, ge=0, le=2**63 - 1, description="seed of the network drop: positions, shadowing, fading and the D2D graph "
-        "(null: seed). Hold it fixed to keep one drop while training_seed varies",
+        None, ge=0, le=2**63 - 1, description="seed of the network drop: positions, shadowing, fading, the D2D graph and "
+        "the receiver noise of over-the-air slots (null: seed). Hold it fixed to keep one drop while training_seed varies",
     )
     training_seed: Optional[Int] = Field(
         None, ge=0, le=2**63 - 1, description="seed of the training noise: data split and partition, batch sampling, PEFT "
