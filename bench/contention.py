@@ -21,7 +21,8 @@ the absolute times move; the ratios between policies are what the benchmark is f
 
 Policies: ``torch-default`` (torch's own thread count, OpenMP's default active wait),
 ``deftsim`` (deftsim.threads.configure_threads(): its default count, passive wait),
-``deftsim-N`` (the policy with N threads, as ``--threads N``).
+``deftsim-N`` (the policy with N threads, as ``--threads N``), ``spin-N`` (torch's own thread
+count, OpenMP's default policy with ``GOMP_SPINCOUNT=N``: a shorter spin before sleeping).
 
 Ends with ``RESULT cores=... <policy>_quiet_ms=... <policy>_busy_ratio=... <policy>_torch_ratio=...
 ... busy_gain=... torch_gain=...`` where a gain is the torch-default time over the deftsim
@@ -44,12 +45,18 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_JOB = 5
 CONDITIONS = ("quiet", "busy", "torch")
 BUSY_LOOP = "while True: pass"
-_POLICY_VARS = ("OMP_WAIT_POLICY", "DEFTSIM_TORCH_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_POLICY_VARS = ("OMP_WAIT_POLICY", "DEFTSIM_TORCH_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT")
 
 
 # ----------------------------------------------------------------------- worker side
 def _apply(policy: str) -> dict:
     """Apply ``policy`` in this (fresh) process before torch is imported; its record."""
+    if policy.startswith("spin-"):  # OpenMP's default policy with a shorter spin (GNU OpenMP)
+        os.environ["GOMP_SPINCOUNT"] = policy.split("-", 1)[1]
+        import torch
+
+        return {"torch_threads": torch.get_num_threads(),
+                "omp_wait_policy": f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}", "source": "torch"}
     if policy == "torch-default":
         import torch
 
