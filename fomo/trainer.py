@@ -27,7 +27,8 @@ Determinism: all randomness comes from the run seed (see :mod:`fomo.data`), base
 is off, so the same calls in the same order give bit-identical numbers.
 
 Threads: ``torch.set_num_threads`` is called only if the environment variable
-``DEFTSIM_TORCH_THREADS`` is set.
+``DEFTSIM_TORCH_THREADS`` is set; ``deftsim run`` and ``deftsim sweep`` set it (the thread policy
+of :mod:`deftsim.threads`) before the trainer is built.
 """
 from __future__ import annotations
 

@@ -255,7 +255,8 @@ class ExecutionSpec(Spec):
     Whatever is chosen here, the simulated timeline is the same (every device reports the
     FLOPs and memory of its own, uncached, one-device step, so durations and energies do not
     change), and losses and updates equal the sequential, uncached path up to float32 rounding
-    (tested within 1e-5). Ignored by the fake trainer.
+    (tested in float64 against tolerances derived from the summation error; docs/performance.md).
+    Ignored by the fake trainer.
 
     ``strategy``
         ``sequential``: one device's local steps after another. ``batched``: the devices of a
