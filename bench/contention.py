@@ -20,7 +20,7 @@ the absolute times move; the ratios between policies are what the benchmark is f
     python bench/contention.py [--quick] [--repeats 3] [--jobs 4] [--policies torch-default,deftsim,deftsim-1]
 
 Policies: ``torch-default`` (torch's own thread count, OpenMP's default active wait),
-``deftsim`` (deftsim.threads.configure_threads(): its default count, passive wait),
+``deftsim`` (deftsim.threads.configure_threads(): its default count and wait setting),
 ``deftsim-N`` (the policy with N threads, as ``--threads N``), ``spin-N`` (torch's own thread
 count, OpenMP's default policy with ``GOMP_SPINCOUNT=N``: a shorter spin before sleeping).
 

@@ -69,7 +69,7 @@ def main() -> None:
 @click.option("--quiet", is_flag=True, help="no progress bar or summary table")
 @click.option("--threads", type=int, default=None,
               help="PyTorch threads of the real trainer (default: DEFTSIM_TORCH_THREADS, else the cores this "
-                   "process may use, at most 8; OpenMP threads wait passively). Results may differ at float "
+                   "process may use, at most 8; idle OpenMP threads sleep after a short spin). Results may differ at float "
                    "rounding between thread counts")
 @click.option("--overwrite", is_flag=True, help="replace a run already in --out (files of others are kept)")
 @click.option("--dry-run", is_flag=True, help="validate and print the real device steps and evaluations the run "

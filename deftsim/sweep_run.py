@@ -81,16 +81,20 @@ def _crashpoint(name: str) -> None:
 # ------------------------------------------------------------------------- worker side
 def pin_threads(threads: int) -> None:
     """Pin PyTorch's and the BLAS libraries' threads of runs started in this process (read when
-    the trainer is built; ``fomo.trainer.configure_threads``), and let idle OpenMP threads sleep
-    (``OMP_WAIT_POLICY=PASSIVE`` unless set: the thread policy of :mod:`deftsim.threads`; read
-    when torch is imported, which a worker process does after this)."""
+    the trainer is built; ``fomo.trainer.configure_threads``), and let idle OpenMP threads
+    sleep soon (the wait setting of :mod:`deftsim.threads`, read when torch is imported, which a
+    worker process does after this)."""
     for var in (THREADS_ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from .threads import set_default_wait
+
+    set_default_wait()
 
 
 def _threads_record(threads: int) -> dict:
-    return {"torch_threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+    from .threads import _user_wait_setting
+
+    return {"torch_threads": threads, "omp_wait_policy": _user_wait_setting() or "",
             "source": "--threads-per-run"}
 
 

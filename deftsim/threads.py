@@ -11,17 +11,24 @@ One policy for ``deftsim run``, ``deftsim sweep`` and the benchmarks:
   event log bit for bit on one machine.
 * **Sweeps** (:func:`sweep_threads`): W runs in parallel share the cores, so each run's default
   is ``max(1, available_cores() // W)`` (at most ``DEFAULT_MAX_THREADS``).
-* **Waiting** (:func:`apply_thread_policy`): ``OMP_WAIT_POLICY=PASSIVE``. With torch's
-  default (active) policy, OpenMP worker threads spin for a while after every parallel
-  region; beside another CPU-bound process they burn the cores that process (or this run's
-  own working thread) needs, and a step slowed 4x beside one busy-loop process and 27x beside
-  a second deftsim run on an Intel Xeon. Passive threads sleep instead. The measured effect,
-  quiet and under contention, is in docs/performance.md (``bench/contention.py``).
+* **Waiting** (:func:`apply_thread_policy`): ``GOMP_SPINCOUNT=300``. After every parallel
+  region OpenMP's idle worker threads spin before they sleep; GNU OpenMP (libgomp, which the
+  Linux PyTorch wheels use) spins 300,000 times by default. Beside another CPU-bound process
+  the spinning burns the cores that process (or this run's own working thread) needs: a step
+  slowed 4x beside one busy-loop process and 27x beside a second deftsim run on an Intel Xeon.
+  A spin of 300 iterations keeps most of the quiet speed (the gaps between a step's parallel
+  regions are microseconds) and sleeps soon enough to share the cores. Measured on AMD EPYC
+  (Zen 4), 2 cores, ms per quickstart step quiet / beside a busy loop / beside a second run:
+  torch's default 78 / 256 / 348, ``GOMP_SPINCOUNT=300`` 93 / 150 / 156,
+  ``OMP_WAIT_POLICY=PASSIVE`` (no spin) 104 / 146 / 149 (docs/performance.md,
+  ``bench/contention.py``). Other OpenMP runtimes (LLVM's libomp, Intel's) ignore the
+  variable: there ``OMP_WAIT_POLICY=PASSIVE`` is the portable choice.
 
-The wait policy is read once, when the OpenMP runtime initialises, which happens when torch is
-imported. :func:`apply_thread_policy` therefore sets ``OMP_WAIT_POLICY`` in ``os.environ``
+The wait settings are read once, when the OpenMP runtime initialises, which happens when torch
+is imported. :func:`apply_thread_policy` therefore sets ``GOMP_SPINCOUNT`` in ``os.environ``
 only if torch is not imported yet, and says in its record when it could not. A value the user
-set in the environment is kept (``OMP_WAIT_POLICY=ACTIVE`` restores torch's behaviour).
+set in the environment (``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``) is kept;
+``OMP_WAIT_POLICY=ACTIVE`` restores torch's behaviour.
 
 This module does not import torch when it is imported; :func:`apply_thread_policy` does.
 """
@@ -37,7 +44,10 @@ THREADS_ENV = "DEFTSIM_TORCH_THREADS"
 """Environment variable holding the torch thread count (read by the trainer when it is built)."""
 
 WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
-DEFAULT_WAIT_POLICY = "PASSIVE"
+SPINCOUNT_ENV = "GOMP_SPINCOUNT"
+DEFAULT_SPINCOUNT = "300"
+DEFAULT_WAIT_POLICY = f"{SPINCOUNT_ENV}={DEFAULT_SPINCOUNT}"
+"""What :func:`openmp_wait_setting` reports for deftsim's default (see the module docstring)."""
 
 DEFAULT_MAX_THREADS = 8
 """Upper bound of the default thread count. A real step multiplies small matrices (a batch of
@@ -148,11 +158,12 @@ def resolve_threads(requested: Optional[int]) -> int:
 def apply_thread_policy(threads: int, source: str = "default") -> dict:
     """Apply the policy for ``threads`` torch threads in this process; return what was applied.
 
-    1. ``OMP_WAIT_POLICY``: if torch is not imported yet and the variable is unset, set it to
-       PASSIVE in ``os.environ`` (read by OpenMP when torch is imported); a value already in
-       the environment is kept (and reported as applied: it was there when torch started,
-       unless something set it after importing torch). If torch was imported before, the policy in force cannot be
-       changed any more and the record says so.
+    1. Waiting: if torch is not imported yet and neither ``OMP_WAIT_POLICY`` nor
+       ``GOMP_SPINCOUNT`` is set, set ``GOMP_SPINCOUNT=300`` in ``os.environ`` (read by OpenMP
+       when torch is imported); a value already in the environment is kept (and reported as
+       applied: it was there when torch started, unless something set it after importing
+       torch). If torch was imported before, the setting in force cannot be changed any more
+       and the record says so.
     2. ``DEFTSIM_TORCH_THREADS`` is set to ``threads`` (the trainer applies it when built;
        processes started from here inherit it).
     3. ``torch.set_num_threads(threads)``; ``torch.set_num_interop_threads(1)`` where torch
@@ -164,17 +175,15 @@ def apply_thread_policy(threads: int, source: str = "default") -> dict:
     """
     threads = _check_count(threads, "threads")
     torch_loaded = "torch" in sys.modules
-    user_policy = os.environ.get(WAIT_POLICY_ENV, "").strip()
     note = ""
-    if user_policy:  # the user's (or an earlier call's) choice, in force since torch was imported
-        policy, applied = user_policy.upper(), True
+    if _user_wait_setting() is not None:  # the user's (or an earlier call's) choice
+        policy, applied = _user_wait_setting(), True
     elif torch_loaded:
         policy, applied = "ACTIVE", False  # OpenMP's default, fixed when torch was imported
-        note = (f"{WAIT_POLICY_ENV} not applied: torch was imported before the thread policy; set "
-                f"{WAIT_POLICY_ENV}={DEFAULT_WAIT_POLICY} before starting Python")
+        note = (f"{SPINCOUNT_ENV} not applied: torch was imported before the thread policy; set "
+                f"{DEFAULT_WAIT_POLICY} before starting Python")
     else:
-        os.environ[WAIT_POLICY_ENV] = DEFAULT_WAIT_POLICY
-        policy, applied = DEFAULT_WAIT_POLICY, True
+        policy, applied = set_default_wait(), True
     os.environ[THREADS_ENV] = str(threads)
 
     import torch
@@ -201,6 +210,27 @@ def sweep_threads(workers: int) -> int:
     together do not ask for more cores than the process may use."""
     workers = _check_count(workers, "--workers")
     return max(1, min(available_cores() // workers, DEFAULT_MAX_THREADS))
+
+
+def _user_wait_setting() -> Optional[str]:
+    """The wait setting already in the environment, as recorded: ``OMP_WAIT_POLICY``'s value
+    (upper case) or ``GOMP_SPINCOUNT=N``; None if neither is set."""
+    policy = os.environ.get(WAIT_POLICY_ENV, "").strip()
+    if policy:
+        return policy.upper()
+    spin = os.environ.get(SPINCOUNT_ENV, "").strip()
+    return f"{SPINCOUNT_ENV}={spin}" if spin else None
+
+
+def set_default_wait() -> str:
+    """Put deftsim's default wait setting into ``os.environ`` unless the user chose one; return
+    the setting in force. Only effective before torch is imported (worker processes call it
+    first thing)."""
+    existing = _user_wait_setting()
+    if existing is not None:
+        return existing
+    os.environ[SPINCOUNT_ENV] = DEFAULT_SPINCOUNT
+    return DEFAULT_WAIT_POLICY
 
 
 def configure_threads(requested: Optional[int] = None) -> dict:

@@ -15,7 +15,7 @@ from deftsim import threads as dt
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Runs in a fresh interpreter: records OMP_WAIT_POLICY at the moment torch is first imported,
+# Runs in a fresh interpreter: records the OpenMP wait setting at the moment torch is first imported,
 # applies the policy, prints the record, torch's thread count and the environment as JSON.
 _CHILD = """
 import builtins, json, os, sys
@@ -23,7 +23,8 @@ seen = {}
 _import = builtins.__import__
 def _hook(name, *args, **kwargs):
     if name.split(".")[0] == "torch" and "torch" not in sys.modules and "policy" not in seen:
-        seen["policy"] = os.environ.get("OMP_WAIT_POLICY")
+        seen["policy"] = os.environ.get("OMP_WAIT_POLICY") or (
+            "GOMP_SPINCOUNT=" + os.environ["GOMP_SPINCOUNT"] if os.environ.get("GOMP_SPINCOUNT") else None)
     return _import(name, *args, **kwargs)
 builtins.__import__ = _hook
 if sys.argv[1] == "torch-first":
@@ -43,19 +44,20 @@ print(json.dumps({"record": record, "seen_at_torch_import": seen.get("policy"),
 
 def child(order: str, requested: str, **env: str) -> dict:
     clean = {k: v for k, v in os.environ.items()
-             if k not in ("OMP_WAIT_POLICY", dt.THREADS_ENV, "OMP_NUM_THREADS")}
+             if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", dt.THREADS_ENV, "OMP_NUM_THREADS")}
     res = subprocess.run([sys.executable, "-c", _CHILD, order, requested], cwd=ROOT, env={**clean, **env},
                          capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def test_default_sets_passive_before_torch_and_applies_the_default_count() -> None:
+def test_default_sets_a_short_spin_before_torch_and_applies_the_default_count() -> None:
     out = child("policy-first", "none")
     assert out["torch_at_module_load"] is False  # deftsim.threads does not import torch
-    assert out["seen_at_torch_import"] == "PASSIVE"
+    assert out["seen_at_torch_import"] == "GOMP_SPINCOUNT=300" == dt.DEFAULT_WAIT_POLICY
     rec = out["record"]
-    assert rec["omp_wait_policy"] == "PASSIVE" and rec["wait_policy_applied"] is True and rec["note"] == ""
+    assert rec["omp_wait_policy"] == dt.DEFAULT_WAIT_POLICY and rec["wait_policy_applied"] is True
+    assert rec["note"] == ""
     assert rec["source"] == "default"
     assert rec["torch_threads"] == out["get_num_threads"] == out["default"]
     assert out["default"] == min(rec["available_cores"], dt.DEFAULT_MAX_THREADS)
@@ -80,6 +82,9 @@ def test_a_wait_policy_from_the_environment_is_kept() -> None:
     out = child("policy-first", "1", OMP_WAIT_POLICY="active")
     assert out["seen_at_torch_import"] == "active"
     assert out["record"]["omp_wait_policy"] == "ACTIVE" and out["record"]["note"] == ""
+    out = child("policy-first", "1", GOMP_SPINCOUNT="5000")
+    assert out["seen_at_torch_import"] == "GOMP_SPINCOUNT=5000"
+    assert out["record"]["omp_wait_policy"] == "GOMP_SPINCOUNT=5000"
 
 
 def test_torch_imported_first_is_reported_not_hidden() -> None:
@@ -87,7 +92,7 @@ def test_torch_imported_first_is_reported_not_hidden() -> None:
     rec = out["record"]
     assert out["seen_at_torch_import"] is None  # torch started with OpenMP's default policy
     assert rec["wait_policy_applied"] is False and rec["omp_wait_policy"] == "ACTIVE"
-    assert "torch was imported before" in rec["note"] and "OMP_WAIT_POLICY=PASSIVE" in rec["note"]
+    assert "torch was imported before" in rec["note"] and "GOMP_SPINCOUNT=300" in rec["note"]
     assert rec["torch_threads"] == out["get_num_threads"] == 1  # the count still applies
     assert "torch was imported before" in dt.describe(rec)
 
