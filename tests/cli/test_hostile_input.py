@@ -174,7 +174,8 @@ def test_messages_never_echo_file_content(tmp_path):
 
 # -------------------------------------------------------------------------------- --out
 @pytest.mark.parametrize("out,fragment", [("", "--out is empty"), ("/dev/null", "is not a folder"),
-                                          ("/proc/deftsim-cannot-be-here", "cannot create")])
+                                          ("/proc/deftsim-cannot-be-here", "cannot create"),
+                                          ("/sys", "is not writable")])  # an existing read-only folder, even for root
 def test_bad_out_fails_before_any_work(tmp_path, out, fragment):
     assert_refused(deftsim("run", tiny_file(tmp_path), "--out", out, "--quiet"), fragment)
 
