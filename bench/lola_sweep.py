@@ -37,7 +37,7 @@ def run(overrides, measured, rounds):
     scenario = load_scenario(BASE, ov)
     profile = None
     if measured:
-        from deftsim.lola_experiment import _profile
+        from deftsim.experiments.lola_compare import _profile
         profile = _profile(scenario)
     try:
         summary, _, _ = compare(scenario, profile)

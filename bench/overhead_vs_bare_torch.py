@@ -51,23 +51,24 @@ class RecordingTrainer:
 
 def run_deftsim(scenario) -> tuple[float, dict, list]:  # noqa: ANN001
     """Wall time, summary and recorded jobs of one whole deftsim run."""
+    import deftsim.build as build
     import deftsim.runner as runner
 
-    original = runner.make_trainer
+    original = build.make_trainer
     made: dict[str, RecordingTrainer] = {}
 
     def make(sc, seed):  # noqa: ANN001
         made["t"] = RecordingTrainer(original(sc, seed))
         return made["t"]
 
-    runner.make_trainer = make
+    build.make_trainer = make
     try:
         with tempfile.TemporaryDirectory() as out:
             t0 = time.perf_counter()
             summary = runner.run_scenario(scenario, out)
             wall = time.perf_counter() - t0
     finally:
-        runner.make_trainer = original
+        build.make_trainer = original
     return wall, summary, made["t"].rounds
 
 

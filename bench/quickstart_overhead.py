@@ -70,13 +70,14 @@ def main() -> None:
         record = configure_threads(args.threads)  # before torch is imported
         print(describe(record))
         threads = f"torch_threads={record['torch_threads']} wait={record['omp_wait_policy']}"
+    import deftsim.build as build
     import deftsim.runner as runner
     from deftsim.config import load_scenario
 
     overrides = [f"training.rounds={args.rounds}"] if args.rounds else []
     scenario = load_scenario(ROOT / "scenarios" / "quickstart.yaml", overrides)
     timed = {}
-    original = runner.make_trainer
+    original = build.make_trainer
 
     def make(sc, seed):
         t0 = time.perf_counter()
@@ -86,7 +87,7 @@ def main() -> None:
         timed["setup_s"] = time.perf_counter() - t0
         return timed["t"]
 
-    runner.make_trainer = make
+    build.make_trainer = make
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         summary = runner.run_scenario(scenario, out)

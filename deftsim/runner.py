@@ -7,7 +7,8 @@
 ``DIR/accuracy_vs_time.png``
 ``DIR/timing.json``     host wall-clock timings (the only non-deterministic file)
 
-What is run is the scenario's ``experiment`` (``deftsim.experiments``): ``fedavg`` by default.
+What is run is the scenario's ``experiment`` (the registry ``deftsim.experiments``): ``fedavg`` by
+default. The trainer and the topology record are built by :mod:`deftsim.build`.
 
 The folder is checked, locked and filled atomically (:mod:`deftsim.run_folder`): the files are
 staged and moved in when all are written, ``summary.json`` last, so a folder with
@@ -15,7 +16,6 @@ staged and moved in when all are written, ``summary.json`` last, so a folder wit
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import platform
@@ -24,43 +24,15 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
-from netsim.fake_trainer import FakeTrainer
-from netsim.fedavg import FedAvgSimulation
-from netsim.network import Network
 from netsim.scenario import Scenario
 
-from analysis.metrics import summarize
-
-from .config import ScenarioError
+from .experiments import get_experiment
 from .jsonio import NonFinite, dumps_strict
 from .run_folder import RunFolder
-from analysis.plot import plot_accuracy_vs_time
 
 PACKAGES = ("deftsim", "simpy", "numpy", "pandas", "networkx", "pydantic", "torch", "transformers", "peft")
-
-
-@contextlib.contextmanager
-def trainer_errors(scenario: Scenario) -> Iterator[None]:
-    """Errors in the scenario's model or data found while building a real trainer (ValueError
-    or OSError from fomo) become :class:`ScenarioError` (exit code 2, no traceback)."""
-    try:
-        yield
-    except (ValueError, OSError) as err:
-        raise ScenarioError(f"cannot build the trainer for scenario {scenario.name!r}: {err}") from None
-
-
-def make_trainer(scenario: Scenario, seed: int):
-    """The trainer a scenario asks for; the real one is imported only when needed. Errors in
-    the scenario found while building it become :class:`ScenarioError`."""
-    seed = scenario.train_seed(seed)  # training_seed, else the run seed
-    if scenario.trainer == "fake":
-        return FakeTrainer(scenario, seed)
-    from fomo import build_trainer
-
-    with trainer_errors(scenario):
-        return build_trainer(scenario, seed)
 
 
 def package_versions() -> dict[str, Optional[str]]:
@@ -137,21 +109,6 @@ def _version(name: str) -> Optional[str]:
         return None
 
 
-def topology_record(network: Network) -> dict:
-    ch = network.scenario.channel
-    return {
-        "servers": [{"name": s.name, "position_m": list(s.position_m)} for s in network.servers],
-        "devices": [{"name": d.name, "group": d.group.name, "position_m": list(d.position_m),
-                     "server": network.servers[d.server].name,
-                     "uplink_mean_snr_db_full_band": d.uplink.mean_snr_db(ch.uplink_bandwidth_hz),
-                     "downlink_mean_snr_db": d.downlink.mean_snr_db(ch.downlink_bandwidth_hz)}
-                    for d in network.devices],
-        "d2d": {"kind": network.scenario.d2d.kind, "num_edges": network.d2d.number_of_edges(),
-                "edges": [{"a": f"dev{i}", "b": f"dev{j}", "distance_m": a["distance_m"],
-                           "mean_snr_db": a["mean_snr_db"]} for i, j, a in network.d2d.edges(data=True)]},
-    }
-
-
 def run_scenario(scenario: Scenario, out_dir: str | Path, on_round=None, overwrite: bool = False,
                  timing_extra: Optional[dict] = None) -> dict:
     """Run ``scenario`` (its ``seed`` and ``experiment``) and write the results folder.
@@ -161,8 +118,6 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, on_round=None, overwri
     when all are written (:class:`deftsim.run_folder.RunFolder`); a folder that already holds a
     run raises :class:`~deftsim.run_folder.OutputFolderError` unless ``overwrite``.
     ``timing_extra`` is merged into ``timing.json`` (e.g. the thread settings used)."""
-    from .experiments import get_experiment
-
     with RunFolder(out_dir, overwrite=overwrite) as folder:
         stage = folder.staging
         t0 = time.perf_counter()

@@ -452,7 +452,7 @@ class Scenario(Spec):
         "initialisation and device selection (null: seed)",
     )
     experiment: Literal["fedavg", "aircomp_vs_ofdma", "lola_compare", "neural_aircomp"] = Field(
-        "fedavg", description="what `deftsim run` does with the scenario (deftsim/experiments.py)"
+        "fedavg", description="what `deftsim run` does with the scenario (deftsim/experiments/)"
     )
     trainer: Literal["real", "fake"] = "real"
     devices: list[DeviceGroup] = Field(default_factory=lambda: [DeviceGroup()], min_length=1)

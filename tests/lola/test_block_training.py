@@ -86,7 +86,7 @@ def test_pruned_last_block_matches_the_whole_model(trainer):
 
 
 def test_experiment_accuracy_vs_time(tmp_path):
-    from deftsim.lola_experiment import run_lola_compare
+    from deftsim.experiments.lola_compare import run_lola_compare
 
     sc = tiny(algorithms=["crunch", "offloading"], train_rounds=3, train_algorithms=["crunch", "offloading"])
     res = run_lola_compare(sc)
@@ -104,7 +104,7 @@ def test_experiment_accuracy_vs_time(tmp_path):
 
 
 def test_train_rounds_default_off_and_fake_skips():
-    from deftsim.lola_experiment import run_lola_compare
+    from deftsim.experiments.lola_compare import run_lola_compare
 
     assert tiny().lola.train_rounds == 0
     sc = tiny(train_rounds=2).model_copy(update={"trainer": "fake"})

@@ -1,92 +1,30 @@
 """Experiments: what ``deftsim run`` does with a scenario, chosen by ``scenario.experiment``.
 
+One module per experiment, each registering its function with :func:`base.register`:
+
+=====================  ==========================================================
+``fedavg``             federated PEFT with FedAvg (``fedavg.py``)
+``aircomp_vs_ofdma``   FedAvg over OFDMA vs over the air at several K (``aircomp_vs_ofdma.py``)
+``lola_compare``       LoLa block-allocation algorithms on one network (``lola_compare.py``)
+``neural_aircomp``     split fine-tuning with a neural connection over the air (``neural_aircomp.py``)
+=====================  ==========================================================
+
 An experiment is a function ``(scenario, on_round) -> ExperimentResult``; the runner writes
-its events, summary, topology and figures atomically. To add one: write the function, add its
-name to ``Scenario.experiment``'s allowed values, and register it in ``EXPERIMENTS`` below.
+its events, summary, topology and figures atomically. To add one: write a module here whose
+function is decorated with ``@register("name")``, import it below, and add the name to
+``Scenario.experiment``'s allowed values.
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Optional
+from dataclasses import dataclass
 
-import pandas as pd
-
-from netsim.aircomp_fedavg import AirCompFedAvgSimulation, aircomp_summary, make_simulation
-from netsim.fedavg import FedAvgSimulation
 from netsim.scenario import Scenario
 
+from . import aircomp_vs_ofdma, fedavg, lola_compare, neural_aircomp  # noqa: F401  (registration)
+from .base import EXPERIMENTS, Experiment, ExperimentResult, register
 
-@dataclass
-class ExperimentResult:
-    events: pd.DataFrame
-    summary: dict
-    topology: Optional[dict] = None
-    figures: dict[str, Callable[[Path], object]] = field(default_factory=dict)
-    timing: dict[str, float] = field(default_factory=dict)
-
-
-Experiment = Callable[[Scenario, Optional[Callable]], ExperimentResult]
-
-
-def fedavg(scenario: Scenario, on_round=None) -> ExperimentResult:
-    """Federated fine-tuning with FedAvg of the PEFT parameters (``netsim.fedavg``)."""
-    from analysis.metrics import summarize
-    from analysis.plot import plot_accuracy_vs_time
-
-    from .runner import make_trainer, topology_record
-
-    t0 = time.perf_counter()
-    trainer = make_trainer(scenario, scenario.seed)
-    setup_s = time.perf_counter() - t0
-    sim = make_simulation(scenario, scenario.seed, trainer, on_round=on_round)
-    outcome = sim.run()
-    events = sim.recorder.to_frame()
-    summary = summarize(events, num_classes=trainer.num_classes, stop_reason=outcome.stop_reason,
-                        target_accuracy=scenario.stop.target_accuracy,
-                        devices=[d.name for d in sim.network.devices])
-    if isinstance(sim, AirCompFedAvgSimulation):
-        summary["aircomp"] = aircomp_summary(sim.aircomp_log)
-    title = f"{scenario.name} (seed {scenario.seed})"
-    figures = {"accuracy_vs_time.png": lambda p: plot_accuracy_vs_time(events, p, title=title,
-                                                                      chance=summary["chance_accuracy"])}
-    return ExperimentResult(events, summary, topology_record(sim.network), figures,
-                            {"setup_wall_s": setup_s, "simulation_wall_s": time.perf_counter() - t0 - setup_s})
-
-
-def aircomp_vs_ofdma(scenario: Scenario, on_round=None) -> ExperimentResult:
-    """FedAvg with OFDMA vs. over-the-air (AirComp) aggregation at several device counts K
-    (``aircomp.device_counts``, used as ``training.devices_per_round``), same seed everywhere.
-    Implemented in :mod:`deftsim.aircomp_experiment`."""
-    from .aircomp_experiment import run_aircomp_vs_ofdma
-
-    return run_aircomp_vs_ofdma(scenario, on_round)
-
-
-def lola_compare(scenario: Scenario, on_round=None) -> ExperimentResult:
-    """LoLa cooperative fine-tuning: every block-allocation algorithm of ``scenario.lola`` on
-    the same devices, channels and seed (``netsim.lola``; deftsim/lola_experiment.py)."""
-    from .lola_experiment import run_lola_compare
-
-    return run_lola_compare(scenario, on_round)
-
-
-def neural_aircomp(scenario: Scenario, on_round=None) -> ExperimentResult:
-    """Split fine-tuning with a neural connection: the edge consumes the over-the-air sum/mean of
-    the devices' features (AirComp at several receive SNRs) vs. a digital OFDMA connection
-    (deftsim/neural_experiment.py, docs/aircomp.md)."""
-    from .neural_experiment import run_neural_aircomp
-
-    return run_neural_aircomp(scenario, on_round)
-
-
-EXPERIMENTS: dict[str, Experiment] = {
-    "fedavg": fedavg,
-    "aircomp_vs_ofdma": aircomp_vs_ofdma,
-    "lola_compare": lola_compare,
-    "neural_aircomp": neural_aircomp,
-}
+__all__ = ["EXPERIMENTS", "Experiment", "ExperimentResult", "PlannedWork", "get_experiment", "planned_work",
+           "progress_total", "register"]
 
 
 def progress_total(scenario: Scenario) -> Optional[int]:
@@ -141,7 +79,7 @@ def planned_work(scenario: Scenario) -> PlannedWork:
                            f"{rounds} rounds x {lola.steps_per_round} steps x (blocks or, for offloading, "
                            f"at most {n} devices) for {trained}")
     if scenario.experiment == "neural_aircomp":
-        from .neural_experiment import variants
+        from .neural_aircomp import variants
 
         spec, v = scenario.neural_aircomp, len(variants(scenario))
         return PlannedWork(v * spec.steps * n, v * _evaluations_every(spec.steps, spec.eval_every_steps),
@@ -154,4 +92,4 @@ def get_experiment(name: str) -> Experiment:
         return EXPERIMENTS[name]
     except KeyError:
         raise ValueError(f"experiment={name!r} is not registered; known: {sorted(EXPERIMENTS)} "
-                         "(register it in deftsim/experiments.py)") from None
+                         "(register it in deftsim/experiments/)") from None

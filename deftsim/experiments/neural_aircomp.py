@@ -35,6 +35,8 @@ from netsim.neural_aircomp import NeuralConnectionSimulation, channel_summary
 from netsim.network import Network
 from netsim.scenario import Scenario
 
+from .base import ExperimentResult, register
+
 
 def variant_name(uplink: str, snr: Optional[float]) -> str:
     if uplink == "digital":
@@ -53,11 +55,11 @@ def variants(scenario: Scenario) -> list[tuple[str, Optional[float]]]:
     return out
 
 
+@register("neural_aircomp")
 def run_neural_aircomp(scenario: Scenario, on_round=None):
     from fomo.neural_connection import NeuralConnectionTrainer, prepare_split_data
 
-    from .experiments import ExperimentResult
-    from .runner import topology_record, trainer_errors
+    from ..build import topology_record, trainer_errors
 
     spec = scenario.neural_aircomp
     t0 = time.perf_counter()

@@ -31,6 +31,8 @@ from analysis.metrics import accuracy_energy_curve
 from netsim.aircomp_fedavg import aircomp_summary, make_simulation
 from netsim.scenario import Scenario
 
+from .base import ExperimentResult, register
+
 UPLINKS = ("ofdma", "aircomp")
 
 
@@ -51,12 +53,12 @@ def variant(scenario: Scenario, uplink: str, k: int) -> Scenario:
     return Scenario.model_validate(data)
 
 
+@register("aircomp_vs_ofdma")
 def run_aircomp_vs_ofdma(scenario: Scenario, on_round=None):
     from analysis.metrics import summarize
 
-    from .config import ScenarioError
-    from .experiments import ExperimentResult
-    from .runner import make_trainer, topology_record
+    from ..config import ScenarioError
+    from ..build import make_trainer, topology_record
 
     counts = sorted(set(scenario.aircomp.device_counts))
     if counts[-1] > scenario.num_devices:

@@ -20,7 +20,8 @@ from pathlib import Path
 from netsim.lola.simulate import compare, default_profile
 from netsim.scenario import LolaSpec, Scenario
 
-from .config import ScenarioError
+from ..config import ScenarioError
+from .base import ExperimentResult, register
 
 
 def _profile(scenario: Scenario):
@@ -58,11 +59,11 @@ def plot_latency(summary: dict, path: Path, title: str = "") -> Path:
     return path
 
 
+@register("lola_compare")
 def run_lola_compare(scenario: Scenario, on_round=None):
     from netsim.lola.allocation import InfeasibleError
 
-    from .experiments import ExperimentResult
-    from .runner import topology_record
+    from ..build import topology_record
 
     if scenario.lola is None:
         scenario = scenario.model_copy(update={"lola": LolaSpec()})
@@ -89,7 +90,7 @@ def run_lola_compare(scenario: Scenario, on_round=None):
     elif scenario.lola.train_rounds > 0:  # real block fine-tuning: accuracy vs. simulated time
         from fomo.block_training import accuracy_vs_time, plot_accuracy_vs_time
 
-        from .runner import trainer_errors
+        from ..build import trainer_errors
 
         t2 = time.perf_counter()
         train_rounds = min(scenario.lola.train_rounds, scenario.lola.rounds)  # simulated rounds give the times

@@ -1,0 +1,36 @@
+"""Experiment ``fedavg`` (the default): federated PEFT fine-tuning with FedAvg, over OFDMA or,
+with ``channel.uplink_access: aircomp``, over the air (``netsim.fedavg``,
+``netsim.aircomp_fedavg``)."""
+from __future__ import annotations
+
+import time
+
+from netsim.aircomp_fedavg import AirCompFedAvgSimulation, aircomp_summary, make_simulation
+from netsim.scenario import Scenario
+
+from .. import build
+from .base import ExperimentResult, register
+
+
+@register("fedavg")
+def fedavg(scenario: Scenario, on_round=None) -> ExperimentResult:
+    """Federated fine-tuning with FedAvg of the PEFT parameters (``netsim.fedavg``)."""
+    from analysis.metrics import summarize
+    from analysis.plot import plot_accuracy_vs_time
+
+    t0 = time.perf_counter()
+    trainer = build.make_trainer(scenario, scenario.seed)
+    setup_s = time.perf_counter() - t0
+    sim = make_simulation(scenario, scenario.seed, trainer, on_round=on_round)
+    outcome = sim.run()
+    events = sim.recorder.to_frame()
+    summary = summarize(events, num_classes=trainer.num_classes, stop_reason=outcome.stop_reason,
+                        target_accuracy=scenario.stop.target_accuracy,
+                        devices=[d.name for d in sim.network.devices])
+    if isinstance(sim, AirCompFedAvgSimulation):
+        summary["aircomp"] = aircomp_summary(sim.aircomp_log)
+    title = f"{scenario.name} (seed {scenario.seed})"
+    figures = {"accuracy_vs_time.png": lambda p: plot_accuracy_vs_time(events, p, title=title,
+                                                                      chance=summary["chance_accuracy"])}
+    return ExperimentResult(events, summary, build.topology_record(sim.network), figures,
+                            {"setup_wall_s": setup_s, "simulation_wall_s": time.perf_counter() - t0 - setup_s})

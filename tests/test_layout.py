@@ -1,0 +1,57 @@
+"""The package layout: one module per experiment, registered by name, and no import circle
+among deftsim's modules (counting imports inside functions too)."""
+import ast
+from pathlib import Path
+
+import networkx as nx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            target = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
+            out.add(target)
+            out.update(f"{target}.{alias.name}" for alias in node.names)  # `from . import fedavg`
+    return out
+
+
+def import_graph(package: str = "deftsim") -> nx.DiGraph:
+    files = {_module_name(p): p for p in (ROOT / package).rglob("*.py")}
+    graph = nx.DiGraph()
+    graph.add_nodes_from(files)
+    for module, path in files.items():
+        for target in _imports(path, module):
+            if target in files and target != module:
+                graph.add_edge(module, target)
+    return graph
+
+
+def test_no_import_circle_in_deftsim():
+    graph = import_graph()
+    assert list(nx.simple_cycles(graph)) == []
+    assert graph.has_edge("deftsim.runner", "deftsim.experiments")
+    assert not nx.has_path(graph, "deftsim.experiments.fedavg", "deftsim.runner")
+
+
+def test_every_experiment_is_a_registered_module():
+    from deftsim.experiments import EXPERIMENTS
+    from netsim.scenario import Scenario
+
+    allowed = set(Scenario.model_fields["experiment"].annotation.__args__)
+    assert set(EXPERIMENTS) == allowed
+    for name, function in EXPERIMENTS.items():
+        assert function.__module__ == f"deftsim.experiments.{name}"
