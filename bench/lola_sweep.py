@@ -24,7 +24,7 @@ from _common import ROOT
 
 from deftsim.config import load_scenario
 from netsim.lola.allocation import InfeasibleError
-from netsim.lola.simulate import compare
+from netsim.protocols.lola import compare
 
 BASE = ROOT / "scenarios" / "lola_compare.yaml"
 K_COUNTS = [(1, 1, 1), (2, 1, 2), (3, 2, 3), (5, 3, 4), (6, 4, 6)]
@@ -43,7 +43,7 @@ def run(overrides, measured, rounds):
         summary, _, _ = compare(scenario, profile)
         return summary["mean_round_latency_s"]
     except InfeasibleError:  # no full matching: every cooperative algorithm is infeasible
-        from netsim.lola.simulate import compare as _c  # offloading alone still runs
+        from netsim.protocols.lola import compare as _c  # offloading alone still runs
         s2 = scenario.model_copy(update={"lola": scenario.lola.model_copy(update={"algorithms": ["offloading"]})})
         lat = _c(s2, profile)[0]["mean_round_latency_s"]
         return {a: lat.get(a, np.nan) for a in scenario.lola.algorithms}

@@ -205,7 +205,7 @@ def accuracy_vs_time(scenario: "Scenario", summary: dict, events, network, algor
     """Real block fine-tuning for each algorithm of ``algorithms`` (that ``summary`` has), from
     the same initial model and batch streams (:meth:`BlockTrainer.reset`), ``rounds``
     rounds. The simulated time of round r is the end time of the algorithm's round r in
-    ``events`` (its ``round_end`` rows, from :func:`netsim.lola.simulate.compare`: same seed,
+    ``events`` (its ``round_end`` rows, from :func:`netsim.protocols.lola.compare`: same seed,
     same fading); round 0 (t = 0) is the initial model. Returns
     ({algorithm: [[t_s, accuracy], ...]}, {algorithm: final accuracy})."""
     lola = scenario.lola

@@ -16,7 +16,7 @@ Model (docs/aircomp.md, "Neural connection over the air"):
 * **Neural connection.** The edge consumes z = sum_k a_k f_k (a_k = 1, ``combine: sum``, or
   1/K, ``mean``), i.e. the linear layer W [e_1; ...; e_K] of the concatenated segment embeddings,
   computed by the channel. Over the air the edge gets sum_k a_k chi_k f_k + noise with the
-  truncation mask chi and the scaled receiver noise of :func:`netsim.neural_aircomp.feature_channel`
+  truncation mask chi and the scaled receiver noise of :func:`netsim.protocols.neural_aircomp.feature_channel`
   (applied to the real float32 feature tensors; noise is a constant for autograd, the mask
   multiplies the features, so dL/df_k = a_k chi_k dL/dz exactly for the realised channel).
   Digitally the edge computes the same expression with chi = 1 and no noise.
@@ -190,7 +190,7 @@ def connection(features: torch.Tensor, weights: torch.Tensor, connect: Optional[
 class NeuralConnectionTrainer:
     """Real training of the split model (see the module docstring); one instance per variant.
 
-    Implements :class:`netsim.neural_aircomp.SplitModel`."""
+    Implements :class:`netsim.protocols.neural_aircomp.SplitModel`."""
 
     def __init__(self, data: SplitData, scenario: "Scenario", seed: int):
         spec, tr = scenario.neural_aircomp, scenario.training

@@ -306,7 +306,7 @@ class PeftTrainer:
 
     def flatten_update(self, result: LocalResult) -> np.ndarray:
         """A result's update as one float64 vector, tensors in global-state order (for
-        over-the-air aggregation, netsim.aircomp_fedavg)."""
+        over-the-air aggregation, netsim.protocols.aircomp_fedavg)."""
         return np.concatenate([result.update[n].detach().reshape(-1).double().numpy() for n in self._global])
 
     def aggregate_flat(self, vector: np.ndarray) -> None:

@@ -58,7 +58,7 @@ class FakeTrainer:
     def aggregate(self, results: Sequence[LocalResult], weights: Sequence[float]) -> None:
         self.progress = min(self.progress + sum(w * r.update for r, w in zip(results, weights)), 0.999999)
 
-    # Flat-vector form of updates, for over-the-air aggregation (netsim.aircomp_fedavg): the
+    # Flat-vector form of updates, for over-the-air aggregation (netsim.protocols.aircomp_fedavg): the
     # one-number update is spread over the adapter's float32 values (adapter_bytes / 4).
     def flatten_update(self, result: LocalResult) -> np.ndarray:
         return np.full(max(self.spec.adapter_bytes // 4, 1), float(result.update))

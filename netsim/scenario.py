@@ -360,7 +360,7 @@ class AirCompSpec(Spec):
 
 class NeuralAirCompSpec(Spec):
     """Experiment ``neural_aircomp``: split fine-tuning with a neural connection over the air
-    (fomo/neural_connection.py, netsim/neural_aircomp.py, docs/aircomp.md).
+    (fomo/neural_connection.py, netsim/protocols/neural_aircomp.py, docs/aircomp.md).
 
     Every example's tokens are cut into K = number of devices segments of ``segment_tokens``;
     device k runs the frozen encoder on segment k and a trainable projection to ``feature_dim``

@@ -55,3 +55,13 @@ def test_every_experiment_is_a_registered_module():
     assert set(EXPERIMENTS) == allowed
     for name, function in EXPERIMENTS.items():
         assert function.__module__ == f"deftsim.experiments.{name}"
+
+
+def test_one_module_per_protocol():
+    import netsim.protocols as protocols
+
+    folder = Path(protocols.__file__).parent
+    assert sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__") == [
+        "aircomp_fedavg", "fedavg", "lola", "neural_aircomp"]
+    graph = import_graph("netsim")
+    assert list(nx.simple_cycles(graph)) == []

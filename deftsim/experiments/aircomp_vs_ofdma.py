@@ -1,5 +1,5 @@
 """Experiment ``aircomp_vs_ofdma``: FedAvg with digital OFDMA uploads vs. over-the-air
-aggregation (broadband analog aggregation, :mod:`netsim.aircomp_fedavg`) at several device
+aggregation (broadband analog aggregation, :mod:`netsim.protocols.aircomp_fedavg`) at several device
 counts, on the same seed.
 
 For every K in ``aircomp.device_counts`` and every uplink in (ofdma, aircomp) the scenario is run
@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.metrics import accuracy_energy_curve
-from netsim.aircomp_fedavg import aircomp_summary, make_simulation
+from netsim.protocols.aircomp_fedavg import aircomp_summary, make_simulation
 from netsim.scenario import Scenario
 
 from .base import ExperimentResult, register

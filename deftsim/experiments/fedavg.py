@@ -1,11 +1,11 @@
 """Experiment ``fedavg`` (the default): federated PEFT fine-tuning with FedAvg, over OFDMA or,
-with ``channel.uplink_access: aircomp``, over the air (``netsim.fedavg``,
-``netsim.aircomp_fedavg``)."""
+with ``channel.uplink_access: aircomp``, over the air (``netsim.protocols.fedavg``,
+``netsim.protocols.aircomp_fedavg``)."""
 from __future__ import annotations
 
 import time
 
-from netsim.aircomp_fedavg import AirCompFedAvgSimulation, aircomp_summary, make_simulation
+from netsim.protocols.aircomp_fedavg import AirCompFedAvgSimulation, aircomp_summary, make_simulation
 from netsim.scenario import Scenario
 
 from .. import build
@@ -14,7 +14,7 @@ from .base import ExperimentResult, register
 
 @register("fedavg")
 def fedavg(scenario: Scenario, on_round=None) -> ExperimentResult:
-    """Federated fine-tuning with FedAvg of the PEFT parameters (``netsim.fedavg``)."""
+    """Federated fine-tuning with FedAvg of the PEFT parameters (``netsim.protocols.fedavg``)."""
     from analysis.metrics import summarize
     from analysis.plot import plot_accuracy_vs_time
 

@@ -2,7 +2,7 @@
 
 The depth cost profile is measured on the real model (``fomo.depth_profile``) when
 ``lola.profile`` is ``measured``, or ``auto`` with ``trainer: real``; otherwise the analytic
-formula of ``netsim.lola.profile`` is used (no torch). Then ``netsim.lola.simulate.compare``
+formula of ``netsim.lola.profile`` is used (no torch). Then ``netsim.protocols.lola.compare``
 runs each algorithm's rounds on its own SimPy timeline over the same devices and channels.
 
 Writes (besides the runner's files): ``summary.json`` with ``mean_round_latency_s:
@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from netsim.lola.simulate import compare, default_profile
+from netsim.protocols.lola import compare, default_profile
 from netsim.scenario import LolaSpec, Scenario
 
 from ..config import ScenarioError

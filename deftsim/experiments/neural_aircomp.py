@@ -2,7 +2,7 @@
 air (AirComp, at each ``neural_aircomp.receive_snr_db``) vs. digitally (OFDMA, noiseless).
 
 K = the scenario's device count; model fomo/neural_connection.py, timeline
-netsim/neural_aircomp.py, docs/aircomp.md. Every variant starts from the same parameters, draws
+netsim/protocols/neural_aircomp.py, docs/aircomp.md. Every variant starts from the same parameters, draws
 the same batches and sees the same devices, channels and noise draws (same seed); only the
 connection differs. The frozen encoder runs once for all variants.
 
@@ -31,7 +31,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from netsim.neural_aircomp import NeuralConnectionSimulation, channel_summary
+from netsim.protocols.neural_aircomp import NeuralConnectionSimulation, channel_summary
 from netsim.network import Network
 from netsim.scenario import Scenario
 

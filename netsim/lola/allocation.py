@@ -28,7 +28,7 @@ Algorithms (all return an :class:`Allocation`):
                     blocks out in device-index order (memory still respected).
 ``equal_bandwidth`` CRUNCH's optimal blocks, but the band statically split B/K over all K
                     devices (no bandwidth management: idle devices keep their share).
-Offloading needs no matching; it is simulated in :mod:`netsim.lola.simulate`.
+Offloading needs no matching; it is simulated in :mod:`netsim.protocols.lola`.
 """
 from __future__ import annotations
 
@@ -549,7 +549,7 @@ def depth_unaware(inst: Instance) -> Allocation:
 
 
 def allocate(name: str, inst: Instance, rng: Optional[np.random.Generator] = None, **kw) -> Allocation:
-    """Run one allocation algorithm by name (``offloading`` is not a matching: see simulate)."""
+    """Run one allocation algorithm by name (``offloading`` is not a matching: see netsim.protocols.lola)."""
     if name == "crunch":
         return crunch(inst)
     if name == "jbba":

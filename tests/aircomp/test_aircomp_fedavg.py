@@ -9,7 +9,7 @@ import pytest
 from deftsim.runner import run_scenario
 from netsim import FakeTrainer, FedAvgSimulation
 from netsim.aircomp import aircomp_latency_s
-from netsim.aircomp_fedavg import AirCompFedAvgSimulation, make_simulation, num_subcarriers
+from netsim.protocols.aircomp_fedavg import AirCompFedAvgSimulation, make_simulation, num_subcarriers
 from netsim.scenario import Scenario
 
 

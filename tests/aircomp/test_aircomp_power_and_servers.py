@@ -9,7 +9,7 @@ from scipy.special import exp1
 
 from netsim import FakeTrainer
 from netsim.aircomp import ofdm_symbol_s, over_the_air_sum, truncation_probability
-from netsim.aircomp_fedavg import AirCompFedAvgSimulation
+from netsim.protocols.aircomp_fedavg import AirCompFedAvgSimulation
 from netsim.channel import BlockFading, Link
 from netsim.network import child_rng
 from netsim.scenario import ChannelSpec, Scenario
@@ -183,7 +183,7 @@ def test_multi_server_mse_is_measured_on_the_applied_aggregate(servers, debias):
 def test_applied_error_equals_direct_computation_with_three_server_slots():
     """Three slots (as three servers would run them), combined with their data shares W_s: the
     combined statistics equal a direct computation on the combined estimate."""
-    from netsim.aircomp_fedavg import applied_aggregate_error
+    from netsim.protocols.aircomp_fedavg import applied_aggregate_error
 
     rng = np.random.default_rng(7)
     q = M * 200

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from netsim.aircomp_fedavg import AirCompFedAvgSimulation
+from netsim.protocols.aircomp_fedavg import AirCompFedAvgSimulation
 from netsim.interfaces import LocalJob
 from netsim.scenario import Scenario
 

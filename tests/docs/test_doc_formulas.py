@@ -12,7 +12,7 @@ from scipy.special import exp1
 from netsim import FakeTrainer, FedAvgSimulation, Network
 from netsim.aircomp import (aircomp_latency_s, aircomp_symbols, expected_mse, noise_for_snr, ofdm_symbol_s,
                             over_the_air_sum, receive_power, truncation_probability)
-from netsim.aircomp_fedavg import make_simulation, num_subcarriers
+from netsim.protocols.aircomp_fedavg import make_simulation, num_subcarriers
 from netsim.budgets import bandwidth_shares, compute_time_s, energy_j
 from netsim.channel import (MAX_TRANSFER_BLOCKS, BlockFading, Link, noise_power_w, pathloss_db, shannon_rate_bps,
                             transfer_duration_s)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from fomo import batched as fbatched
 from fomo import build_trainer, models
 from fomo.trainer import PeftTrainer
-from netsim.fedavg import FedAvgSimulation
+from netsim.protocols.fedavg import FedAvgSimulation
 from netsim.interfaces import LocalJob, LocalResult
 from netsim.scenario import Scenario
 
@@ -379,7 +379,7 @@ _DETERMINISM_SCRIPT = """
 import hashlib, json, sys, torch
 torch.set_num_threads(int(sys.argv[2]))
 from fomo import build_trainer
-from netsim.fedavg import FedAvgSimulation
+from netsim.protocols.fedavg import FedAvgSimulation
 from netsim.scenario import Scenario
 sc = Scenario.model_validate(json.loads(sys.argv[1]))
 sim = FedAvgSimulation(sc, 0, build_trainer(sc, 0))

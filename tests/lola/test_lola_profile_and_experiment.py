@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from netsim.lola.profile import analytic_profile, split_layers
-from netsim.lola.simulate import build_instance, compare
+from netsim.protocols.lola import build_instance, compare
 from netsim.network import Network
 from netsim.scenario import Scenario
 
@@ -116,7 +116,7 @@ def test_lola_is_torch_free():
         for name in ("torch", "transformers", "peft", "fomo"):
             sys.modules[name] = None
         from netsim.scenario import Scenario
-        from netsim.lola.simulate import compare
+        from netsim.protocols.lola import compare
         sc = Scenario.model_validate({"trainer": "fake", "experiment": "lola_compare", "devices": [{"count": 4}],
                                       "lola": {"num_blocks": 2, "rounds": 2, "jbba_iterations": 3}})
         s, _, _ = compare(sc)

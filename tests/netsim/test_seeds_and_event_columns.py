@@ -4,10 +4,10 @@ import pandas as pd
 import pytest
 
 from netsim import COLUMNS, FakeTrainer, Network
-from netsim.aircomp_fedavg import make_simulation
-from netsim.lola.simulate import compare
+from netsim.protocols.aircomp_fedavg import make_simulation
+from netsim.protocols.lola import compare
 from netsim.network import child_rng
-from netsim.neural_aircomp import NeuralConnectionSimulation
+from netsim.protocols.neural_aircomp import NeuralConnectionSimulation
 from netsim.scenario import Scenario
 
 DEVICE_KINDS = {"downlink", "compute", "uplink", "memory_exceeded", "not_scheduled"}

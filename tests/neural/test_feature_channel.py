@@ -8,7 +8,7 @@ from netsim.aircomp import over_the_air_sum
 from netsim.channel import noise_power_w
 from netsim.network import Network
 from netsim.aircomp import value_gains
-from netsim.neural_aircomp import FeatureChannelConfig, aircomp_latency_s, feature_channel
+from netsim.protocols.neural_aircomp import FeatureChannelConfig, aircomp_latency_s, feature_channel
 from netsim.scenario import Scenario
 
 

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from netsim.neural_aircomp import NeuralConnectionSimulation  # noqa: E402
+from netsim.protocols.neural_aircomp import NeuralConnectionSimulation  # noqa: E402
 from netsim.scenario import Scenario  # noqa: E402
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from deftsim.config import load_scenario
-from netsim.lola.simulate import compare, default_profile
+from netsim.protocols.lola import compare, default_profile
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
 LATENCY_ONLY = ["trainer=fake", "lola.train_rounds=0"]
@@ -56,7 +56,7 @@ def test_latency_formulas_hold_exactly_without_fading(overrides):
                  FIFO at the edge: c_1 = u_(1) + e, c_i = max(c_(i-1), u_(i)) + e, T = c_N,
                  e = steps F_(N-1) / f_edge (full-depth step)."""
     from netsim.network import Network
-    from netsim.lola.simulate import snr_hz
+    from netsim.protocols.lola import snr_hz
 
     scenario = load_scenario(SCENARIOS / "lola_compare.yaml",
                              [*LATENCY_ONLY, "channel.fading=none", "lola.rounds=3",

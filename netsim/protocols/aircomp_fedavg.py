@@ -1,6 +1,6 @@
 """FedAvg with the uplink aggregation done over the air (``channel.uplink_access: aircomp``).
 
-Same rounds as :class:`netsim.fedavg.FedAvgSimulation` (selection, memory check, multicast,
+Same rounds as :class:`netsim.protocols.fedavg.FedAvgSimulation` (selection, memory check, multicast,
 real local steps), except the upload + aggregation:
 
 1. no per-device FDMA upload: a device that has finished its local steps waits;
@@ -32,13 +32,13 @@ from typing import Optional
 
 import numpy as np
 
-from .aircomp import AirCompStats, over_the_air_sum, truncation_mse, truncation_probability
-from .budgets import compute_time_s
-from .channel import noise_power_w
+from ..aircomp import AirCompStats, over_the_air_sum, truncation_mse, truncation_probability
+from ..budgets import compute_time_s
+from ..channel import noise_power_w
 from .fedavg import FedAvgSimulation, RoundCallback
-from .interfaces import LocalResult, Trainer
-from .network import Device, child_rng
-from .scenario import Scenario
+from ..interfaces import LocalResult, Trainer
+from ..network import Device, child_rng
+from ..scenario import Scenario
 
 
 def num_subcarriers(scenario: Scenario) -> int:

@@ -26,11 +26,11 @@ from typing import Callable, Optional
 
 import simpy
 
-from .budgets import bandwidth_shares, compute_time_s, energy_j, fits_in_memory
-from .interfaces import LocalJob, LocalResult, Trainer
-from .network import Device, Network, child_rng
-from .records import Recorder
-from .scenario import Scenario
+from ..budgets import bandwidth_shares, compute_time_s, energy_j, fits_in_memory
+from ..interfaces import LocalJob, LocalResult, Trainer
+from ..network import Device, Network, child_rng
+from ..records import Recorder
+from ..scenario import Scenario
 
 RoundCallback = Callable[[int, float, float], None]
 

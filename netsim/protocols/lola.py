@@ -32,8 +32,8 @@ import simpy
 from ..network import Network, child_rng
 from ..records import Recorder
 from ..scenario import Scenario
-from .allocation import ALGORITHMS, Allocation, Instance, allocate
-from .profile import DepthProfile, analytic_profile
+from ..lola.allocation import ALGORITHMS, Allocation, Instance, allocate
+from ..lola.profile import DepthProfile, analytic_profile
 
 _RNG_KEY_RANDOM = (1, 0)  # SeedSequence spawn key of the random baseline (netsim uses (0, ...))
 

@@ -56,14 +56,14 @@ from typing import Callable, Optional, Protocol, Sequence
 import numpy as np
 import simpy
 
-from .aircomp import (AirCompStats, aircomp_latency_s, aircomp_symbols, expected_mse, noise_for_snr, noise_mse,
+from ..aircomp import (AirCompStats, aircomp_latency_s, aircomp_symbols, expected_mse, noise_for_snr, noise_mse,
                       ofdm_symbol_s, radiated_energy_j, receive_power, snr_db, symbol_power, truncation_probability,
                       value_gains)
-from .budgets import compute_time_s, energy_j
-from .channel import Link, noise_power_w
-from .network import Network, child_rng
-from .records import Recorder
-from .scenario import Scenario
+from ..budgets import compute_time_s, energy_j
+from ..channel import Link, noise_power_w
+from ..network import Network, child_rng
+from ..records import Recorder
+from ..scenario import Scenario
 
 BITS_PER_VALUE = 32
 NOISE_SPAWN_KEY = (0, 7)
