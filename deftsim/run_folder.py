@@ -43,6 +43,36 @@ class OutputFolderError(ScenarioError):
     """``--out`` cannot be used; ``str(err)`` names the folder and the reason (exit code 2)."""
 
 
+class LockBusy(Exception):
+    """Another process holds the lock; ``holder`` says who (as it wrote into the lock file)."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+def take_lock(path: Path) -> int:
+    """Create ``path`` if needed, take an exclusive non-blocking ``flock`` on it and write
+    ``pid N on HOST`` into it; return the descriptor (closing it releases the lock). Raises
+    :class:`LockBusy` if another process holds it, OSError if the file cannot be written."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 100).decode(errors="replace").strip() or "pid unknown"
+        os.close(fd)
+        raise LockBusy(holder) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
 class RunFolder:
     """Context manager around one run's results folder (see the module docstring).
 
@@ -87,27 +117,14 @@ class RunFolder:
             raise OutputFolderError(f"--out {where!r}: cannot create the folder ({err.strerror or err})") from None
 
     def _lock(self) -> None:
-        import fcntl
-
-        path = self.root / LOCK_FILE
+        where = str(self.root)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._lock_fd = take_lock(self.root / LOCK_FILE)
+        except LockBusy as busy:
+            raise OutputFolderError(f"--out {where!r}: another deftsim run is writing to this folder "
+                                    f"({busy.holder}); wait for it or use another folder") from None
         except OSError as err:
-            raise OutputFolderError(f"--out {str(self.root)!r} is not writable ({err.strerror or err})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 100).decode(errors="replace").strip()
-            os.close(fd)
-            raise OutputFolderError(f"--out {str(self.root)!r}: another deftsim run is writing to this folder "
-                                    f"({holder or 'pid unknown'}); wait for it or use another folder") from None
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        except OSError as err:
-            os.close(fd)
-            raise OutputFolderError(f"--out {str(self.root)!r} is not writable ({err.strerror or err})") from None
-        self._lock_fd = fd
+            raise OutputFolderError(f"--out {where!r} is not writable ({err.strerror or err})") from None
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:

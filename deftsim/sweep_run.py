@@ -211,19 +211,13 @@ class SweepStore:
             self._lock_fd = None
 
     def _lock(self) -> None:
-        import fcntl
+        from .run_folder import LockBusy, take_lock
 
-        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 100).decode(errors="replace").strip()
-            os.close(fd)
-            raise SweepError(f"another sweep is writing to {str(self.root)!r} ({holder or 'pid unknown'}); "
+            self._lock_fd = take_lock(self.root / LOCK_FILE)
+        except LockBusy as busy:
+            raise SweepError(f"another sweep is writing to {str(self.root)!r} ({busy.holder}); "
                              "wait for it or use another --out folder") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        self._lock_fd = fd
 
     def clean_partial(self) -> int:
         """Delete what an interrupted sweep left half-written; return how many."""
