@@ -292,6 +292,19 @@ def _at(frame: pd.DataFrame, column: str, value, numeric: bool) -> pd.DataFrame:
     return frame[frame[column].map(category_text) == category_text(value)]
 
 
+def _values_along(sub: pd.DataFrame, param: str, order: list, xpos: dict, numeric: bool, dodge: float,
+                  metric: str) -> tuple[list[float], list[list[float]]]:
+    """For each value of ``param`` in ``order`` that ``sub`` has: its x position (shifted by
+    ``dodge`` for side-by-side categories) and the runs' values of ``metric`` there."""
+    xs, values = [], []
+    for value in order:
+        at = _at(sub, param, value, numeric)
+        if not at.empty:
+            xs.append((xpos[value] if numeric else xpos[category_text(value)]) + dodge)
+            values.append(at[metric].astype(float).tolist())
+    return xs, values
+
+
 def _style_param_axis(ax, param: str, numeric: bool, order: list, random: bool, partners: tuple = ()) -> None:
     label = field_label(param) if numeric else short_label(param)
     ax.set_xlabel(label + ("\n(zipped with " + ", ".join(short_label(p) for p in partners) + ")" if partners else ""))
@@ -383,13 +396,7 @@ def fig_to_accuracy(param: str, params: list[str], runs: pd.DataFrame, target: f
             label = point_label({p: first[p] for p in others}, others)
         dodge = 0.0 if numeric else (gi - (len(groups) - 1) / 2) * width
         for ax, metric in zip(axes, ["time_to_target_s", "energy_to_target_j"]):
-            xs, values = [], []
-            for v in order:
-                at = _at(sub, param, v, numeric)
-                if at.empty:
-                    continue
-                xs.append((xpos[v] if numeric else xpos[category_text(v)]) + dodge)
-                values.append(at[metric].astype(float).tolist())
+            xs, values = _values_along(sub, param, order, xpos, numeric, dodge, metric)
             drawn = spread_errorbar(ax, xs, values, metric, palette[gi], label, connect=numeric and not random)
             kinds |= {d["kind"] for d in drawn}
     for ax in axes:
@@ -787,13 +794,7 @@ def fig_variants_vs_field(table: pd.DataFrame, view: ExperimentView, param: str,
         for vi, v in enumerate(variants):
             sub = table[table["variant"] == v]
             dodge = 0.0 if numeric else (vi - (len(variants) - 1) / 2) * width
-            xs, vals = [], []
-            for value in order:
-                at = _at(sub, param, value, numeric)
-                if at.empty:
-                    continue
-                xs.append((xpos[value] if numeric else xpos[category_text(value)]) + dodge)
-                vals.append(at[metric].astype(float).tolist())
+            xs, vals = _values_along(sub, param, order, xpos, numeric, dodge, metric)
             drawn = spread_errorbar(ax, xs, vals, metric, palette[vi], v, connect=numeric and not random)
             kinds |= {d["kind"] for d in drawn}
         _style_param_axis(ax, param, numeric, order, random)
