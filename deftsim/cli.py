@@ -89,14 +89,8 @@ def run(scenario_file: str, out_dir: Optional[str], seed: Optional[int], overrid
     if out_dir is None:
         _fail("missing option --out DIR (the results folder)")
     from .report import print_summary
-    from .run_folder import RunFolder
     from .runner import run_scenario
 
-    try:  # fail on a bad --out now, not after the experiment
-        with RunFolder(out_dir, overwrite=overwrite):
-            pass
-    except ScenarioError as err:
-        _fail(str(err))
     thread_record = _apply_threads(scenario, threads, quiet)
     bar = None
     if not quiet:

@@ -15,21 +15,20 @@ import json
 import math
 from typing import Any, Literal
 
+import numpy as np
+
 NonFinite = Literal["null", "string"]
 
 
 def finite_json_value(obj: Any, nonfinite: NonFinite = "null") -> Any:
     """``obj`` with every non-finite float replaced (recursively through dicts, lists and
     tuples); numpy scalars become Python numbers."""
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (str, int)):
-        return obj
-    if isinstance(obj, float) or type(obj).__module__ == "numpy" and hasattr(obj, "item"):
-        value = obj.item() if hasattr(obj, "item") else obj
-        if isinstance(value, float) and not math.isfinite(value):
-            if nonfinite == "string" and not math.isnan(value):
-                return "inf" if value > 0 else "-inf"
-            return None
-        return value
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        if nonfinite == "string" and not math.isnan(obj):
+            return "inf" if obj > 0 else "-inf"
+        return None
     if isinstance(obj, dict):
         return {k: finite_json_value(v, nonfinite) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

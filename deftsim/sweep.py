@@ -421,9 +421,10 @@ def plan_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepPlan:
     except ScenarioError as err:
         raise SweepError(f"sweep file {str(path)!r}: the base scenario is invalid:\n{err}") from None
     num_seeds = 1 if spec.seeds is None else spec.seeds if isinstance(spec.seeds, int) else len(spec.seeds)
-    planned = count_points(vary) * num_seeds
+    num_points = count_points(vary)
+    planned = num_points * num_seeds
     if planned > MAX_PLANNED_RUNS:
-        raise SweepError(f"sweep file {str(path)!r} plans {planned:,} runs ({count_points(vary):,} points x "
+        raise SweepError(f"sweep file {str(path)!r} plans {planned:,} runs ({num_points:,} points x "
                          f"{num_seeds:,} seeds); at most {MAX_PLANNED_RUNS:,} runs per sweep file are allowed: "
                          "split it into several sweeps or use vary.random with fewer samples")
     if spec.seeds is None:

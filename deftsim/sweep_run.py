@@ -92,9 +92,9 @@ def pin_threads(threads: int) -> None:
 
 
 def _threads_record(threads: int) -> dict:
-    from .threads import _user_wait_setting
+    from .threads import current_wait_setting
 
-    return {"torch_threads": threads, "omp_wait_policy": _user_wait_setting() or "",
+    return {"torch_threads": threads, "omp_wait_policy": current_wait_setting() or "",
             "source": "--threads-per-run"}
 
 

@@ -176,8 +176,9 @@ def apply_thread_policy(threads: int, source: str = "default") -> dict:
     threads = _check_count(threads, "threads")
     torch_loaded = "torch" in sys.modules
     note = ""
-    if _user_wait_setting() is not None:  # the user's (or an earlier call's) choice
-        policy, applied = _user_wait_setting(), True
+    existing = current_wait_setting()
+    if existing is not None:  # the user's (or an earlier call's) choice
+        policy, applied = existing, True
     elif torch_loaded:
         policy, applied = "ACTIVE", False  # OpenMP's default, fixed when torch was imported
         note = (f"{SPINCOUNT_ENV} not applied: torch was imported before the thread policy; set "
@@ -212,7 +213,7 @@ def sweep_threads(workers: int) -> int:
     return max(1, min(available_cores() // workers, DEFAULT_MAX_THREADS))
 
 
-def _user_wait_setting() -> Optional[str]:
+def current_wait_setting() -> Optional[str]:
     """The wait setting already in the environment, as recorded: ``OMP_WAIT_POLICY``'s value
     (upper case) or ``GOMP_SPINCOUNT=N``; None if neither is set."""
     policy = os.environ.get(WAIT_POLICY_ENV, "").strip()
@@ -226,7 +227,7 @@ def set_default_wait() -> str:
     """Put deftsim's default wait setting into ``os.environ`` unless the user chose one; return
     the setting in force. Only effective before torch is imported (worker processes call it
     first thing)."""
-    existing = _user_wait_setting()
+    existing = current_wait_setting()
     if existing is not None:
         return existing
     os.environ[SPINCOUNT_ENV] = DEFAULT_SPINCOUNT
