@@ -24,26 +24,12 @@ from __future__ import annotations
 import os
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-# Strict scalar types: a boolean or a string is never read as a number (YAML's ``yes`` is a
-# boolean), a float is never truncated to an integer, and (``allow_inf_nan=False`` on every
-# section) every float is finite unless its field says otherwise.
-Int = Annotated[int, Strict()]
-Float = Annotated[float, Strict()]
-Bool = Annotated[bool, Strict()]
-PositiveFloat = Annotated[float, Strict(), Field(gt=0)]
-NonNegFloat = Annotated[float, Strict(), Field(ge=0)]
+from .spec_base import Bool, Float, Int, NonNegFloat, PositiveFloat, Spec  # noqa: F401 (re-exported)
 
 
 MAX_DEVICES = 1_000_000  # devices in all groups together
-
-
-class Spec(BaseModel):
-    """Base of every scenario section: unknown keys are errors, values are validated on
-    assignment too."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Placement(Spec):
@@ -78,6 +64,16 @@ class DeviceGroup(Spec):
     tx_power_w: PositiveFloat = Field(0.2, ge=1e-15, le=1e3, description="uplink transmit power [W]")
     compute_power_w: NonNegFloat = Field(5.0, le=1e5, description="power drawn while computing [W]")
     rx_power_w: NonNegFloat = Field(0.1, le=1e5, description="power drawn while receiving [W]")
+    idle_power_w: NonNegFloat = Field(
+        0.0, le=1e5, description="power drawn while selected but neither receiving, computing nor sending (waiting "
+        "for the round to end) [W]")
+    compute_model: Literal["throughput", "dvfs"] = Field(
+        "throughput", description="'throughput': time = FLOPs / compute_flops_per_s, energy = compute_power_w x time; "
+        "'dvfs': cycles = FLOPs / flops_per_cycle, time = cycles / cpu_frequency_hz, energy = kappa x cycles x f^2")
+    cpu_frequency_hz: PositiveFloat = Field(2.0e9, ge=1e3, le=1e12, description="dvfs: clock frequency f [Hz]")
+    flops_per_cycle: PositiveFloat = Field(16.0, ge=1e-3, le=1e9, description="dvfs: FLOPs per clock cycle")
+    kappa: PositiveFloat = Field(
+        1e-28, ge=1e-40, le=1e-10, description="dvfs: effective switched capacitance [J / (cycle Hz^2)]")
     antenna_height_m: PositiveFloat = Field(1.5, le=1e4)
     placement: Placement = Placement()
 
@@ -125,6 +121,12 @@ class ChannelSpec(Spec):
         description="'equal' or one weight per device; each round the selected devices split "
         "the uplink band in proportion to their weights",
     )
+    rate_mode: Literal["shannon", "fixed"] = Field(
+        "shannon", description="'shannon': each coherence block carries B log2(1 + SNR); 'fixed': a fixed-rate code "
+        "of fixed_spectral_efficiency_bps_per_hz, and a block whose SNR is below 2^R - 1 delivers nothing (outage)",
+    )
+    fixed_spectral_efficiency_bps_per_hz: PositiveFloat = Field(
+        2.0, ge=1e-6, le=64, description="rate_mode fixed: R [bit/s/Hz]; threshold SNR 2^R - 1")
     uplink_access: Literal["ofdma", "aircomp"] = Field(
         "ofdma", description="how updates go up: 'ofdma' (digital, FDMA shares) or 'aircomp' (broadband "
         "analog over-the-air aggregation, see the aircomp section and docs/aircomp.md)",
