@@ -1,4 +1,5 @@
-"""Wireless channel maths: path loss, Rayleigh block fading, noise, Shannon rate.
+"""Wireless channel maths: path loss, Rayleigh block fading, noise, Shannon rate, fixed-rate
+outage.
 
 All quantities are linear unless the name ends in ``_db`` / ``_dbm``.
 
@@ -62,6 +63,33 @@ def noise_power_w(spec: ChannelSpec, bandwidth_hz: float) -> float:
 def shannon_rate_bps(bandwidth_hz: float, snr: float) -> float:
     """Shannon capacity B log2(1 + SNR) [bit/s]."""
     return bandwidth_hz * math.log2(1.0 + snr)
+
+
+def outage_threshold_snr(spectral_efficiency_bps_per_hz: float) -> float:
+    """Least SNR at which a fixed-rate code of R bit/s/Hz is decodable: 2^R - 1 (linear), the
+    SNR at which the Shannon capacity B log2(1 + SNR) equals R B."""
+    return 2.0 ** spectral_efficiency_bps_per_hz - 1.0
+
+
+def outage_probability(mean_snr: float, threshold_snr: float) -> float:
+    """P(SNR < threshold) of a Rayleigh block-fading link with mean SNR ``mean_snr`` (linear).
+
+    The SNR of a block is mean_snr |h|^2 with |h|^2 ~ Exp(1), so
+
+    .. math::
+        P_{out} = P(\\bar\\gamma |h|^2 < \\gamma_{th}) = 1 - e^{-\\gamma_{th} / \\bar\\gamma}
+
+    (computed as -expm1(-threshold / mean) for accuracy at small ratios). A mean SNR of 0 is
+    always in outage (1.0) unless the threshold is 0 too.
+    """
+    if not (mean_snr >= 0 and threshold_snr >= 0):
+        raise ValueError(f"outage_probability: mean_snr={mean_snr!r}, threshold_snr={threshold_snr!r}; "
+                         "allowed: numbers >= 0")
+    if threshold_snr == 0:
+        return 0.0
+    if mean_snr == 0:
+        return 1.0
+    return -math.expm1(-threshold_snr / mean_snr)
 
 
 _MASK64 = (1 << 64) - 1
@@ -138,7 +166,9 @@ class Link:
         Transmit power [W].
     fading : BlockFading
     channel : ChannelSpec
-        For the noise PSD and noise figure.
+        For the noise PSD and noise figure, and the rate mode: ``shannon`` (a block carries
+        B log2(1 + SNR_b)) or ``fixed`` (a block carries R B when SNR_b >= 2^R - 1 and nothing
+        otherwise, an outage; R = ``fixed_spectral_efficiency_bps_per_hz``).
     name : str
         What the link is (e.g. ``uplink dev3->edge0``), for error messages.
     """
@@ -150,6 +180,9 @@ class Link:
         self.fading = fading
         self.name = name
         self._noise_w_per_hz = noise_power_w(channel, 1.0)
+        self.fixed_rate = channel.rate_mode == "fixed"
+        self.spectral_efficiency_bps_per_hz = channel.fixed_spectral_efficiency_bps_per_hz if self.fixed_rate else None
+        self.threshold_snr = outage_threshold_snr(channel.fixed_spectral_efficiency_bps_per_hz) if self.fixed_rate else None
 
     def snr(self, block: int, bandwidth_hz: float) -> float:
         """Received SNR P g |h_b|^2 / (N0 NF B) in coherence block ``block``."""
@@ -157,13 +190,34 @@ class Link:
         return self.tx_power_w * gain / (self._noise_w_per_hz * bandwidth_hz)
 
     def rate_bps(self, block: int, bandwidth_hz: float) -> float:
-        return shannon_rate_bps(bandwidth_hz, self.snr(block, bandwidth_hz))
+        """Rate of coherence block ``block`` [bit/s]: B log2(1 + SNR_b) (``shannon``), or R B if
+        SNR_b >= 2^R - 1 and 0 otherwise (``fixed``)."""
+        snr = self.snr(block, bandwidth_hz)
+        if self.fixed_rate:
+            return self.spectral_efficiency_bps_per_hz * bandwidth_hz if snr >= self.threshold_snr else 0.0
+        return shannon_rate_bps(bandwidth_hz, snr)
 
     def rates_bps(self, first_block: int, count: int, bandwidth_hz: float) -> np.ndarray:
-        """Shannon rates of ``count`` consecutive coherence blocks [bit/s] (vectorised)."""
+        """Rates of ``count`` consecutive coherence blocks [bit/s] (vectorised, same values as
+        :meth:`rate_bps`)."""
         snr = self.tx_power_w * self.large_scale_gain * self.fading.power_gains(first_block, count) / (
             self._noise_w_per_hz * bandwidth_hz)
+        if self.fixed_rate:
+            return np.where(snr >= self.threshold_snr, self.spectral_efficiency_bps_per_hz * bandwidth_hz, 0.0)
         return bandwidth_hz * np.log2(1.0 + snr)
+
+    def outage_probability(self, bandwidth_hz: float) -> float:
+        """P(a coherence block delivers nothing) over ``bandwidth_hz``: 0 in ``shannon`` mode;
+        in ``fixed`` mode 1 - exp(-(2^R - 1) / mean SNR) for Rayleigh fading, and 0 or 1 (SNR
+        above or below the threshold) without fading."""
+        if not self.fixed_rate:
+            return 0.0
+        mean_snr = self.tx_power_w * self.large_scale_gain / (self._noise_w_per_hz * bandwidth_hz)
+        if not mean_snr >= 0:
+            return math.nan
+        if self.fading.kind == "none":
+            return 0.0 if mean_snr >= self.threshold_snr else 1.0
+        return outage_probability(mean_snr, self.threshold_snr)
 
     def transfer_duration_s(self, size_bits: float, start_s: float, bandwidth_hz: float) -> float:
         """Time to send ``size_bits`` over this link from ``start_s`` [s] (see
@@ -173,10 +227,39 @@ class Link:
         if not (math.isfinite(bandwidth_hz) and bandwidth_hz > 0):
             raise ValueError(f"{self.name}: bandwidth_hz={bandwidth_hz!r} for size_bits={size_bits!r}; "
                              "allowed: a finite number > 0")
+        if self.fixed_rate:
+            return self._fixed_rate_transfer_duration_s(size_bits, start_s, bandwidth_hz)
         with np.errstate(all="ignore"):
             mean_snr = self.tx_power_w * self.large_scale_gain / (self._noise_w_per_hz * bandwidth_hz)
             mean_rate = float(bandwidth_hz * np.log2(1.0 + mean_snr))
         return transfer_duration_s(size_bits, start_s, self.fading.coherence_time_s,
+                                   lambda b: self.rate_bps(b, bandwidth_hz),
+                                   lambda b, n: self.rates_bps(b, n, bandwidth_hz),
+                                   link_name=self.name, mean_rate_bps=mean_rate,
+                                   constant_rate=self.fading.kind == "none")
+
+    def _fixed_rate_transfer_duration_s(self, size_bits: float, start_s: float, bandwidth_hz: float) -> float:
+        """Fixed-rate transfer: only blocks out of outage carry R B bit/s. The mean rate is
+        exactly R B (1 - P_out), so the up-front bound on the number of blocks is
+        size_bits / (R B T_c (1 - P_out)); a link whose success probability makes that exceed
+        :data:`MAX_TRANSFER_BLOCKS` is an error that names the outage probability."""
+        rate_ok = self.spectral_efficiency_bps_per_hz * bandwidth_hz
+        with np.errstate(all="ignore"):
+            p_out = self.outage_probability(bandwidth_hz)
+            mean_rate = rate_ok * (1.0 - p_out)
+        tc = self.fading.coherence_time_s
+        if size_bits > 0 and math.isfinite(size_bits) and math.isfinite(tc) and tc > 0 and not (
+                mean_rate * tc * MAX_TRANSFER_BLOCKS >= size_bits):
+            mean_snr_db = self.mean_snr_db(bandwidth_hz)
+            threshold_db = 10.0 * math.log10(self.threshold_snr)
+            raise ValueError(
+                f"{self.name}: cannot send size_bits={size_bits!r} at the fixed rate "
+                f"{self.spectral_efficiency_bps_per_hz} bit/s/Hz x {bandwidth_hz} Hz: mean SNR {mean_snr_db:.1f} dB "
+                f"against the decoding threshold 2^R - 1 = {threshold_db:.1f} dB gives an outage probability "
+                f"{p_out!r} per coherence block, so the transfer would need more than {MAX_TRANSFER_BLOCKS} coherence "
+                f"blocks of {tc} s; lower channel.fixed_spectral_efficiency_bps_per_hz or check the bandwidths, "
+                "powers, noise PSD and positions of the scenario")
+        return transfer_duration_s(size_bits, start_s, tc,
                                    lambda b: self.rate_bps(b, bandwidth_hz),
                                    lambda b, n: self.rates_bps(b, n, bandwidth_hz),
                                    link_name=self.name, mean_rate_bps=mean_rate,
