@@ -117,6 +117,18 @@ class DeviceStack:
             for name, t in state.items()
         }
 
+    @classmethod
+    def from_states(cls, states: list[dict[str, torch.Tensor]]) -> "DeviceStack":
+        """K devices starting from their own states (``states[k]``: the model version device k
+        downloaded); one shared state object is repeated as in the constructor."""
+        if all(st is states[0] for st in states):
+            return cls(states[0], len(states))
+        stack = cls.__new__(cls)
+        stack.num_devices = len(states)
+        stack.tensors = {name: torch.stack([st[name].detach() for st in states]).requires_grad_(True)
+                         for name in states[0]}
+        return stack
+
     def parameters(self) -> list[torch.Tensor]:
         return list(self.tensors.values())
 
@@ -124,6 +136,13 @@ class DeviceStack:
         """Per-device local minus ``state`` (the global state), one dict per device."""
         diffs = {name: (t.detach() - state[name]).unbind(0) for name, t in self.tensors.items()}
         return [{name: d[k] for name, d in diffs.items()} for k in range(self.num_devices)]
+
+    def updates_from(self, states: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """Per-device local minus the device's own starting state ``states[k]``."""
+        if all(st is states[0] for st in states):
+            return self.updates(states[0])
+        return [{name: t.detach()[k] - states[k][name] for name, t in self.tensors.items()}
+                for k in range(self.num_devices)]
 
 
 class StackedLinear(torch.autograd.Function):

@@ -47,7 +47,7 @@ from fomo import models, profiling
 from fomo.last_block import probe_last_block, pruned
 from fomo.prefix_cache import ActivationCache, find_frozen_prefix
 from fomo.profiling import StepProfile
-from netsim.interfaces import EvalResult, LocalJob, LocalResult
+from netsim.interfaces import EvalResult, JobCost, LocalJob, LocalResult, PlannedJob
 
 if TYPE_CHECKING:  # pragma: no cover
     from netsim.scenario import Scenario
@@ -281,15 +281,38 @@ class PeftTrainer:
         return {n: t.clone() for n, t in self._global.items()}
 
     # ---------------------------------------------------------------- training
-    def local_train(self, jobs: Sequence[LocalJob]) -> list[LocalResult]:
-        """Run the jobs, each from the current global state (one after another, or batched:
-        see the module docstring); results in job order. The model holds the global state
-        again afterwards."""
-        if self.strategy == "batched" and jobs:
-            return self._run_batched(jobs)
-        results = [self._run_job(job) for job in jobs]
+    def snapshot(self) -> PeftState:
+        """The current global state. :meth:`aggregate` builds a new dict of new tensors, so
+        this one never changes: a job planned on it trains from it whenever it runs."""
+        return self._global
+
+    def plan(self, job: LocalJob, base: PeftState) -> PlannedJob:
+        """Draw the job's batches from the device's generator and count their cost: FLOPs of
+        each step's shape (dynamic padding) and the peak of their saved activations."""
+        batches = [self._sample_batch(job.device_id, job.batch_size) for _ in range(job.steps)]
+        flops, saved_bytes = 0.0, 0
+        for examples in batches:
+            profile = self._step_profile(examples)
+            flops += profile.flops
+            saved_bytes = max(saved_bytes, profile.saved_activation_bytes)
+        cost = JobCost(flops=flops, peak_memory_bytes=self._memory_of(StepProfile(0.0, saved_bytes)),
+                       update_bytes=self._adapter_bytes, num_examples=self.device_num_examples(job.device_id))
+        return PlannedJob(job, base, cost, batches)
+
+    def execute(self, plans: Sequence[PlannedJob]) -> list[LocalResult]:
+        """Run planned jobs, each from its own base (one after another, or batched: see the
+        module docstring); results in plan order. The model holds the global state again
+        afterwards."""
+        if self.strategy == "batched" and plans:
+            return self._run_batched(plans)
+        results = [self._run_job(plan) for plan in plans]
         self._load_state(self._global)
         return results
+
+    def local_train(self, jobs: Sequence[LocalJob]) -> list[LocalResult]:
+        """Plan and run ``jobs``, each from the current global state."""
+        base = self.snapshot()
+        return self.execute([self.plan(job, base) for job in jobs])
 
     def aggregate(self, results: Sequence[LocalResult], weights: Sequence[float]) -> None:
         """global <- global + sum_k weights[k] * update_k, summed in the given order."""
@@ -347,82 +370,72 @@ class PeftTrainer:
         return EvalResult(accuracy=correct / n, loss=loss_sum / n, flops=flops, num_examples=n)
 
     # ---------------------------------------------------------------- internals
-    def _run_job(self, job: LocalJob) -> LocalResult:
-        """One device's local training from the global state."""
-        self._load_state(self._global)
+    def _run_job(self, plan: PlannedJob) -> LocalResult:
+        """One device's local training from its base state, on its planned batches."""
+        job = plan.job
+        self._load_state(plan.base)
         torch.manual_seed(fdata.job_torch_seed(self.seed, job.device_id, job.round))
         optimizer = self._make_optimizer()
-        losses: list[torch.Tensor] = []
-        flops, saved_bytes = 0.0, 0
-        for _ in range(job.steps):
-            examples = self._sample_batch(job.device_id, job.batch_size)
-            loss, profile = self._train_step(optimizer, examples)
-            losses.append(loss)
-            flops += profile.flops
-            saved_bytes = max(saved_bytes, profile.saved_activation_bytes)
-        update = {n: p.detach() - self._global[n] for n, p in self._trainable}
+        losses = [self._train_step(optimizer, examples) for examples in plan.inputs]
+        update = {n: p.detach() - plan.base[n] for n, p in self._trainable}
+        return self._result(plan, update, losses)
+
+    def _result(self, plan: PlannedJob, update: PeftState, losses: list[torch.Tensor]) -> LocalResult:
+        cost = plan.cost
         return LocalResult(
-            device_id=job.device_id,
+            device_id=plan.job.device_id,
             update=update,
-            num_examples=self.device_num_examples(job.device_id),
+            num_examples=cost.num_examples,
             loss=float(torch.stack(losses).mean()) if losses else float("nan"),
-            flops=flops,
-            peak_memory_bytes=self._memory_of(StepProfile(0.0, saved_bytes)),
-            update_bytes=self._adapter_bytes,
+            flops=cost.flops,
+            peak_memory_bytes=cost.peak_memory_bytes,
+            update_bytes=cost.update_bytes,
         )
 
-    def _train_step(
-        self, optimizer: torch.optim.Optimizer, examples: np.ndarray
-    ) -> tuple[torch.Tensor, StepProfile]:
+    def _train_step(self, optimizer: torch.optim.Optimizer, examples: np.ndarray) -> torch.Tensor:
         """One optimizer step on a batch of ``examples`` (through the host's execution tricks:
-        activation cache, pruned last block); the profile is the plain one-device step's."""
+        activation cache, pruned last block); returns the loss."""
         optimizer.zero_grad(set_to_none=True)
-        profile = self._step_profile(examples)
         input_ids, mask, labels = self._tokens.batch(examples)
         loss = F.cross_entropy(self._logits(input_ids, mask, examples), labels)
         loss.backward()
         optimizer.step()
-        return loss.detach(), profile
+        return loss.detach()
 
-    def _run_batched(self, jobs: Sequence[LocalJob]) -> list[LocalResult]:
-        """Batched strategy: jobs grouped by (steps, batch_size), in job order, each group cut
+    def _run_batched(self, plans: Sequence[PlannedJob]) -> list[LocalResult]:
+        """Batched strategy: jobs grouped by (steps, batch_size), in plan order, each group cut
         into passes of at most ``max_devices_per_pass`` devices."""
         groups: dict[tuple[int, int], list[int]] = {}
-        for i, job in enumerate(jobs):
-            groups.setdefault((job.steps, job.batch_size), []).append(i)
-        results: list[LocalResult | None] = [None] * len(jobs)
+        for i, plan in enumerate(plans):
+            groups.setdefault((plan.job.steps, plan.job.batch_size), []).append(i)
+        results: list[LocalResult | None] = [None] * len(plans)
         for members in groups.values():
             for start in range(0, len(members), self._max_devices_per_pass):
                 chunk = members[start:start + self._max_devices_per_pass]
                 if len(chunk) == 1:  # nothing to batch: the one-device path is the reference
-                    results[chunk[0]] = self._run_job(jobs[chunk[0]])
+                    results[chunk[0]] = self._run_job(plans[chunk[0]])
                     self._load_state(self._global)
                     continue
-                for i, result in zip(chunk, self._run_pass([jobs[i] for i in chunk])):
+                for i, result in zip(chunk, self._run_pass([plans[i] for i in chunk])):
                     results[i] = result
         # leave torch's global RNG where the sequential strategy leaves it (nothing in a LoRA
         # step without dropout draws from it)
-        torch.manual_seed(fdata.job_torch_seed(self.seed, jobs[-1].device_id, jobs[-1].round))
+        last = plans[-1].job
+        torch.manual_seed(fdata.job_torch_seed(self.seed, last.device_id, last.round))
         return [r for r in results if r is not None]
 
-    def _run_pass(self, jobs: Sequence[LocalJob]) -> list[LocalResult]:
+    def _run_pass(self, plans: Sequence[PlannedJob]) -> list[LocalResult]:
         """K jobs with the same (steps, batch_size) as one forward/backward per step over the
-        combined batch (device-major rows), with per-device trainable tensors and optimizer
-        state (:class:`fomo.batched.DeviceStack`). The loss is the sum of the devices' mean
-        losses, so each device's gradient is the one it gets alone."""
-        k, steps, batch_size = len(jobs), jobs[0].steps, jobs[0].batch_size
-        stack = fbatched.DeviceStack(self._global, k)
+        combined batch (device-major rows), with per-device trainable tensors (each from the
+        job's own base) and optimizer state (:class:`fomo.batched.DeviceStack`). The loss is the
+        sum of the devices' mean losses, so each device's gradient is the one it gets alone."""
+        k, steps, batch_size = len(plans), plans[0].job.steps, plans[0].job.batch_size
+        bases = [plan.base for plan in plans]
+        stack = fbatched.DeviceStack.from_states(bases)
         optimizer = self._make_optimizer(stack.parameters())
         losses: list[list[torch.Tensor]] = [[] for _ in range(k)]
-        flops = [0.0] * k
-        saved = [0] * k
-        for _ in range(steps):
-            batches = [self._sample_batch(job.device_id, batch_size) for job in jobs]
-            for d, examples in enumerate(batches):
-                profile = self._step_profile(examples)
-                flops[d] += profile.flops
-                saved[d] = max(saved[d], profile.saved_activation_bytes)
-            examples = np.concatenate(batches)
+        for step in range(steps):
+            examples = np.concatenate([plan.inputs[step] for plan in plans])
             input_ids, mask, labels = self._tokens.batch(examples)
             optimizer.zero_grad(set_to_none=True)
             with fbatched.per_device_modules(self.model, stack, k * batch_size):
@@ -434,19 +447,8 @@ class PeftTrainer:
             optimizer.step()
             for d, loss in enumerate(per_device.detach().unbind()):
                 losses[d].append(loss)
-        updates = stack.updates(self._global)
-        return [
-            LocalResult(
-                device_id=job.device_id,
-                update=updates[d],
-                num_examples=self.device_num_examples(job.device_id),
-                loss=float(torch.stack(losses[d]).mean()),
-                flops=flops[d],
-                peak_memory_bytes=self._memory_of(StepProfile(0.0, saved[d])),
-                update_bytes=self._adapter_bytes,
-            )
-            for d, job in enumerate(jobs)
-        ]
+        updates = stack.updates_from(bases)
+        return [self._result(plan, updates[d], losses[d]) for d, plan in enumerate(plans)]
 
     def _eval_forward(
         self, input_ids: torch.Tensor, mask: torch.Tensor, examples: np.ndarray

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .interfaces import EvalResult, LocalJob, LocalResult
+from .interfaces import EvalResult, JobCost, LocalJob, LocalResult, PlannedJob
 from .scenario import Scenario
 
 
@@ -43,17 +43,32 @@ class FakeTrainer:
     def job_memory_bytes(self, batch_size: int) -> int:
         return int(self.spec.job_memory_bytes)
 
-    def local_train(self, jobs: Sequence[LocalJob]) -> list[LocalResult]:
+    def snapshot(self) -> float:
+        """The global state is one number: the progress p."""
+        return self.progress
+
+    def plan(self, job: LocalJob, base: float) -> PlannedJob:
+        spec = self.spec
+        cost = JobCost(spec.step_flops * job.steps, int(spec.job_memory_bytes), spec.adapter_bytes,
+                       spec.examples_per_device)
+        return PlannedJob(job, float(base), cost)
+
+    def execute(self, plans: Sequence[PlannedJob]) -> list[LocalResult]:
+        """Each job moves its own base progress; the noise z_k is drawn in plan order."""
         out = []
-        noise = self._rng.standard_normal(len(jobs))
-        for job, z in zip(jobs, noise):
-            gain = (1.0 - self.progress) * (1.0 - math.exp(-self.spec.learning_speed * job.steps))
+        noise = self._rng.standard_normal(len(plans))
+        for plan, z in zip(plans, noise):
+            job, base = plan.job, plan.base
+            gain = (1.0 - base) * (1.0 - math.exp(-self.spec.learning_speed * job.steps))
             delta = gain * (1.0 + 0.1 * float(z))
-            loss = math.log(self.num_classes) * (1.0 - self.progress)
-            out.append(LocalResult(job.device_id, delta, self.spec.examples_per_device, loss,
-                                   self.spec.step_flops * job.steps, int(self.spec.job_memory_bytes),
-                                   self.spec.adapter_bytes))
+            loss = math.log(self.num_classes) * (1.0 - base)
+            out.append(LocalResult(job.device_id, delta, plan.cost.num_examples, loss, plan.cost.flops,
+                                   plan.cost.peak_memory_bytes, plan.cost.update_bytes))
         return out
+
+    def local_train(self, jobs: Sequence[LocalJob]) -> list[LocalResult]:
+        base = self.snapshot()
+        return self.execute([self.plan(job, base) for job in jobs])
 
     def aggregate(self, results: Sequence[LocalResult], weights: Sequence[float]) -> None:
         self.progress = min(self.progress + sum(w * r.update for r, w in zip(results, weights)), 0.999999)

@@ -8,6 +8,11 @@ torch-free stand-in for fast network-side tests.
 
 Simulated time is derived from these numbers by ``netsim.budgets`` (FLOPs / device speed,
 bits / link rate), never from how long the host took.
+
+A job is planned when a device starts it (its batches are drawn and its cost is known:
+FLOPs, memory, payload) and executed later, together with every other job pending at the
+moment a value is first needed (:mod:`netsim.engine`). So the timeline advances on costs
+while the trainer still runs many devices' steps as one batched pass.
 """
 from __future__ import annotations
 
@@ -35,6 +40,50 @@ class LocalJob:
     round: int
     steps: int
     batch_size: int
+
+
+@dataclass(frozen=True)
+class JobCost:
+    """What a local job costs, known before it runs (it depends on shapes only).
+
+    Attributes
+    ----------
+    flops : float
+        Counted floating-point operations of all the job's steps (forward + backward) [FLOP].
+    peak_memory_bytes : int
+        Peak memory the job needs on the device [bytes].
+    update_bytes : int
+        Size of the update to upload [bytes].
+    num_examples : int
+        Size of the device's local data set (FedAvg weight).
+    """
+
+    flops: float
+    peak_memory_bytes: int
+    update_bytes: int
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """A job the trainer has planned: its cost is known, its values are not computed yet.
+
+    Attributes
+    ----------
+    job : LocalJob
+    base : Any
+        The global state the job starts from (a :meth:`Trainer.snapshot`): the model version
+        the device downloaded, whatever the global state is when the job is finally run.
+    cost : JobCost
+    inputs : Any
+        Trainer-private data fixed at planning time (for the real trainer: the example indices
+        of every step's batch, drawn from the device's own generator).
+    """
+
+    job: LocalJob
+    base: Any
+    cost: JobCost
+    inputs: Any = None
 
 
 @dataclass(frozen=True)
@@ -97,10 +146,21 @@ class Trainer(Protocol):
     def job_memory_bytes(self, batch_size: int) -> int:
         """Peak memory a local job of this batch size needs on a device [bytes]."""
 
+    def snapshot(self) -> Any:
+        """A handle on the current global PEFT state that later aggregations do not change
+        (a job planned on it trains from it, whenever it runs)."""
+
+    def plan(self, job: LocalJob, base: Any) -> PlannedJob:
+        """Fix the job's inputs (its batches) and return its cost, without training."""
+
+    def execute(self, plans: Sequence[PlannedJob]) -> list[LocalResult]:
+        """Run planned jobs, each from its own ``base``, and return one result per plan, in
+        order. Implementations may batch them; the results must equal running them one at a
+        time. The global state is unchanged."""
+
     def local_train(self, jobs: Sequence[LocalJob]) -> list[LocalResult]:
-        """Run the jobs (all start from the current global PEFT state) and return one result
-        per job, in job order. Implementations may batch the jobs internally; the results must
-        equal running them one at a time."""
+        """Plan and execute ``jobs`` from the current global state (a convenience for
+        benchmarks and tests; the protocols go through :class:`netsim.engine.Engine`)."""
 
     def aggregate(self, results: Sequence[LocalResult], weights: Sequence[float]) -> None:
         """Set the global PEFT state to global + sum_k weights[k] * update_k (FedAvg)."""

@@ -38,9 +38,18 @@ class Recorder:
 
     def emit(self, kind: str, *, t_s: float, node: str, round: int, duration_s: float = 0.0, peer: str = "",
              bytes: int = 0, memory_bytes: int = 0, flops: float = 0.0, energy_j: float = 0.0, loss: float = math.nan,
-             accuracy: float = math.nan, group: str = "", server: str = "") -> None:
+             accuracy: float = math.nan, group: str = "", server: str = "") -> int:
+        """Append one event; returns its row index."""
         self.rows.append((float(t_s), float(duration_s), kind, node, peer, int(round), int(bytes), int(memory_bytes), float(flops),
                           float(energy_j), float(loss), float(accuracy), str(group), str(server)))
+        return len(self.rows) - 1
+
+    def fill(self, row: int, *, loss: float) -> None:
+        """Set the ``loss`` of an emitted row (a job's loss is known only once its values are
+        computed, after its ``compute`` event was logged; see :mod:`netsim.engine`)."""
+        values = list(self.rows[row])
+        values[COLUMNS.index("loss")] = float(loss)
+        self.rows[row] = tuple(values)
 
     def to_frame(self):
         import pandas as pd

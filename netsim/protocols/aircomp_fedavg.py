@@ -72,7 +72,7 @@ class AirCompFedAvgSimulation(FedAvgSimulation):
         return math.hypot(device.position_m[0] - sx, device.position_m[1] - sy) <= radius
 
     # ------------------------------------------------------------------ hooks
-    def _upload(self, r: int, device: Device, result: LocalResult, share: float):
+    def _upload(self, r: int, device: Device, job, share: float):
         """No individual upload: everyone transmits together in :meth:`_aggregate`."""
         return
         yield  # pragma: no cover  (makes this a generator)

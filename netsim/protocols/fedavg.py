@@ -7,7 +7,9 @@ One round (McMahan et al. 2017, with PEFT parameters only):
    sits the round out;
 2. each edge server multicasts the global adapter to its sampled devices with rateless coding:
    each device decodes once it has accumulated the payload at its own per-block rate;
-3. every device runs E real local steps; their compute time is counted FLOPs / device speed;
+3. every device runs E real local steps from the moment its download ends; their compute time
+   is counted FLOPs / device speed (the job's cost is known when it starts; its values are
+   computed with the round's other jobs in one batched pass, see :mod:`netsim.engine`);
 4. every device uploads its update over its FDMA share of its server's uplink band
    (shares proportional to ``channel.uplink_shares`` among the round's devices);
 5. when the last upload arrives the edge aggregates (weights n_k / sum n_j), evaluates on the
@@ -27,6 +29,7 @@ from typing import Callable, Optional
 import simpy
 
 from ..budgets import bandwidth_shares, compute_time_s, energy_j, fits_in_memory
+from ..engine import Engine, PendingJob
 from ..interfaces import LocalJob, LocalResult, Trainer
 from ..network import Device, Network, child_rng
 from ..records import Recorder
@@ -72,6 +75,7 @@ class FedAvgSimulation:
         self.train_seed = scenario.train_seed(seed)
         self.network = Network(scenario, self.network_seed)
         self.recorder = Recorder()
+        self.engine = Engine(trainer)
         self._select_rng = child_rng(self.train_seed, 0, 4)
         self._uplink_weights = self.network.uplink_weights()
         self.outcome: Optional[RunOutcome] = None
@@ -103,15 +107,13 @@ class FedAvgSimulation:
                 break
             self.recorder.emit("round_start", t_s=self.env.now, node=self._edge_name, round=r)
             download_s = self._broadcast(r, devices)
-            # Local training depends only on the global state, not on timing: all jobs of the
-            # round go to the trainer at once (so it may batch them).
-            results = self.trainer.local_train(
-                [LocalJob(d.index, r, sc.training.local_steps, sc.training.batch_size) for d in devices]
-            )
             shares = self._uplink_shares(devices)
-            yield simpy.AllOf(self.env, [
-                self.env.process(self._device_round(r, d, download_s[d.index], res, shares[d.index]))
-                for d, res in zip(devices, results)])
+            # each device submits its job when its download ends; the values of all of them are
+            # computed together (one batched pass) when the aggregation first reads them
+            pending = [self.env.process(self._device_round(r, d, download_s[d.index], shares[d.index]))
+                       for d in devices]
+            yield simpy.AllOf(self.env, pending)
+            results = [p.value.result for p in pending]
             yield from self._aggregate(r, results)
             accuracy = yield from self._evaluate(r)
             rounds_done = r
@@ -174,27 +176,34 @@ class FedAvgSimulation:
                                bytes=size_bytes, energy_j=energy_j(server.spec.tx_power_w, longest))
         return download_s
 
-    def _device_round(self, r: int, device: Device, download_s: float, result: LocalResult, share: float):
-        """Download the global adapter, run the local steps, upload over the FDMA share."""
+    def _device_round(self, r: int, device: Device, download_s: float, share: float):
+        """Download the global adapter, run the local steps, upload over the FDMA share.
+        Returns the device's :class:`~netsim.engine.PendingJob`."""
         g = device.group
         server_name = self.network.servers[device.server].name
         size_bytes = self.trainer.adapter_bytes()
         self.recorder.emit("downlink", t_s=self.env.now, duration_s=download_s, node=device.name, peer=server_name,
                            round=r, bytes=size_bytes, energy_j=energy_j(g.rx_power_w, download_s), **self._tags(device))
         yield self.env.timeout(download_s)
-        t_compute = compute_time_s(result.flops, g.compute_flops_per_s)
-        self.recorder.emit("compute", t_s=self.env.now, duration_s=t_compute, node=device.name, round=r,
-                           flops=result.flops, memory_bytes=result.peak_memory_bytes,
-                           energy_j=energy_j(g.compute_power_w, t_compute), loss=result.loss, **self._tags(device))
+        sc = self.scenario.training
+        job = self.engine.submit(LocalJob(device.index, r, sc.local_steps, sc.batch_size))
+        cost = job.cost
+        t_compute = compute_time_s(cost.flops, g.compute_flops_per_s)
+        row = self.recorder.emit("compute", t_s=self.env.now, duration_s=t_compute, node=device.name, round=r,
+                                 flops=cost.flops, memory_bytes=cost.peak_memory_bytes,
+                                 energy_j=energy_j(g.compute_power_w, t_compute), **self._tags(device))
+        job.when_done(lambda res: self.recorder.fill(row, loss=res.loss))
         yield self.env.timeout(t_compute)
-        yield from self._upload(r, device, result, share)
+        yield from self._upload(r, device, job, share)
+        return job
 
-    def _upload(self, r: int, device: Device, result: LocalResult, share: float):
+    def _upload(self, r: int, device: Device, job: PendingJob, share: float):
         """Upload the update over the device's FDMA share (overridden by AirComp uplinks)."""
-        t_up = device.uplink.transfer_duration_s(8 * result.update_bytes, self.env.now,
+        size_bytes = job.cost.update_bytes
+        t_up = device.uplink.transfer_duration_s(8 * size_bytes, self.env.now,
                                                  share * self.scenario.channel.uplink_bandwidth_hz)
         self.recorder.emit("uplink", t_s=self.env.now, duration_s=t_up, node=device.name,
-                           peer=self.network.servers[device.server].name, round=r, bytes=result.update_bytes,
+                           peer=self.network.servers[device.server].name, round=r, bytes=size_bytes,
                            energy_j=energy_j(device.group.tx_power_w, t_up), **self._tags(device))
         yield self.env.timeout(t_up)
 
