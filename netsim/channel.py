@@ -10,11 +10,12 @@ References
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from .scenario import ChannelSpec, PathLossSpec
+if TYPE_CHECKING:  # annotations only: netsim.scenario may import modules that import this one
+    from .scenario import ChannelSpec, PathLossSpec
 
 BOLTZMANN_NOISE_DBM_PER_HZ = -174.0
 
