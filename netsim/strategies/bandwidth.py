@@ -141,7 +141,7 @@ class MinMaxLatency(BandwidthStrategy):
             bad = ~(np.isfinite(arr) & ok)
             if bad.any():
                 i = int(np.argmax(bad))
-                raise ValueError(f"min_max_latency: {name}={arr[i]!r} for device {devices[i]}; allowed: a finite "
+                raise ValueError(f"min_max_latency: {name}={float(arr[i])!r} for device {devices[i]}; allowed: a finite "
                                  f"number {'>= 0' if name == 'ready_s' else '> 0'}")
         if not (math.isfinite(band) and band > 0):
             raise ValueError(f"min_max_latency: bandwidth_hz={band!r}; allowed: a finite number > 0")

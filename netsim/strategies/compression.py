@@ -27,7 +27,7 @@ def _check_vector(name: str, device: int, vector) -> np.ndarray:
         raise ValueError(f"{name}: the update of device {device} has shape {v.shape}; allowed: a flat vector")
     if not np.all(np.isfinite(v)):
         i = int(np.argmax(~np.isfinite(v)))
-        raise ValueError(f"{name}: the update of device {device} has value {v[i]!r} at position {i}; "
+        raise ValueError(f"{name}: the update of device {device} has value {float(v[i])!r} at position {i}; "
                          "allowed: finite numbers")
     return v
 
