@@ -113,7 +113,7 @@ def register(kind: str, name: str):
         if problem is not None:
             raise StrategyError(f"{kind} strategy {name!r}: {getattr(cls, '__qualname__', cls)} {problem}")
         old = _builtin[kind].get(name)
-        if old is not None and old.__qualname__ != cls.__qualname__:
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
             raise StrategyError(f"{kind} strategy {name!r} is already registered by {old.__module__}."
                                 f"{old.__qualname__}")
         cls.strategy_kind, cls.strategy_name = kind, name
