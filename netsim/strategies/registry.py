@@ -183,10 +183,14 @@ def _load(item: _EntryPoint) -> type:
     return cls
 
 
-def available(kind: str) -> list[str]:
-    """Names of the ``kind`` strategies: built-in and from entry points, sorted."""
+def available(kind: str, entry_points: bool = True) -> list[str]:
+    """Names of the ``kind`` strategies, sorted: the built-in ones and (``entry_points``) those
+    of the discovered entry points (not yet imported)."""
     _check_kind(kind)
-    return sorted(set(_builtin[kind]) | set(_discover()[kind]))
+    names = set(_builtin[kind])
+    if entry_points:
+        names |= set(_discover()[kind])
+    return sorted(names)
 
 
 def get(kind: str, name: str) -> type:

