@@ -4,7 +4,7 @@ chosen in the scenario's ``strategies`` section::
 
     strategies:
       selection:   {name: uniform, params: {}}
-      bandwidth:   {name: equal, params: {}}
+      bandwidth:   {name: proportional, params: {}}
       aggregation: {name: fedavg, params: {}}
       compression: {name: none, params: {}}
 
@@ -97,7 +97,8 @@ class SelectionChoice(StrategyChoice):
 
 class BandwidthChoice(StrategyChoice):
     kind: ClassVar[str] = "bandwidth"
-    name: str = Field("equal", min_length=1, max_length=64, description="bandwidth allocation strategy")
+    name: str = Field("proportional", min_length=1, max_length=64, description="bandwidth allocation strategy "
+                      "(proportional: shares ~ channel.uplink_shares, equal shares unless that lists weights)")
 
 
 class AggregationChoice(StrategyChoice):

@@ -76,7 +76,7 @@ def test_register_checks_names_interfaces_and_duplicates():
 def test_default_section_and_round_trip():
     spec = StrategiesSpec()
     assert {k: getattr(spec, k).name for k in KINDS} == {
-        "selection": "uniform", "bandwidth": "equal", "aggregation": "fedavg", "compression": "none"}
+        "selection": "uniform", "bandwidth": "proportional", "aggregation": "fedavg", "compression": "none"}
     dumped = spec.model_dump()
     assert dumped["selection"] == {"name": "uniform", "params": {}}
     assert StrategiesSpec.model_validate(dumped) == spec
