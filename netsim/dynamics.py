@@ -709,6 +709,7 @@ class RandomWaypoint(Mobility):
         self._speed = np.empty(n)
         self._arrive = np.empty(n)
         self._draw_leg(devices)
+        self._moving = self._arrive > 0.0
         self.legs_started = n   # legs drawn so far, all devices together
 
     def _draw_leg(self, d: np.ndarray) -> None:
@@ -745,8 +746,7 @@ class RandomWaypoint(Mobility):
     @property
     def speeds_mps(self) -> np.ndarray:
         """Speed at :attr:`time_s`: the leg's speed while moving, 0 while pausing."""
-        moving = getattr(self, "_moving", self.time_s < self._arrive)
-        return np.where(moving, self._speed, 0.0)
+        return np.where(self._moving, self._speed, 0.0)
 
     @property
     def leg_speeds_mps(self) -> np.ndarray:

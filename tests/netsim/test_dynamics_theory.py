@@ -189,6 +189,13 @@ def test_markov_stationary_start_and_snapshot_counts():
         assert abs(frac - 0.75) < 5.0 * math.sqrt(0.75 * 0.25 / n)
     on_start = _availability(spec.model_copy(update={"start": "on"}), n, seed=5)
     assert on_start.available_count(0, 0.0) == n
+    # per-group means: group b is on a quarter of the time
+    groups = ["a"] * (n // 2) + ["b"] * (n // 2)
+    spec_g = spec.model_copy(update={"per_group": {"b": {"mean_on_s": 100.0, "mean_off_s": 300.0}}})
+    g = _availability(spec_g, n, groups, seed=5)
+    mask = g.online_mask(2000.0)
+    for sl, p in ((slice(0, n // 2), 0.75), (slice(n // 2, n), 0.25)):
+        assert abs(mask[sl].mean() - p) < 5.0 * math.sqrt(p * (1 - p) / (n // 2))
 
 
 def test_markov_answers_do_not_depend_on_query_order():
@@ -498,3 +505,15 @@ def test_dvfs_time_and_energy():
     assert compute_time_energy(g, flops) == (t, e)
     g = DeviceGroup(compute_flops_per_s=1e12, compute_power_w=4.0)
     assert compute_time_energy(g, flops) == pytest.approx((3.2, 12.8), rel=1e-15)
+
+
+def test_documented_section_is_the_default_and_lists_every_field():
+    import yaml
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "dynamics.md").read_text(encoding="utf-8")
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    documented = DynamicsSpec.model_validate(yaml.safe_load(block)["dynamics"])
+    assert documented == DynamicsSpec()
+    for part in ("availability", "stragglers", "mobility"):
+        fields = set(type(getattr(documented, part)).model_fields)
+        assert fields == set(yaml.safe_load(block)["dynamics"][part]), part
