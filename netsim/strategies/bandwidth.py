@@ -27,8 +27,12 @@ from .registry import Strategy, register
 
 _LN2 = math.log(2.0)
 BISECTION_STEPS = 64
-"""Bisection steps of :class:`MinMaxLatency` (outer on T and inner on each b_k): the bracket
-shrinks by 2^-64, below the float64 spacing of its ends."""
+"""Bisection steps of each b_k(T) in :class:`MinMaxLatency`: the bracket [0, 1] shrinks to
+2^-64, below the float64 spacing of shares >= 2^-11 and within 2^-64 of smaller ones."""
+OUTER_STEPS = 200
+"""Most Illinois steps on T in :class:`MinMaxLatency` (it converges superlinearly: about ten)."""
+SUM_TOLERANCE = 1e-14
+"""Stop when 1 - 1e-14 <= sum_k b_k(T) <= 1."""
 
 
 @dataclass(frozen=True)
@@ -127,8 +131,9 @@ class MinMaxLatency(BandwidthStrategy):
     Each finish time decreases in b_k, so at the optimum all are equal to some T, with
     b_k(T) = g_k^{-1}(S_k / (T - r_k)). sum_k b_k(T) decreases in T; T is found by bisection
     between T_lo = max_k (r_k + S_k / g_k(1)) (sum >= 1) and T_hi = max_k (r_k + S_k / g_k(1/K))
-    (sum <= 1), each b_k(T) by bisection of the increasing rate g_k on [0, 1]. The shares
-    b_k(T_hi) (sum <= 1) are returned normalised to sum 1."""
+    (sum <= 1) with the Illinois variant of regula falsi (Dowell & Jarratt 1971), each b_k(T)
+    by bisection of the increasing rate g_k on [0, 1] (clipped at 1). The shares at the upper
+    end of the final bracket (sum <= 1) are returned normalised to sum 1."""
 
     def shares(self, devices, ctx):
         k = _check_count(devices, ctx, "min_max_latency")
@@ -151,21 +156,33 @@ class MinMaxLatency(BandwidthStrategy):
         lo = float(np.max(ready + bits / full_rate))
         hi = float(np.max(ready + bits / rate_bps(np.full(k, 1.0 / k), snr, band)))
         best = self._shares_at(hi, bits, snr, ready, band, full_rate)
-        for _ in range(BISECTION_STEPS):
-            mid = 0.5 * (lo + hi)
-            if not lo < mid < hi:
+        f_hi = best.sum() - 1.0
+        f_lo = self._shares_at(lo, bits, snr, ready, band, full_rate).sum() - 1.0
+        side = 0
+        for _ in range(OUTER_STEPS):
+            if f_hi >= -SUM_TOLERANCE or not f_lo > 0 or hi - lo <= 4 * math.ulp(hi):
                 break
-            b = self._shares_at(mid, bits, snr, ready, band, full_rate)
-            if b.sum() <= 1.0:
-                hi, best = mid, b
+            t = hi - f_hi * (hi - lo) / (f_hi - f_lo)          # regula falsi on sum_k b_k(T) - 1
+            if not lo < t < hi:
+                t = 0.5 * (lo + hi)
+            b = self._shares_at(t, bits, snr, ready, band, full_rate)
+            f = b.sum() - 1.0
+            if f <= 0:
+                hi, f_hi, best = t, f, b
+                if side == -1:
+                    f_lo *= 0.5                                # Illinois: the kept end's value halves
+                side = -1
             else:
-                lo = mid
+                lo, f_lo = t, f
+                if side == 1:
+                    f_hi *= 0.5
+                side = 1
         return best / best.sum()
 
     @staticmethod
     def _shares_at(t_s: float, bits, snr, ready, band, full_rate) -> np.ndarray:
-        """b_k(T): the smallest shares with which every device ends by T (inf where even the
-        whole band is too slow)."""
+        """b_k(T): the smallest shares with which every device ends by T (1 where even the
+        whole band is too slow: the sum is then > 1 anyway for K >= 2)."""
         with np.errstate(divide="ignore"):
             need = bits / (t_s - ready)            # required rate [bit/s]
         feasible = (t_s > ready) & (need <= full_rate)
@@ -175,4 +192,4 @@ class MinMaxLatency(BandwidthStrategy):
             fast = rate_bps(mid, snr, band) >= need
             hi = np.where(fast, mid, hi)
             lo = np.where(fast, lo, mid)
-        return np.where(feasible, hi, np.inf)
+        return np.where(feasible, hi, 1.0)

@@ -42,6 +42,8 @@ CASES = [
     ([2e6, 2e6], [1000.0, 0.5], [0.3, 0.0]),
     ([5e5, 3e6, 1e6], [30.0, 300.0, 3.0], [0.0, 0.1, 0.05]),
     ([1e6, 1e6, 1e6], [1e4, 1.0, 50.0], [0.2, 0.0, 0.0]),
+    ([1e6, 1e6], [100.0, 100.0], [5.0, 0.0]),             # device 0 starts late: device 1 gets a sliver
+    ([1e6, 8e6, 1e3], [1e-2, 1e5, 10.0], [0.0, 0.0, 3.0]),
 ]
 
 
@@ -82,10 +84,12 @@ def test_min_max_latency_identical_devices_share_equally_and_edge_cases():
 
 def test_min_max_latency_never_worse_than_equal_or_proportional():
     rng = np.random.default_rng(4)
-    for _ in range(20):
-        k = int(rng.integers(2, 9))
-        c = ctx(rng.uniform(1e5, 1e7, k), 10 ** rng.uniform(-1, 4, k), rng.uniform(0, 0.5, k),
+    for _ in range(40):
+        k = int(rng.integers(2, 40))
+        c = ctx(rng.uniform(1e5, 1e7, k), 10 ** rng.uniform(-2, 5, k), rng.uniform(0, 2.0, k),
                 weights=rng.uniform(0.1, 3, k))
-        best = finish_times_s(get("bandwidth", "min_max_latency")().shares(range(k), c), c).max()
+        t = finish_times_s(get("bandwidth", "min_max_latency")().shares(range(k), c), c)
+        assert t.max() / t.min() - 1 <= 1e-9
+        best = t.max()
         for other in ("equal", "proportional"):
             assert best <= finish_times_s(get("bandwidth", other)().shares(range(k), c), c).max() * (1 + 1e-12)
