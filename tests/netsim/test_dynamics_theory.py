@@ -191,7 +191,8 @@ def test_markov_stationary_start_and_snapshot_counts():
     assert on_start.available_count(0, 0.0) == n
     # per-group means: group b is on a quarter of the time
     groups = ["a"] * (n // 2) + ["b"] * (n // 2)
-    spec_g = spec.model_copy(update={"per_group": {"b": {"mean_on_s": 100.0, "mean_off_s": 300.0}}})
+    spec_g = AvailabilitySpec(model="markov", mean_on_s=300.0, mean_off_s=100.0,
+                              per_group={"b": {"mean_on_s": 100.0, "mean_off_s": 300.0}})
     g = _availability(spec_g, n, groups, seed=5)
     mask = g.online_mask(2000.0)
     for sl, p in ((slice(0, n // 2), 0.75), (slice(n // 2, n), 0.25)):
