@@ -508,7 +508,7 @@ def load_availability_trace(path: str, num_devices: int, device_names: Sequence[
         raise ValueError(f"availability trace {path!r} does not exist or is not a file")
     by_name = {str(n): i for i, n in enumerate(device_names)}
     raw: dict[int, list[tuple[float, float]]] = {}
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:   # tolerate a byte-order mark
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
