@@ -35,9 +35,10 @@ SUM_TOLERANCE = 1e-14
 """Stop when 1 - 1e-14 <= sum_k b_k(T) <= 1."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BandwidthContext:
     """What a bandwidth strategy may look at; arrays aligned with the ``devices`` argument.
+    Compared by identity (it holds arrays).
 
     Attributes
     ----------

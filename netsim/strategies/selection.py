@@ -19,10 +19,10 @@ from ..spec_base import Int, PositiveFloat, Spec
 from .registry import Strategy, StrategyError, register
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SelectionContext:
     """What a selection strategy may look at. Arrays are indexed by device index and cover all
-    devices of the scenario (not only the candidates).
+    devices of the scenario (not only the candidates). Compared by identity (it holds arrays).
 
     Attributes
     ----------
