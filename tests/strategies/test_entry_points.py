@@ -137,3 +137,32 @@ def test_scenario_accepts_the_example_strategy(plugin_path, monkeypatch):
     assert type(build(sc.strategies, "selection")).__name__ == "NearestFirst"
     with pytest.raises(ValidationError, match="unknown selection strategy 'nearest_last'"):
         Scenario.model_validate({"name": "t", "trainer": "fake", "strategies": {"selection": {"name": "nearest_last"}}})
+
+
+def test_fedavg_runs_the_example_strategy_from_a_scenario(plugin_path, monkeypatch):
+    """The outside strategy chooses the devices of a fake-trainer FedAvg run: each round, of the
+    4 fast devices (pool = 2 x k), the 2 with the best mean uplink SNR."""
+    from netsim import FakeTrainer, FedAvgSimulation
+    from netsim.scenario import Scenario
+
+    if "strategies" not in Scenario.model_fields:
+        pytest.skip("netsim.scenario.Scenario has no `strategies` section yet")
+    install_fake_distribution(plugin_path, "deftsim_nearest_first", example_entry_points())
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    registry.invalidate_entry_points()
+    sc = Scenario.model_validate({
+        "name": "t", "trainer": "fake",
+        "devices": [{"name": "slow", "count": 4, "compute_flops_per_s": 1e11},
+                    {"name": "fast", "count": 4, "compute_flops_per_s": 1e13}],
+        "training": {"rounds": 3, "devices_per_round": 2},
+        "strategies": {"selection": {"name": "nearest_first"}}})
+    sim = FedAvgSimulation(sc, 0, FakeTrainer(sc, 0))
+    sim.run()
+    band = sc.channel.uplink_bandwidth_hz
+    fast = [d for d in sim.network.devices if d.group.name == "fast"]
+    best = sorted(d.name for d in sorted(fast, key=lambda d: -d.uplink.mean_snr_db(band))[:2])
+    events = sim.recorder.to_frame()
+    compute = events[events["kind"] == "compute"]
+    assert sorted(compute["round"].unique()) == [1, 2, 3]
+    for r, group in compute.groupby("round"):
+        assert sorted(group["node"]) == best, r
