@@ -274,15 +274,17 @@ def _default_for(parts: list[str]) -> Any:
 
 # Fields that name files: a relative path in a file is relative to that file's folder; a
 # relative path given on the command line (--set) is relative to the current folder.
-FILE_PATH_FIELDS = ("data.path", "model.path")
+FILE_PATH_FIELDS = ("data.path", "model.path", "dynamics.availability.trace_path")
 
 
 def resolve_file_paths(data: dict, base_dir: str | Path) -> dict:
     """Make the file paths of a raw scenario dict (:data:`FILE_PATH_FIELDS`) absolute,
     relative ones against ``base_dir``; ``~`` is expanded. In place; returns ``data``."""
     for dotted in FILE_PATH_FIELDS:
-        section, key = dotted.split(".")
-        node = data.get(section)
+        *sections, key = dotted.split(".")
+        node = data
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get(key), str) and node[key]:
             node[key] = absolute_path(node[key], base_dir)
     return data
@@ -297,7 +299,8 @@ def absolute_path(value: str, base_dir: str | Path) -> str:
 def load_scenario(path: str | Path, overrides: Sequence[str] = (), seed: Optional[int] = None) -> Scenario:
     """Read, override and validate a scenario file; raise :class:`ScenarioError` on bad input.
 
-    Relative ``data.path`` / ``model.path`` in the file are relative to the file's folder; in
+    Relative ``data.path`` / ``model.path`` / ``dynamics.availability.trace_path`` in the file
+    are relative to the file's folder; in
     ``overrides`` they are relative to the current folder."""
     path = Path(path)
     data = resolve_file_paths(read_scenario_dict(path), path.parent)

@@ -376,7 +376,7 @@ class PeftTrainer:
         self._load_state(plan.base)
         torch.manual_seed(fdata.job_torch_seed(self.seed, job.device_id, job.round))
         optimizer = self._make_optimizer()
-        losses = [self._train_step(optimizer, examples) for examples in plan.inputs]
+        losses = [self._train_step(optimizer, examples, plan.base, job.prox_mu) for examples in plan.inputs]
         update = {n: p.detach() - plan.base[n] for n, p in self._trainable}
         return self._result(plan, update, losses)
 
@@ -392,13 +392,18 @@ class PeftTrainer:
             update_bytes=cost.update_bytes,
         )
 
-    def _train_step(self, optimizer: torch.optim.Optimizer, examples: np.ndarray) -> torch.Tensor:
+    def _train_step(self, optimizer: torch.optim.Optimizer, examples: np.ndarray, base: PeftState,
+                    prox_mu: float = 0.0) -> torch.Tensor:
         """One optimizer step on a batch of ``examples`` (through the host's execution tricks:
-        activation cache, pruned last block); returns the loss."""
+        activation cache, pruned last block); returns the cross-entropy. FedProx (``prox_mu``
+        > 0) adds mu/2 ||w - w_base||^2 over the trainable tensors to the minimised loss."""
         optimizer.zero_grad(set_to_none=True)
         input_ids, mask, labels = self._tokens.batch(examples)
         loss = F.cross_entropy(self._logits(input_ids, mask, examples), labels)
-        loss.backward()
+        total = loss
+        if prox_mu > 0:
+            total = loss + 0.5 * prox_mu * sum(((p - base[n]) ** 2).sum() for n, p in self._trainable)
+        total.backward()
         optimizer.step()
         return loss.detach()
 
@@ -407,7 +412,7 @@ class PeftTrainer:
         into passes of at most ``max_devices_per_pass`` devices."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i, plan in enumerate(plans):
-            groups.setdefault((plan.job.steps, plan.job.batch_size), []).append(i)
+            groups.setdefault((plan.job.steps, plan.job.batch_size, plan.job.prox_mu), []).append(i)
         results: list[LocalResult | None] = [None] * len(plans)
         for members in groups.values():
             for start in range(0, len(members), self._max_devices_per_pass):
@@ -433,6 +438,10 @@ class PeftTrainer:
         bases = [plan.base for plan in plans]
         stack = fbatched.DeviceStack.from_states(bases)
         optimizer = self._make_optimizer(stack.parameters())
+        mu = float(plans[0].job.prox_mu)
+        if any(plan.job.prox_mu != mu for plan in plans):
+            raise ValueError("jobs of one batched pass must share prox_mu")
+        start = {n: t.detach().clone() for n, t in stack.tensors.items()} if mu > 0 else {}
         losses: list[list[torch.Tensor]] = [[] for _ in range(k)]
         for step in range(steps):
             examples = np.concatenate([plan.inputs[step] for plan in plans])
@@ -443,7 +452,10 @@ class PeftTrainer:
             per_device = torch.stack([
                 F.cross_entropy(lg, lb) for lg, lb in zip(logits.split(batch_size), labels.split(batch_size))
             ])
-            per_device.sum().backward()
+            total = per_device.sum()
+            if mu > 0:   # FedProx: device k adds mu/2 ||w_k - w_base,k||^2
+                total = total + 0.5 * mu * sum(((t - start[n]) ** 2).sum() for n, t in stack.tensors.items())
+            total.backward()
             optimizer.step()
             for d, loss in enumerate(per_device.detach().unbind()):
                 losses[d].append(loss)

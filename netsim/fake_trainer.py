@@ -14,16 +14,18 @@ and time the network side; it says nothing about real accuracy.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from .interfaces import EvalResult, JobCost, LocalJob, LocalResult, PlannedJob
-from .scenario import Scenario
+
+if TYPE_CHECKING:
+    from .scenario import Scenario
 
 
 class FakeTrainer:
-    def __init__(self, scenario: Scenario, seed: int):
+    def __init__(self, scenario: "Scenario", seed: int):
         self.spec = scenario.fake
         self.num_classes = self.spec.num_classes
         self._n_devices = scenario.num_devices
@@ -50,7 +52,7 @@ class FakeTrainer:
     def plan(self, job: LocalJob, base: float) -> PlannedJob:
         spec = self.spec
         cost = JobCost(spec.step_flops * job.steps, int(spec.job_memory_bytes), spec.adapter_bytes,
-                       spec.examples_per_device)
+                       self.device_num_examples(job.device_id))
         return PlannedJob(job, float(base), cost)
 
     def execute(self, plans: Sequence[PlannedJob]) -> list[LocalResult]:

@@ -34,12 +34,15 @@ class LocalJob:
         Number of local optimizer steps E.
     batch_size : int
         Examples per step.
+    prox_mu : float
+        FedProx: the local loss gets mu/2 ||w - w_start||^2 over the trainable tensors (0: none).
     """
 
     device_id: int
     round: int
     steps: int
     batch_size: int
+    prox_mu: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,12 @@ from dataclasses import dataclass, field
 import networkx as nx
 import numpy as np
 
+from typing import TYPE_CHECKING
+
 from .channel import BlockFading, Link, db_to_linear, pathloss_db
-from .scenario import DeviceGroup, EdgeServerSpec, Scenario
+
+if TYPE_CHECKING:  # netsim.scenario imports protocol sections that import this module
+    from .scenario import DeviceGroup, EdgeServerSpec, PathLossSpec, Scenario
 
 
 def child_rng(seed: int, *key: int) -> np.random.Generator:
@@ -56,6 +60,7 @@ class Device:
     server: int
     uplink: Link = field(repr=False)
     downlink: Link = field(repr=False)
+    shadowing_db: float = 0.0
 
     @property
     def name(self) -> str:
@@ -96,12 +101,67 @@ class Network:
                           name=f"uplink dev{i}->{server.name}")
                 down = Link(gain, server.spec.tx_power_w, BlockFading(ch.fading, ch.coherence_time_s, child_rng(seed, 0, 3, i)),
                             ch, name=f"downlink {server.name}->dev{i}")
-                self.devices.append(Device(i, group, pos, server.index, up, down))
+                self.devices.append(Device(i, group, pos, server.index, up, down, float(shadow_db)))
         self.d2d = build_d2d_graph(scenario, self.devices, seed)
+
+    # ------------------------------------------------------------ mobility
+    def large_scale_gains(self, positions_m: np.ndarray) -> np.ndarray:
+        """Linear large-scale gains (path loss and the device's shadowing) of every device at
+        ``positions_m`` (N, 2) to every server: an (N, S) array. A device keeps its shadowing
+        draw wherever it goes (one log-normal draw per device, a simplification)."""
+        ch = self.scenario.channel
+        heights = np.array([d.group.antenna_height_m for d in self.devices])
+        shadow = np.array([d.shadowing_db for d in self.devices])
+        gains = np.empty((len(self.devices), len(self.servers)))
+        for s, server in enumerate(self.servers):
+            dx = positions_m[:, 0] - server.position_m[0]
+            dy = positions_m[:, 1] - server.position_m[1]
+            d3 = np.sqrt(dx * dx + dy * dy + (heights - server.spec.antenna_height_m) ** 2)
+            loss = pathloss_db_array(ch.pathloss, d3, ch.carrier_hz, heights)
+            gains[:, s] = 10.0 ** (-(loss + shadow) / 10.0)
+        return gains
+
+    def move(self, positions_m: np.ndarray, servers: np.ndarray, gains: np.ndarray) -> None:
+        """Put every device at its new position, associated with ``servers[i]``, with the
+        large-scale gains ``gains`` (N, S) of :meth:`large_scale_gains`; block fading goes on
+        (each link keeps its own fading stream). The D2D graph is rebuilt from the new
+        positions (its sidelinks' fading streams are keyed by the device pair)."""
+        for dev, pos, s in zip(self.devices, positions_m, servers):
+            s = int(s)
+            dev.position_m = (float(pos[0]), float(pos[1]))
+            gain = float(gains[dev.index, s])
+            dev.uplink.large_scale_gain = gain
+            dev.downlink.large_scale_gain = gain
+            if s != dev.server:
+                server = self.servers[s]
+                dev.server = s
+                dev.downlink.tx_power_w = server.spec.tx_power_w
+                dev.uplink.name = f"uplink dev{dev.index}->{server.name}"
+                dev.downlink.name = f"downlink {server.name}->dev{dev.index}"
+        if self.scenario.d2d.kind != "none":
+            self.d2d = build_d2d_graph(self.scenario, self.devices, self.seed)
 
     def uplink_weights(self) -> list[float]:
         shares = self.scenario.channel.uplink_shares
         return [1.0] * len(self.devices) if shares == "equal" else list(shares)
+
+
+def pathloss_db_array(spec: "PathLossSpec", distance_3d_m: np.ndarray, carrier_hz: float,
+                      ut_height_m: np.ndarray) -> np.ndarray:
+    """:func:`netsim.channel.pathloss_db` over arrays of distances and device heights [dB]."""
+    d = np.log10(np.maximum(distance_3d_m, 1.0))
+    fc = math.log10(carrier_hz / 1e9)
+    if spec.model == "log_distance":
+        return spec.ref_loss_db + 10.0 * spec.exponent * d
+    if spec.model.startswith("umi"):
+        los = 32.4 + 21.0 * d + 20.0 * fc
+        if spec.model == "umi_los":
+            return los
+        return np.maximum(los, 35.3 * d + 22.4 + 21.3 * fc - 0.3 * (ut_height_m - 1.5))
+    los = 28.0 + 22.0 * d + 20.0 * fc
+    if spec.model == "uma_los":
+        return los
+    return np.maximum(los, 13.54 + 39.08 * d + 20.0 * fc - 0.6 * (ut_height_m - 1.5))
 
 
 def build_d2d_graph(scenario: Scenario, devices: list[Device], seed: int) -> nx.Graph:

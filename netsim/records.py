@@ -2,8 +2,10 @@
 
 Columns (units in names): ``t_s`` start time, ``duration_s``, ``kind``, ``node`` (the entity the
 energy is charged to), ``peer``, ``round``, ``bytes`` (payload), ``memory_bytes`` (job memory),
-``flops``, ``energy_j``, ``loss``, ``accuracy``, ``group`` (the device group's name) and
-``server`` (the name of the device's edge server). ``group`` and ``server`` are set on a
+``flops``, ``energy_j``, ``loss``, ``accuracy``, ``group`` (the device group's name),
+``server`` (the name of the device's edge server), and on the uplinks of the asynchronous
+protocols ``model_version`` (the global version the update was trained on) and ``staleness``
+(server steps between that version and the update's arrival); -1 where they do not apply. ``group`` and ``server`` are set on a
 device's own events (``node`` = the device) and empty strings on the others, so the log can be
 sliced by group or server without joining topology.json. Event kinds:
 
@@ -14,6 +16,11 @@ sliced by group or server without joining topology.json. Event kinds:
 ``compute``       a device's local steps (``node`` = device)
 ``uplink``        a device uploads its update over its FDMA share
 ``memory_exceeded``  a selected device cannot hold the job; it sits the round out
+``update_dropped``  a device went offline before its upload ended: its update is lost
+``update_late``   the round closed (deadline, over-selection) before the device's update counted
+``update_stale``  asynchronous: an update older than ``async_fl.max_staleness`` was discarded
+``idle``          a device that delivered waits for the round to close (``idle_power_w``)
+``handover``      mobility: the device moved from ``server`` to ``peer``
 ``not_scheduled`` AirComp: a device outside ``aircomp.interior_radius_m`` (not used that round)
 ``aggregate``     FedAvg at the edge
 ``evaluate``      test accuracy of the global model (round 0: before training)
@@ -26,7 +33,7 @@ import math
 from typing import Any
 
 COLUMNS = ["t_s", "duration_s", "kind", "node", "peer", "round", "bytes", "memory_bytes", "flops", "energy_j", "loss",
-           "accuracy", "group", "server"]
+           "accuracy", "group", "server", "model_version", "staleness"]
 STRING_COLUMNS = ("kind", "node", "peer", "group", "server")
 
 
@@ -38,17 +45,27 @@ class Recorder:
 
     def emit(self, kind: str, *, t_s: float, node: str, round: int, duration_s: float = 0.0, peer: str = "",
              bytes: int = 0, memory_bytes: int = 0, flops: float = 0.0, energy_j: float = 0.0, loss: float = math.nan,
-             accuracy: float = math.nan, group: str = "", server: str = "") -> int:
+             accuracy: float = math.nan, group: str = "", server: str = "", model_version: int = -1,
+             staleness: int = -1) -> int:
         """Append one event; returns its row index."""
         self.rows.append((float(t_s), float(duration_s), kind, node, peer, int(round), int(bytes), int(memory_bytes), float(flops),
-                          float(energy_j), float(loss), float(accuracy), str(group), str(server)))
+                          float(energy_j), float(loss), float(accuracy), str(group), str(server), int(model_version),
+                          int(staleness)))
         return len(self.rows) - 1
 
     def fill(self, row: int, *, loss: float) -> None:
         """Set the ``loss`` of an emitted row (a job's loss is known only once its values are
         computed, after its ``compute`` event was logged; see :mod:`netsim.engine`)."""
+        self._set(row, loss=float(loss))
+
+    def tag(self, row: int, *, model_version: int, staleness: int) -> None:
+        """Set the version and staleness of an emitted uplink (known when it arrives)."""
+        self._set(row, model_version=int(model_version), staleness=int(staleness))
+
+    def _set(self, row: int, **fields) -> None:
         values = list(self.rows[row])
-        values[COLUMNS.index("loss")] = float(loss)
+        for name, value in fields.items():
+            values[COLUMNS.index(name)] = value
         self.rows[row] = tuple(values)
 
     def to_frame(self):

@@ -26,7 +26,10 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from .dynamics import DynamicsSpec
+from .protocols.async_fl import AsyncFLSpec
 from .spec_base import Bool, Float, Int, NonNegFloat, PositiveFloat, Spec  # noqa: F401 (re-exported)
+from .strategies import StrategiesSpec
 
 
 MAX_DEVICES = 1_000_000  # devices in all groups together
@@ -241,6 +244,13 @@ class DataSpec(Spec):
 
 
 class TrainingSpec(Spec):
+    """The federated rounds (the FedAvg protocol's section; the asynchronous protocols read
+    ``rounds`` as their limit of server model updates)."""
+
+    mode: Literal["synchronous", "asynchronous", "semi_synchronous"] = Field(
+        "synchronous", description="synchronous FedAvg rounds; asynchronous: FedAsync / FedBuff (a server step every "
+        "strategies.aggregation buffer_size arrivals); semi_synchronous: a server step every async_fl.period_s "
+        "(netsim/protocols/async_fl.py)")
     rounds: Int = Field(20, ge=1, le=1_000_000, description="round limit")
     local_steps: Int = Field(5, ge=1, le=1_000_000, description="local optimizer steps E per round")
     batch_size: Int = Field(8, ge=1, le=65_536, description="examples per local step")
@@ -249,6 +259,15 @@ class TrainingSpec(Spec):
     devices_per_round: Optional[Int] = Field(
         None, ge=1, le=1_000_000, description="devices sampled uniformly each round (null: all)"
     )
+    deadline_s: Optional[PositiveFloat] = Field(
+        None, le=1e12, description="synchronous: a round closes this long after it starts, keeping the updates that "
+        "have arrived (null: wait for every device)")
+    min_results: Optional[Int] = Field(
+        None, ge=1, le=1_000_000, description="synchronous with a deadline: wait past it until at least this many "
+        "updates have arrived")
+    over_selection: Float = Field(
+        1.0, ge=1.0, le=100.0, description="synchronous: select ceil(over_selection x devices_per_round) devices and "
+        "keep the first devices_per_round updates to arrive")
 
 
 class ExecutionSpec(Spec):
@@ -470,6 +489,11 @@ class Scenario(Spec):
     stop: StopSpec = StopSpec()
     execution: ExecutionSpec = ExecutionSpec()
     fake: FakeTrainerSpec = FakeTrainerSpec()
+    dynamics: DynamicsSpec = Field(default_factory=DynamicsSpec, description="availability, stragglers, mobility")
+    strategies: StrategiesSpec = Field(
+        default_factory=StrategiesSpec, description="selection, bandwidth, aggregation and compression plug-ins")
+    async_fl: AsyncFLSpec = Field(default_factory=AsyncFLSpec,
+                                  description="training.mode asynchronous / semi_synchronous")
     aircomp: AirCompSpec = AirCompSpec()
     lola: Optional[LolaSpec] = Field(None, description="experiment lola_compare (null: its defaults)")
     neural_aircomp: NeuralAirCompSpec = Field(
@@ -522,4 +546,33 @@ class Scenario(Spec):
             )
         if self.d2d.kind == "knn" and self.d2d.k >= n and n > 1:
             raise ValueError(f"d2d.k={self.d2d.k} must be smaller than the device count ({n})")
+        self.dynamics.availability.check_group_names([g.name for g in self.devices])
+        self.strategies.check_selection(self.training.devices_per_round, n)
+        self._protocol_checks()
         return self
+
+    def _protocol_checks(self) -> None:
+        """Settings that only make sense together (each error names both fields)."""
+        tr, st = self.training, self.strategies
+        if tr.mode == "asynchronous" and st.aggregation.name != "fedbuff":
+            raise ValueError(f"training.mode=asynchronous aggregates buffered updates: strategies.aggregation.name "
+                             f"must be 'fedbuff' (buffer_size 1 is FedAsync), not {st.aggregation.name!r}")
+        if tr.mode == "semi_synchronous" and self.async_fl.period_s is None:
+            raise ValueError("training.mode=semi_synchronous needs async_fl.period_s (the aggregation period) [s]")
+        if tr.mode != "synchronous" and self.channel.uplink_access == "aircomp":
+            raise ValueError(f"training.mode={tr.mode} uploads one device at a time: channel.uplink_access must be "
+                             "'ofdma' (over-the-air aggregation needs synchronous rounds)")
+        if self.channel.uplink_access == "aircomp" and st.compression.name != "none":
+            raise ValueError(f"strategies.compression.name={st.compression.name!r} compresses digital uploads; "
+                             "channel.uplink_access=aircomp sends analog values (allowed: 'none')")
+        if self.channel.uplink_access == "aircomp" and not st.aggregation.build().identity_step:
+            raise ValueError(f"strategies.aggregation.name={st.aggregation.name!r} needs the flat aggregation path; "
+                             "with channel.uplink_access=aircomp use fedavg or fedprox")
+        if tr.mode == "synchronous" and st.aggregation.name == "fedbuff":
+            raise ValueError("strategies.aggregation.name='fedbuff' aggregates asynchronous updates: set "
+                             "training.mode=asynchronous (or semi_synchronous)")
+        if tr.min_results is not None and tr.deadline_s is None:
+            raise ValueError(f"training.min_results={tr.min_results} applies at a round deadline: set "
+                             "training.deadline_s too")
+        if tr.over_selection > 1.0 and tr.devices_per_round is None:
+            raise ValueError(f"training.over_selection={tr.over_selection} needs training.devices_per_round (K)")

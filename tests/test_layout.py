@@ -1,5 +1,6 @@
-"""The package layout: one module per experiment, registered by name, and no import circle
-among deftsim's modules (counting imports inside functions too)."""
+"""The package layout: one module per experiment and per protocol, registered by name, and no
+import circle among the modules (counting imports inside functions too; imports under
+``if TYPE_CHECKING:`` are for type checkers only and never run)."""
 import ast
 from pathlib import Path
 
@@ -16,7 +17,14 @@ def _module_name(path: Path) -> str:
 def _imports(path: Path, module: str) -> set[str]:
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    type_only = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            type_only.update(id(child) for stmt in node.body for child in ast.walk(stmt))
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             out.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -62,6 +70,8 @@ def test_one_module_per_protocol():
 
     folder = Path(protocols.__file__).parent
     assert sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__") == [
-        "aircomp_fedavg", "fedavg", "lola", "neural_aircomp"]
+        "aircomp_fedavg", "async_fl", "fedavg", "lola", "neural_aircomp"]
+    for name, cls in protocols.PROTOCOLS.items():   # registered under the name of its module
+        assert cls.__module__ == f"netsim.protocols.{name}"
     graph = import_graph("netsim")
     assert list(nx.simple_cycles(graph)) == []

@@ -28,7 +28,8 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.metrics import accuracy_energy_curve
-from netsim.protocols.aircomp_fedavg import aircomp_summary, make_simulation
+from netsim.protocols import make_simulation
+from netsim.protocols.aircomp_fedavg import aircomp_summary
 from netsim.scenario import Scenario
 
 from .base import ExperimentResult, register

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import time
 
-from netsim.protocols.aircomp_fedavg import AirCompFedAvgSimulation, aircomp_summary, make_simulation
+from netsim.protocols import make_simulation
+from netsim.protocols.aircomp_fedavg import AirCompFedAvgSimulation, aircomp_summary
 from netsim.scenario import Scenario
 
 from .. import build

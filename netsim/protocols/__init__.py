@@ -1,9 +1,47 @@
-"""The protocols: SimPy processes that move a round's work over the network, one module each.
+"""The protocols: SimPy processes that move the work of federated fine-tuning over the
+network, one module each, registered by name in :data:`PROTOCOLS`.
 
-- ``fedavg``: federated PEFT with FedAvg over OFDMA (digital) uplinks;
+- ``fedavg``: synchronous federated PEFT with FedAvg over OFDMA (digital) uplinks;
 - ``aircomp_fedavg``: the same with the uplink aggregated over the air (broadband analog
-  aggregation);
+  aggregation; ``channel.uplink_access: aircomp``);
+- ``async_fl``: asynchronous (FedAsync / FedBuff) and semi-synchronous rounds
+  (``training.mode``);
 - ``neural_aircomp``: split fine-tuning whose edge layer consumes the over-the-air sum of the
   devices' features;
 - ``lola``: LoLa cooperative fine-tuning, one simulated run per block-allocation algorithm.
+
+The federated ones (the first three) share :class:`~netsim.protocols.fedavg.FedAvgSimulation`'s
+constructor and run their local training through :mod:`netsim.engine`.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+from .aircomp_fedavg import AirCompFedAvgSimulation
+from .async_fl import AsyncFLSimulation
+from .fedavg import FedAvgSimulation, RoundCallback
+
+if TYPE_CHECKING:
+    from ..interfaces import Trainer
+    from ..scenario import Scenario
+
+PROTOCOLS: dict[str, type[FedAvgSimulation]] = {
+    "fedavg": FedAvgSimulation,
+    "aircomp_fedavg": AirCompFedAvgSimulation,
+    "async_fl": AsyncFLSimulation,
+}
+"""The federated protocols by name."""
+
+
+def protocol_name(scenario: "Scenario") -> str:
+    """The federated protocol a scenario runs: ``training.mode`` other than synchronous is
+    ``async_fl``; otherwise ``channel.uplink_access`` says ``fedavg`` or ``aircomp_fedavg``."""
+    if scenario.training.mode != "synchronous":
+        return "async_fl"
+    return "aircomp_fedavg" if scenario.channel.uplink_access == "aircomp" else "fedavg"
+
+
+def make_simulation(scenario: "Scenario", seed: int, trainer: "Trainer",
+                    on_round: Optional[RoundCallback] = None) -> FedAvgSimulation:
+    """The federated simulation of the scenario (:func:`protocol_name`)."""
+    return PROTOCOLS[protocol_name(scenario)](scenario, seed, trainer, on_round)

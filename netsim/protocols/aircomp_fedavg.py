@@ -28,7 +28,7 @@ Events: one ``uplink`` per scheduled device (duration = air time, realised trans
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -38,10 +38,12 @@ from ..channel import noise_power_w
 from .fedavg import FedAvgSimulation, RoundCallback
 from ..interfaces import LocalResult, Trainer
 from ..network import Device, child_rng
-from ..scenario import Scenario
+
+if TYPE_CHECKING:  # netsim.scenario imports protocol sections
+    from ..scenario import Scenario
 
 
-def num_subcarriers(scenario: Scenario) -> int:
+def num_subcarriers(scenario: "Scenario") -> int:
     """M: ``aircomp.num_subcarriers`` or floor(uplink_bandwidth_hz / subcarrier_spacing_hz)."""
     ac = scenario.aircomp
     if ac.num_subcarriers is not None:
@@ -72,9 +74,9 @@ class AirCompFedAvgSimulation(FedAvgSimulation):
         return math.hypot(device.position_m[0] - sx, device.position_m[1] - sy) <= radius
 
     # ------------------------------------------------------------------ hooks
-    def _upload(self, r: int, device: Device, job, share: float):
+    def _upload(self, r: int, device: Device, job, share: float, t_off: float = math.inf):
         """No individual upload: everyone transmits together in :meth:`_aggregate`."""
-        return
+        return True
         yield  # pragma: no cover  (makes this a generator)
 
     def _aggregate(self, r: int, results: list[LocalResult]):
@@ -159,14 +161,6 @@ def applied_aggregate_error(estimate: np.ndarray, updates: np.ndarray, weights: 
         w_s**2 * st.noise_mse for w_s, st in zip(server_weights, per_server))
     return {"mse": mse, "mse_theory": float(theory), "nmse": mse / signal if signal > 0 else float("nan"),
             "signal_power": signal}
-
-
-def make_simulation(scenario: Scenario, seed: int, trainer: Trainer,
-                    on_round: Optional[RoundCallback] = None) -> FedAvgSimulation:
-    """The FedAvg simulation for the scenario's ``channel.uplink_access``."""
-    if scenario.channel.uplink_access == "aircomp":
-        return AirCompFedAvgSimulation(scenario, seed, trainer, on_round)
-    return FedAvgSimulation(scenario, seed, trainer, on_round)
 
 
 def aircomp_summary(log: list[dict]) -> dict:

@@ -9,7 +9,8 @@ import pytest
 from deftsim.runner import run_scenario
 from netsim import FakeTrainer, FedAvgSimulation
 from netsim.aircomp import aircomp_latency_s
-from netsim.protocols.aircomp_fedavg import AirCompFedAvgSimulation, make_simulation, num_subcarriers
+from netsim.protocols import make_simulation
+from netsim.protocols.aircomp_fedavg import AirCompFedAvgSimulation, num_subcarriers
 from netsim.scenario import Scenario
 
 

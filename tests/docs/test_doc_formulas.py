@@ -12,7 +12,8 @@ from scipy.special import exp1
 from netsim import FakeTrainer, FedAvgSimulation, Network
 from netsim.aircomp import (aircomp_latency_s, aircomp_symbols, expected_mse, noise_for_snr, ofdm_symbol_s,
                             over_the_air_sum, receive_power, truncation_probability)
-from netsim.protocols.aircomp_fedavg import make_simulation, num_subcarriers
+from netsim.protocols import make_simulation
+from netsim.protocols.aircomp_fedavg import num_subcarriers
 from netsim.budgets import bandwidth_shares, compute_time_s, energy_j
 from netsim.channel import (MAX_TRANSFER_BLOCKS, BlockFading, Link, noise_power_w, pathloss_db, shannon_rate_bps,
                             transfer_duration_s)
@@ -173,7 +174,7 @@ def test_spawn_keys_of_the_randomness_table():
     sim = FedAvgSimulation(sc, 0, FakeTrainer(sc, 0))
     expected = drop_positions(sc.devices[0], (0.0, 0.0), child_rng(5, 0, 0, 0))
     assert [d.position_m for d in sim.network.devices] == expected
-    assert sorted(d.index for d in sim._select()) == sorted(int(i) for i in child_rng(6, 0, 4).choice(4, 2, replace=False))
+    assert sorted(d.index for d in sim._select(1, list(sim.network.devices))) == sorted(int(i) for i in child_rng(6, 0, 4).choice(4, 2, replace=False))
 
 
 # ------------------------------------------------------------------ docs/aircomp.md

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from netsim import COLUMNS, FakeTrainer, Network
-from netsim.protocols.aircomp_fedavg import make_simulation
+from netsim.protocols import make_simulation
 from netsim.protocols.lola import compare
 from netsim.network import child_rng
 from netsim.protocols.neural_aircomp import NeuralConnectionSimulation
