@@ -276,6 +276,12 @@ class PeftTrainer:
             )
         return self._memory_of(self._step_profiles[shape])
 
+    def min_job_flops(self, steps: int, batch_size: int) -> float:
+        """Fewest FLOPs a local job of ``steps`` x ``batch_size`` can count: every batch as
+        short as the shortest training text (dynamic padding) [FLOP]."""
+        shortest = self._train_examples[int(np.argmin(self._tokens.lengths_tokens[self._train_examples]))]
+        return steps * self._step_profile(np.full(int(batch_size), shortest)).flops
+
     def global_state(self) -> PeftState:
         """A copy of the global PEFT state (name -> tensor)."""
         return {n: t.clone() for n, t in self._global.items()}

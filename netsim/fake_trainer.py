@@ -45,6 +45,10 @@ class FakeTrainer:
     def job_memory_bytes(self, batch_size: int) -> int:
         return int(self.spec.job_memory_bytes)
 
+    def min_job_flops(self, steps: int, batch_size: int) -> float:
+        """Fewest FLOPs a job of this shape can count (every job counts the same here)."""
+        return self.spec.step_flops * steps
+
     def snapshot(self) -> float:
         """The global state is one number: the progress p."""
         return self.progress

@@ -1,15 +1,17 @@
 """Experiment ``fedavg`` (the default): federated PEFT fine-tuning with FedAvg, over OFDMA or,
 with ``channel.uplink_access: aircomp``, over the air (``netsim.protocols.fedavg``,
-``netsim.protocols.aircomp_fedavg``)."""
+``netsim.protocols.aircomp_fedavg``), or asynchronously with ``training.mode``
+(``netsim.protocols.async_fl``)."""
 from __future__ import annotations
 
 import time
 
-from netsim.protocols import make_simulation
+from netsim.protocols import make_simulation, protocol_name
 from netsim.protocols.aircomp_fedavg import AirCompFedAvgSimulation, aircomp_summary
 from netsim.scenario import Scenario
 
 from .. import build
+from ..config import ScenarioError
 from .base import ExperimentResult, register
 
 
@@ -22,12 +24,17 @@ def fedavg(scenario: Scenario, on_round=None) -> ExperimentResult:
     t0 = time.perf_counter()
     trainer = build.make_trainer(scenario, scenario.seed)
     setup_s = time.perf_counter() - t0
-    sim = make_simulation(scenario, scenario.seed, trainer, on_round=on_round)
+    try:   # settings found impossible when the network is built (a trace, a deadline)
+        sim = make_simulation(scenario, scenario.seed, trainer, on_round=on_round)
+    except ValueError as err:
+        raise ScenarioError(f"scenario {scenario.name!r}: {err}") from None
     outcome = sim.run()
     events = sim.recorder.to_frame()
     summary = summarize(events, num_classes=trainer.num_classes, stop_reason=outcome.stop_reason,
                         target_accuracy=scenario.stop.target_accuracy,
                         devices=[d.name for d in sim.network.devices])
+    summary["protocol"] = protocol_name(scenario)
+    summary.update(sim.dynamics_summary())
     if isinstance(sim, AirCompFedAvgSimulation):
         summary["aircomp"] = aircomp_summary(sim.aircomp_log)
     title = f"{scenario.name} (seed {scenario.seed})"

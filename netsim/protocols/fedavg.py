@@ -113,6 +113,7 @@ class FedAvgSimulation:
         self._uplink_weights = self.network.uplink_weights()
         self._setup_strategies()
         self._setup_dynamics()
+        self._check_deadline()
 
     def _setup_strategies(self) -> None:
         st = self.scenario.strategies
@@ -143,6 +144,46 @@ class FedAvgSimulation:
             self.mobility = Mobility.from_spec(
                 dyn.mobility, np.array([d.position_m for d in devices]), self.network_seed,
                 server_positions_m=[s.position_m for s in self.network.servers])
+
+    def _check_deadline(self) -> None:
+        """A round deadline shorter than the fastest possible local job (every batch as short as
+        the shortest text, on the fastest device, with the straggler factor at its 1e-9
+        quantile exp(-6 sigma - sigma^2 / 2)) would discard every update: refuse it."""
+        tr = self.scenario.training
+        min_flops = getattr(self.trainer, "min_job_flops", None)
+        if tr.deadline_s is None or tr.mode != "synchronous" or min_flops is None:
+            return
+        flops = float(min_flops(tr.local_steps, tr.batch_size))
+        fastest = min(self._nominal_compute_s(g, flops) for g in self.scenario.devices)
+        sigma = self.jitter.sigma
+        fastest *= math.exp(-6.0 * sigma - 0.5 * sigma * sigma)
+        if tr.deadline_s < fastest:
+            raise ValueError(
+                f"training.deadline_s={tr.deadline_s} is shorter than any possible round: the fastest device needs at "
+                f"least {fastest:.4g} s for its {tr.local_steps} local steps ({flops:.3g} FLOPs), before any download "
+                "or upload; allowed: a larger deadline (or null)")
+
+    @staticmethod
+    def _nominal_compute_s(group, flops: float) -> float:
+        if group.compute_model == "dvfs":
+            return compute_time_energy(group, flops)[0]
+        return compute_time_s(flops, group.compute_flops_per_s)
+
+    def dynamics_summary(self) -> dict:
+        """What the run's dynamics did: ``dropped_updates`` (device went offline),
+        ``late_updates`` (round closed first), ``stale_updates`` (discarded as too stale),
+        ``stale_updates_mean`` (mean staleness of the aggregated updates; 0 in synchronous
+        rounds), ``handovers``, ``server_steps``, and the engine's batching statistics."""
+        staleness = getattr(self, "staleness", [])
+        return {
+            "dropped_updates": int(self.counters["dropped_updates"]),
+            "late_updates": int(self.counters["late_updates"]),
+            "stale_updates": int(self.counters["stale_updates"]),
+            "stale_updates_mean": float(np.mean(staleness)) if len(staleness) else 0.0,
+            "handovers": int(self.counters["handovers"]),
+            "server_steps": int(self.counters["server_steps"]),
+            "engine": self.engine.stats(),
+        }
 
     def _tags(self, device: Device) -> dict:
         """The ``group`` and ``server`` columns of a device's events."""
