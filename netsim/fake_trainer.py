@@ -17,11 +17,24 @@ import math
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+from pydantic import Field
 
 from .interfaces import EvalResult, JobCost, LocalJob, LocalResult, PlannedJob
+from .spec_base import Int, PositiveFloat, Spec
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # netsim.scenario imports FakeTrainerSpec: no import of it at run time
     from .scenario import Scenario
+
+
+class FakeTrainerSpec(Spec):
+    """Parameters of the torch-free stand-in trainer (``trainer: fake``)."""
+
+    step_flops: PositiveFloat = Field(5.0e9, ge=1, le=1e24)
+    adapter_bytes: Int = Field(300_000, ge=1, le=10**13)
+    job_memory_bytes: PositiveFloat = Field(5.0e8, ge=1, le=1e18)
+    examples_per_device: Int = Field(64, ge=1, le=10_000_000)
+    num_classes: Int = Field(5, ge=2, le=100_000)
+    learning_speed: PositiveFloat = Field(0.02, le=100, description="accuracy gain rate per local step")
 
 
 class FakeTrainer:

@@ -4,7 +4,8 @@ A scenario is YAML data, never code. Every section is a model with ``extra="forb
 typo in a key is an error that names the key. Units are in the field names (``_s``, ``_hz``,
 ``_w``, ``_m``, ``_db``, ``_bytes``, ``_flops_per_s``).
 
-The tree::
+The tree (the shared sections, those every run reads, are defined here; a section that only
+one protocol or component reads is defined in that module and imported here)::
 
     Scenario
     ├── devices: [DeviceGroup]        compute, memory, power, placement of N devices
@@ -17,17 +18,34 @@ The tree::
     ├── training: TrainingSpec        rounds, local steps, batch, optimizer, selection
     ├── stop: StopSpec                target accuracy, round limit, simulated-time horizon
     ├── execution: ExecutionSpec      how the host runs the real steps (never changes the timeline)
-    └── trainer: "real" | "fake"      real PyTorch steps or the torch-free stand-in
+    ├── trainer: "real" | "fake"      real PyTorch steps or the torch-free stand-in
+    │
+    │   owned by other modules:
+    ├── fake: FakeTrainerSpec                  netsim/fake_trainer.py
+    ├── dynamics: DynamicsSpec                 netsim/dynamics.py
+    ├── strategies: StrategiesSpec             netsim/strategies/__init__.py
+    ├── async_fl: AsyncFLSpec                  netsim/protocols/async_fl.py
+    ├── aircomp: AirCompSpec                   netsim/protocols/aircomp_fedavg.py
+    ├── lola: LolaSpec (LolaAnalyticModelSpec) netsim/protocols/lola.py
+    └── neural_aircomp: NeuralAirCompSpec      netsim/protocols/neural_aircomp.py
+
+The owning modules import nothing of this module at run time (only under ``if TYPE_CHECKING:``),
+so there is no import circle; the section classes are re-exported here
+(``from netsim.scenario import LolaSpec`` works).
 """
 from __future__ import annotations
 
 import os
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from .dynamics import DynamicsSpec
+from .fake_trainer import FakeTrainerSpec
+from .protocols.aircomp_fedavg import AirCompSpec
 from .protocols.async_fl import AsyncFLSpec
+from .protocols.lola import LolaAlgorithm, LolaAnalyticModelSpec, LolaSpec  # noqa: F401 (re-exported)
+from .protocols.neural_aircomp import NeuralAirCompSpec
 from .spec_base import Bool, Float, Int, NonNegFloat, PositiveFloat, Spec  # noqa: F401 (re-exported)
 from .strategies import StrategiesSpec
 
@@ -318,146 +336,6 @@ class StopSpec(Spec):
 
     target_accuracy: Optional[Float] = Field(None, gt=0, le=1)
     horizon_s: Optional[PositiveFloat] = Field(None, le=1e12, description="simulated-time horizon [s]")
-
-
-class FakeTrainerSpec(Spec):
-    """Parameters of the torch-free stand-in trainer (``trainer: fake``)."""
-
-    step_flops: PositiveFloat = Field(5.0e9, ge=1, le=1e24)
-    adapter_bytes: Int = Field(300_000, ge=1, le=10**13)
-    job_memory_bytes: PositiveFloat = Field(5.0e8, ge=1, le=1e18)
-    examples_per_device: Int = Field(64, ge=1, le=10_000_000)
-    num_classes: Int = Field(5, ge=2, le=100_000)
-    learning_speed: PositiveFloat = Field(0.02, le=100, description="accuracy gain rate per local step")
-
-
-class AirCompSpec(Spec):
-    """Broadband analog aggregation (``channel.uplink_access: aircomp``; netsim/aircomp.py).
-
-    Truncated channel inversion: a device sends on a sub-carrier only if its small-scale gain
-    |h|^2 >= ``truncation_threshold``; every device arrives with the same receive power rho0, the
-    largest every scheduled device's budget allows given its own symbol power c_k (``average``:
-    rho0 E1(g_th) c_k / g_k <= P_k/M in expectation over the fading, BAA; ``peak``:
-    rho0 max_j u_kj^2 / (g_k g_th) <= P_k/M on every symbol). ``interior_radius_m`` schedules only devices within
-    that distance of their server (cell-interior scheduling)."""
-
-    num_subcarriers: Optional[Int] = Field(
-        None, ge=1, le=1_000_000, description="M sub-carriers (null: floor(uplink_bandwidth_hz / subcarrier_spacing_hz))"
-    )
-    subcarrier_spacing_hz: PositiveFloat = Field(15e3, ge=1, le=1e10)
-    cyclic_prefix_fraction: NonNegFloat = Field(0.07, le=10, description="CP length / useful symbol length")
-    truncation_threshold: PositiveFloat = Field(0.1, ge=1e-12, le=50, description="g_th on |h|^2 (Rayleigh, mean 1)")
-    power_policy: Literal["average", "peak"] = "average"
-    interior_radius_m: Optional[PositiveFloat] = Field(
-        None, le=1e7, description="schedule only devices within this distance of their server (null: all)"
-    )
-    debias: Bool = Field(
-        False, description="divide the received aggregate by exp(-g_th), the expected share of entries sent "
-        "(unbiased); false: BAA's estimator, truncated entries count as zeros (shrinks the update)",
-    )
-    receive_snr_db: Optional[Float] = Field(
-        None, allow_inf_nan=True, description="null: the real receiver noise N0 NF Delta_f; a number: emulate that receive SNR "
-        "rho0/sigma^2 [dB] whatever the links (.inf: noise off), to sweep accuracy against SNR",
-    )
-    device_counts: list[Annotated[Int, Field(ge=1, le=1_000_000)]] = Field(
-        default_factory=lambda: [5, 10, 20], min_length=1,
-        description="experiment aircomp_vs_ofdma: devices per round K compared",
-    )
-
-    @field_validator("receive_snr_db", mode="before")
-    @classmethod
-    def _inf_as_text(cls, value):
-        """``"inf"`` (how strict JSON files such as scenario.json write +infinity) means .inf."""
-        return float("inf") if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", ".inf") else value
-
-    @model_validator(mode="after")
-    def _snr_is_a_level(self):
-        snr = self.receive_snr_db
-        if snr is not None and not (-300.0 <= snr <= 300.0 or snr == float("inf")):
-            raise ValueError(f"receive_snr_db={snr}: must be a number of dB in [-300, 300], .inf (noise off) "
-                             "or null (real noise)")
-        return self
-
-
-class NeuralAirCompSpec(Spec):
-    """Experiment ``neural_aircomp``: split fine-tuning with a neural connection over the air
-    (fomo/neural_connection.py, netsim/protocols/neural_aircomp.py, docs/aircomp.md).
-
-    Every example's tokens are cut into K = number of devices segments of ``segment_tokens``;
-    device k runs the frozen encoder on segment k and a trainable projection to ``feature_dim``
-    values; the edge's head (MLP with ``head_hidden_dim`` hidden units, 0: linear) consumes the
-    sum or mean of the K feature vectors, received over the air (AirComp, the ``aircomp``
-    section's radio settings, at each receive SNR of ``receive_snr_db``) or digitally (OFDMA,
-    noiseless). Batch size, learning rate and optimizer come from ``training``."""
-
-    segment_tokens: Int = Field(32, ge=1, le=510, description="tokens per device segment L (without [CLS]/[SEP])")
-    feature_dim: Int = Field(64, ge=1, le=65536, description="feature values d per example and device")
-    head_hidden_dim: Int = Field(64, ge=0, le=65536, description="hidden units of the edge MLP (0: linear head)")
-    combine: Literal["sum", "mean"] = Field("mean", description="the edge consumes sum_k f_k or (1/K) sum_k f_k")
-    steps: Int = Field(200, ge=1, le=1_000_000, description="training steps per variant")
-    eval_every_steps: Int = Field(25, ge=1, le=1_000_000, description="test accuracy every this many steps (and at the end)")
-    receive_snr_db: list[Optional[Annotated[Float, Field(ge=-300, le=300)]]] = Field(
-        default_factory=lambda: [None, -10.0, 0.0, 10.0], min_length=1,
-        description="AirComp variants: receive SNR rho0/sigma^2 [dB]; null: the real noise N0 NF Delta_f of the links",
-    )
-    include_digital: Bool = Field(True, description="also run the noiseless digital (OFDMA) connection")
-    max_train_examples: Optional[Int] = Field(
-        None, ge=1, le=100_000_000, description="use at most this many training examples (null: all); test: data.max_test_examples"
-    )
-
-
-class LolaAnalyticModelSpec(Spec):
-    """Dimensions of the BERT-style encoder of the analytic depth profile (used when the
-    profile is not measured; defaults: all-MiniLM-L6-v2). Formulas: netsim/lola/profile.py."""
-
-    num_layers: Int = Field(6, ge=1, le=1024)
-    hidden_size: Int = Field(384, ge=1, le=1_000_000)
-    ffn_size: Int = Field(1536, ge=1, le=10_000_000)
-    num_heads: Int = Field(12, ge=1, le=100_000)
-    vocab_size: Int = Field(30522, ge=1, le=100_000_000)
-
-
-LolaAlgorithm = Literal["crunch", "jbba", "random", "greedy", "depth_unaware", "equal_bandwidth", "offloading"]
-
-
-class LolaSpec(Spec):
-    """LoLa cooperative fine-tuning (experiment ``lola_compare``; netsim/lola, docs/lola.md).
-
-    The PEFT parameters (LoRA, ``peft.rank`` on ``peft.target_modules``) are split into
-    ``num_blocks`` blocks of consecutive transformer layers (block 0 next to the output). Each
-    round every block is trained by one device (forward + backward down to that block's
-    depth, ``steps_per_round`` steps of ``training.batch_size``) which uploads the block's
-    update; the round lasts until the slowest involved device is done. Every algorithm in
-    ``algorithms`` is simulated on the same devices, channels and seed."""
-
-    algorithms: list[LolaAlgorithm] = Field(
-        default_factory=lambda: ["crunch", "jbba", "random", "greedy", "depth_unaware", "equal_bandwidth", "offloading"],
-        min_length=1, description="allocation algorithms compared (names of netsim/lola/allocation.py)",
-    )
-    num_blocks: Int = Field(3, ge=1, le=1024, description="N parameter blocks (N <= number of devices)")
-    rounds: Int = Field(20, ge=1, le=100_000, description="simulated rounds per algorithm")
-    steps_per_round: Int = Field(1, ge=1, le=1_000_000, description="local steps per device and round")
-    total_bandwidth_hz: Optional[PositiveFloat] = Field(
-        None, ge=1, le=1e12, description="uplink band B shared by the involved devices (null: channel.uplink_bandwidth_hz)"
-    )
-    profile: Literal["auto", "measured", "analytic"] = Field(
-        "auto", description="depth cost profile: measured on the real model (fomo/depth_profile.py), "
-        "the analytic formula, or auto (measured if trainer is real, else analytic)",
-    )
-    offload_bytes_per_sample: Optional[PositiveFloat] = Field(
-        None, ge=1, le=1e12, description="offloading: raw bytes a device uploads per sample (null: 4 x model.max_length_tokens)"
-    )
-    jbba_iterations: Int = Field(60, ge=0, le=100_000, description="dual-ascent iterations of jbba")
-    train_rounds: Int = Field(
-        0, ge=0, le=100_000, description="rounds of REAL cooperative block fine-tuning per algorithm of "
-        "train_algorithms (fomo/block_training.py; accuracy vs. simulated time); 0 = latency only. "
-        "Capped at lola.rounds; needs trainer: real (skipped with trainer: fake)",
-    )
-    train_algorithms: list[LolaAlgorithm] = Field(
-        default_factory=lambda: ["crunch", "jbba", "offloading"],
-        description="algorithms (also in lola.algorithms) fine-tuned for real when train_rounds > 0",
-    )
-    analytic: LolaAnalyticModelSpec = LolaAnalyticModelSpec()
 
 
 class Scenario(Spec):

@@ -75,3 +75,73 @@ def test_one_module_per_protocol():
         assert cls.__module__ == f"netsim.protocols.{name}"
     graph = import_graph("netsim")
     assert list(nx.simple_cycles(graph)) == []
+
+
+SHARED_SECTIONS = {"Placement", "DeviceGroup", "EdgeServerSpec", "PathLossSpec", "ChannelSpec", "D2DSpec", "ModelSpec",
+                   "PeftSpec", "DataSpec", "TrainingSpec", "ExecutionSpec", "StopSpec", "Scenario"}
+"""The sections every run reads: the only classes netsim/scenario.py defines."""
+
+OWNED_SECTIONS = {  # Scenario field: (owning module, section class)
+    "fake": ("netsim.fake_trainer", "FakeTrainerSpec"),
+    "dynamics": ("netsim.dynamics", "DynamicsSpec"),
+    "strategies": ("netsim.strategies", "StrategiesSpec"),
+    "async_fl": ("netsim.protocols.async_fl", "AsyncFLSpec"),
+    "aircomp": ("netsim.protocols.aircomp_fedavg", "AirCompSpec"),
+    "lola": ("netsim.protocols.lola", "LolaSpec"),
+    "neural_aircomp": ("netsim.protocols.neural_aircomp", "NeuralAirCompSpec"),
+}
+
+
+def test_scenario_defines_only_the_shared_sections():
+    import netsim.scenario as scenario
+    from netsim.spec_base import Spec
+
+    source = ROOT / "netsim" / "scenario.py"
+    defined = {node.name for node in ast.walk(ast.parse(source.read_text())) if isinstance(node, ast.ClassDef)}
+    assert defined == SHARED_SECTIONS, f"protocol-specific sections defined in netsim/scenario.py: " \
+                                       f"{sorted(defined - SHARED_SECTIONS)}"
+    specs = {name for name, obj in vars(scenario).items()
+             if isinstance(obj, type) and issubclass(obj, Spec) and obj.__module__ == "netsim.scenario"}
+    assert specs == SHARED_SECTIONS
+
+
+def _section_class(annotation):
+    """The section class of a Scenario field's annotation (``Optional[X]`` -> X)."""
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if typing.get_origin(annotation) is typing.Union and len(args) == 1 else annotation
+
+
+def test_each_owned_section_is_the_class_scenario_uses():
+    import importlib
+
+    from netsim.scenario import Scenario
+
+    graph = import_graph("netsim")
+    for field, (module_name, class_name) in OWNED_SECTIONS.items():
+        module = importlib.import_module(module_name)
+        cls = getattr(module, class_name)
+        assert cls.__module__ == module_name
+        assert _section_class(Scenario.model_fields[field].annotation) is cls, field
+        assert not nx.has_path(graph, module_name, "netsim.scenario"), \
+            f"{module_name} imports netsim.scenario at run time (netsim.scenario imports it)"
+    shared = {Scenario.model_fields[f].annotation for f in Scenario.model_fields if f not in OWNED_SECTIONS}
+    assert not shared & {getattr(importlib.import_module(m), c) for m, c in OWNED_SECTIONS.values()}
+
+
+def test_moved_sections_are_re_exported_and_lola_algorithms_match_the_allocators():
+    import typing
+
+    import netsim.scenario as scenario
+    from netsim.fake_trainer import FakeTrainerSpec
+    from netsim.lola.allocation import ALGORITHMS
+    from netsim.protocols.aircomp_fedavg import AirCompSpec
+    from netsim.protocols.lola import LolaAlgorithm, LolaAnalyticModelSpec, LolaSpec
+    from netsim.protocols.neural_aircomp import NeuralAirCompSpec
+
+    for cls in (FakeTrainerSpec, AirCompSpec, LolaAnalyticModelSpec, LolaSpec, NeuralAirCompSpec):
+        assert getattr(scenario, cls.__name__) is cls
+    assert LolaSpec.model_fields["analytic"].annotation is LolaAnalyticModelSpec
+    assert scenario.LolaAlgorithm is LolaAlgorithm
+    assert typing.get_args(LolaAlgorithm) == ALGORITHMS

@@ -66,7 +66,7 @@ def planned_work(scenario: Scenario) -> PlannedWork:
         return PlannedWork(steps, 2 * len(ks) * (t.rounds + 1),
                            f"2 uplinks x K in {ks} x {t.rounds} rounds x K devices x {t.local_steps} local steps")
     if scenario.experiment == "lola_compare":
-        from netsim.scenario import LolaSpec
+        from netsim.protocols.lola import LolaSpec
 
         lola = scenario.lola or LolaSpec()
         trained = [a for a in lola.train_algorithms if a in lola.algorithms]

@@ -17,8 +17,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from netsim.protocols.lola import compare, default_profile
-from netsim.scenario import LolaSpec, Scenario
+from netsim.protocols.lola import LolaSpec, compare, default_profile
+from netsim.scenario import Scenario
 
 from ..config import ScenarioError
 from .base import ExperimentResult, register

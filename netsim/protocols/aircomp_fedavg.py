@@ -28,9 +28,10 @@ Events: one ``uplink`` per scheduled device (duration = air time, realised trans
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
 import numpy as np
+from pydantic import Field, field_validator, model_validator
 
 from ..aircomp import AirCompStats, over_the_air_sum, truncation_mse, truncation_probability
 from ..budgets import compute_time_s
@@ -38,9 +39,58 @@ from ..channel import noise_power_w
 from .fedavg import FedAvgSimulation, RoundCallback
 from ..interfaces import LocalResult, Trainer
 from ..network import Device, child_rng
+from ..spec_base import Bool, Float, Int, NonNegFloat, PositiveFloat, Spec
 
-if TYPE_CHECKING:  # netsim.scenario imports protocol sections
+if TYPE_CHECKING:  # netsim.scenario imports AirCompSpec: no import of it at run time
     from ..scenario import Scenario
+
+
+class AirCompSpec(Spec):
+    """Broadband analog aggregation (``channel.uplink_access: aircomp``; netsim/aircomp.py).
+
+    Truncated channel inversion: a device sends on a sub-carrier only if its small-scale gain
+    |h|^2 >= ``truncation_threshold``; every device arrives with the same receive power rho0, the
+    largest every scheduled device's budget allows given its own symbol power c_k (``average``:
+    rho0 E1(g_th) c_k / g_k <= P_k/M in expectation over the fading, BAA; ``peak``:
+    rho0 max_j u_kj^2 / (g_k g_th) <= P_k/M on every symbol). ``interior_radius_m`` schedules only devices within
+    that distance of their server (cell-interior scheduling)."""
+
+    num_subcarriers: Optional[Int] = Field(
+        None, ge=1, le=1_000_000, description="M sub-carriers (null: floor(uplink_bandwidth_hz / subcarrier_spacing_hz))"
+    )
+    subcarrier_spacing_hz: PositiveFloat = Field(15e3, ge=1, le=1e10)
+    cyclic_prefix_fraction: NonNegFloat = Field(0.07, le=10, description="CP length / useful symbol length")
+    truncation_threshold: PositiveFloat = Field(0.1, ge=1e-12, le=50, description="g_th on |h|^2 (Rayleigh, mean 1)")
+    power_policy: Literal["average", "peak"] = "average"
+    interior_radius_m: Optional[PositiveFloat] = Field(
+        None, le=1e7, description="schedule only devices within this distance of their server (null: all)"
+    )
+    debias: Bool = Field(
+        False, description="divide the received aggregate by exp(-g_th), the expected share of entries sent "
+        "(unbiased); false: BAA's estimator, truncated entries count as zeros (shrinks the update)",
+    )
+    receive_snr_db: Optional[Float] = Field(
+        None, allow_inf_nan=True, description="null: the real receiver noise N0 NF Delta_f; a number: emulate that receive SNR "
+        "rho0/sigma^2 [dB] whatever the links (.inf: noise off), to sweep accuracy against SNR",
+    )
+    device_counts: list[Annotated[Int, Field(ge=1, le=1_000_000)]] = Field(
+        default_factory=lambda: [5, 10, 20], min_length=1,
+        description="experiment aircomp_vs_ofdma: devices per round K compared",
+    )
+
+    @field_validator("receive_snr_db", mode="before")
+    @classmethod
+    def _inf_as_text(cls, value):
+        """``"inf"`` (how strict JSON files such as scenario.json write +infinity) means .inf."""
+        return float("inf") if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", ".inf") else value
+
+    @model_validator(mode="after")
+    def _snr_is_a_level(self):
+        snr = self.receive_snr_db
+        if snr is not None and not (-300.0 <= snr <= 300.0 or snr == float("inf")):
+            raise ValueError(f"receive_snr_db={snr}: must be a number of dB in [-300, 300], .inf (noise off) "
+                             "or null (real noise)")
+        return self
 
 
 def num_subcarriers(scenario: "Scenario") -> int:

@@ -23,17 +23,77 @@ planned latencies differ.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 import numpy as np
-import pandas as pd
 import simpy
+from pydantic import Field
 
 from ..network import Network, child_rng
 from ..records import Recorder
-from ..scenario import Scenario
 from ..lola.allocation import ALGORITHMS, Allocation, Instance, allocate
 from ..lola.profile import DepthProfile, analytic_profile
+from ..spec_base import Int, PositiveFloat, Spec
+
+if TYPE_CHECKING:  # netsim.scenario imports LolaSpec: no import of it at run time
+    import pandas as pd
+
+    from ..scenario import Scenario
+
+
+class LolaAnalyticModelSpec(Spec):
+    """Dimensions of the BERT-style encoder of the analytic depth profile (used when the
+    profile is not measured; defaults: all-MiniLM-L6-v2). Formulas: netsim/lola/profile.py."""
+
+    num_layers: Int = Field(6, ge=1, le=1024)
+    hidden_size: Int = Field(384, ge=1, le=1_000_000)
+    ffn_size: Int = Field(1536, ge=1, le=10_000_000)
+    num_heads: Int = Field(12, ge=1, le=100_000)
+    vocab_size: Int = Field(30522, ge=1, le=100_000_000)
+
+
+LolaAlgorithm = Literal["crunch", "jbba", "random", "greedy", "depth_unaware", "equal_bandwidth", "offloading"]
+
+
+class LolaSpec(Spec):
+    """LoLa cooperative fine-tuning (experiment ``lola_compare``; netsim/lola, docs/lola.md).
+
+    The PEFT parameters (LoRA, ``peft.rank`` on ``peft.target_modules``) are split into
+    ``num_blocks`` blocks of consecutive transformer layers (block 0 next to the output). Each
+    round every block is trained by one device (forward + backward down to that block's
+    depth, ``steps_per_round`` steps of ``training.batch_size``) which uploads the block's
+    update; the round lasts until the slowest involved device is done. Every algorithm in
+    ``algorithms`` is simulated on the same devices, channels and seed."""
+
+    algorithms: list[LolaAlgorithm] = Field(
+        default_factory=lambda: ["crunch", "jbba", "random", "greedy", "depth_unaware", "equal_bandwidth", "offloading"],
+        min_length=1, description="allocation algorithms compared (names of netsim/lola/allocation.py)",
+    )
+    num_blocks: Int = Field(3, ge=1, le=1024, description="N parameter blocks (N <= number of devices)")
+    rounds: Int = Field(20, ge=1, le=100_000, description="simulated rounds per algorithm")
+    steps_per_round: Int = Field(1, ge=1, le=1_000_000, description="local steps per device and round")
+    total_bandwidth_hz: Optional[PositiveFloat] = Field(
+        None, ge=1, le=1e12, description="uplink band B shared by the involved devices (null: channel.uplink_bandwidth_hz)"
+    )
+    profile: Literal["auto", "measured", "analytic"] = Field(
+        "auto", description="depth cost profile: measured on the real model (fomo/depth_profile.py), "
+        "the analytic formula, or auto (measured if trainer is real, else analytic)",
+    )
+    offload_bytes_per_sample: Optional[PositiveFloat] = Field(
+        None, ge=1, le=1e12, description="offloading: raw bytes a device uploads per sample (null: 4 x model.max_length_tokens)"
+    )
+    jbba_iterations: Int = Field(60, ge=0, le=100_000, description="dual-ascent iterations of jbba")
+    train_rounds: Int = Field(
+        0, ge=0, le=100_000, description="rounds of REAL cooperative block fine-tuning per algorithm of "
+        "train_algorithms (fomo/block_training.py; accuracy vs. simulated time); 0 = latency only. "
+        "Capped at lola.rounds; needs trainer: real (skipped with trainer: fake)",
+    )
+    train_algorithms: list[LolaAlgorithm] = Field(
+        default_factory=lambda: ["crunch", "jbba", "offloading"],
+        description="algorithms (also in lola.algorithms) fine-tuned for real when train_rounds > 0",
+    )
+    analytic: LolaAnalyticModelSpec = LolaAnalyticModelSpec()
+
 
 _RNG_KEY_RANDOM = (1, 0)  # SeedSequence spawn key of the random baseline (netsim uses (0, ...))
 
@@ -164,9 +224,9 @@ def compare(scenario: Scenario, profile: Optional[DepthProfile] = None) -> tuple
     seed. The network is drawn with ``scenario.network_seed()`` (``topology_seed``, else
     ``seed``), the random baseline's matching with ``scenario.train_seed()``. Returns (summary,
     events with an ``algorithm`` column, the network)."""
-    if scenario.lola is None:  # the section's defaults
-        from ..scenario import LolaSpec
+    import pandas as pd  # at call time: netsim.scenario imports this module, `deftsim validate` needs no pandas
 
+    if scenario.lola is None:  # the section's defaults
         scenario = scenario.model_copy(update={"lola": LolaSpec()})
     profile = profile if profile is not None else default_profile(scenario)
     if profile.num_blocks != scenario.lola.num_blocks:

@@ -51,10 +51,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Annotated, Callable, Literal, Optional, Protocol, Sequence
 
 import numpy as np
 import simpy
+from pydantic import Field
 
 from ..aircomp import (AirCompStats, aircomp_latency_s, aircomp_symbols, expected_mse, noise_for_snr, noise_mse,
                       ofdm_symbol_s, radiated_energy_j, receive_power, snr_db, symbol_power, truncation_probability,
@@ -63,11 +64,42 @@ from ..budgets import compute_time_s, energy_j
 from ..channel import Link, noise_power_w
 from ..network import Network, child_rng
 from ..records import Recorder
-from ..scenario import Scenario
+from ..spec_base import Bool, Float, Int, Spec
+
+if TYPE_CHECKING:  # netsim.scenario imports NeuralAirCompSpec: no import of it at run time
+    from ..scenario import Scenario
 
 BITS_PER_VALUE = 32
 NOISE_SPAWN_KEY = (0, 7)
 EVAL_NOISE_SPAWN_KEY = (0, 8)
+
+
+# ---------------------------------------------------------------------------- scenario section
+class NeuralAirCompSpec(Spec):
+    """Experiment ``neural_aircomp``: split fine-tuning with a neural connection over the air
+    (fomo/neural_connection.py, netsim/protocols/neural_aircomp.py, docs/aircomp.md).
+
+    Every example's tokens are cut into K = number of devices segments of ``segment_tokens``;
+    device k runs the frozen encoder on segment k and a trainable projection to ``feature_dim``
+    values; the edge's head (MLP with ``head_hidden_dim`` hidden units, 0: linear) consumes the
+    sum or mean of the K feature vectors, received over the air (AirComp, the ``aircomp``
+    section's radio settings, at each receive SNR of ``receive_snr_db``) or digitally (OFDMA,
+    noiseless). Batch size, learning rate and optimizer come from ``training``."""
+
+    segment_tokens: Int = Field(32, ge=1, le=510, description="tokens per device segment L (without [CLS]/[SEP])")
+    feature_dim: Int = Field(64, ge=1, le=65536, description="feature values d per example and device")
+    head_hidden_dim: Int = Field(64, ge=0, le=65536, description="hidden units of the edge MLP (0: linear head)")
+    combine: Literal["sum", "mean"] = Field("mean", description="the edge consumes sum_k f_k or (1/K) sum_k f_k")
+    steps: Int = Field(200, ge=1, le=1_000_000, description="training steps per variant")
+    eval_every_steps: Int = Field(25, ge=1, le=1_000_000, description="test accuracy every this many steps (and at the end)")
+    receive_snr_db: list[Optional[Annotated[Float, Field(ge=-300, le=300)]]] = Field(
+        default_factory=lambda: [None, -10.0, 0.0, 10.0], min_length=1,
+        description="AirComp variants: receive SNR rho0/sigma^2 [dB]; null: the real noise N0 NF Delta_f of the links",
+    )
+    include_digital: Bool = Field(True, description="also run the noiseless digital (OFDMA) connection")
+    max_train_examples: Optional[Int] = Field(
+        None, ge=1, le=100_000_000, description="use at most this many training examples (null: all); test: data.max_test_examples"
+    )
 
 
 # ---------------------------------------------------------------------------- channel
