@@ -110,8 +110,7 @@ class Network:
         ``positions_m`` (N, 2) to every server: an (N, S) array. A device keeps its shadowing
         draw wherever it goes (one log-normal draw per device, a simplification)."""
         ch = self.scenario.channel
-        heights = np.array([d.group.antenna_height_m for d in self.devices])
-        shadow = np.array([d.shadowing_db for d in self.devices])
+        heights, shadow = self._heights_and_shadowing()
         gains = np.empty((len(self.devices), len(self.servers)))
         for s, server in enumerate(self.servers):
             dx = positions_m[:, 0] - server.position_m[0]
@@ -121,23 +120,43 @@ class Network:
             gains[:, s] = 10.0 ** (-(loss + shadow) / 10.0)
         return gains
 
+    def _heights_and_shadowing(self) -> tuple[np.ndarray, np.ndarray]:
+        """Antenna heights [m] and shadowing draws [dB] of the devices, as arrays: fixed for the
+        life of the network (a device keeps its group and its draw), so gathered once."""
+        cached = getattr(self, "_static_arrays", None)
+        if cached is None or len(cached[0]) != len(self.devices):
+            cached = (np.array([d.group.antenna_height_m for d in self.devices], dtype=np.float64),
+                      np.array([d.shadowing_db for d in self.devices], dtype=np.float64))
+            self._static_arrays = cached
+        return cached
+
     def move(self, positions_m: np.ndarray, servers: np.ndarray, gains: np.ndarray) -> None:
         """Put every device at its new position, associated with ``servers[i]``, with the
         large-scale gains ``gains`` (N, S) of :meth:`large_scale_gains`; block fading goes on
         (each link keeps its own fading stream). The D2D graph is rebuilt from the new
-        positions (its sidelinks' fading streams are keyed by the device pair)."""
-        for dev, pos, s in zip(self.devices, positions_m, servers):
-            s = int(s)
-            dev.position_m = (float(pos[0]), float(pos[1]))
-            gain = float(gains[dev.index, s])
+        positions (its sidelinks' fading streams are keyed by the device pair).
+
+        One pass of plain attribute stores per device (the values are gathered with numpy
+        first); only the devices whose server changes get the re-association work."""
+        servers = np.asarray(servers).astype(np.int64, copy=False)
+        positions_m = np.asarray(positions_m, dtype=np.float64)
+        n = len(self.devices)
+        own = gains[np.arange(n), servers].tolist()     # gain to the associated server, as floats
+        # flat lists only: a nested tolist() would make N short-lived lists that the cyclic
+        # garbage collector promotes and then scans in full collections (tuples of floats it
+        # untracks), several times slower than the stores themselves at N = 100,000
+        xy = zip(positions_m[:, 0].tolist(), positions_m[:, 1].tolist())
+        for dev, pos, gain in zip(self.devices, xy, own):
+            dev.position_m = pos
             dev.uplink.large_scale_gain = gain
             dev.downlink.large_scale_gain = gain
-            if s != dev.server:
-                server = self.servers[s]
-                dev.server = s
-                dev.downlink.tx_power_w = server.spec.tx_power_w
-                dev.uplink.name = f"uplink dev{dev.index}->{server.name}"
-                dev.downlink.name = f"downlink {server.name}->dev{dev.index}"
+        previous = np.fromiter((d.server for d in self.devices), dtype=np.int64, count=n)
+        for i in np.flatnonzero(servers != previous).tolist():
+            dev, server = self.devices[i], self.servers[int(servers[i])]
+            dev.server = server.index
+            dev.downlink.tx_power_w = server.spec.tx_power_w
+            dev.uplink.name = f"uplink dev{dev.index}->{server.name}"
+            dev.downlink.name = f"downlink {server.name}->dev{dev.index}"
         if self.scenario.d2d.kind != "none":
             self.d2d = build_d2d_graph(self.scenario, self.devices, self.seed)
 
