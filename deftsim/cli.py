@@ -142,7 +142,8 @@ def _print_work(scenario) -> None:
     work = planned_work(scenario)
     click.echo(f"dry run of {scenario.name!r} (experiment {scenario.experiment}, trainer {scenario.trainer}, "
                f"{scenario.num_devices} devices): nothing was run")
-    click.echo(f"  real device steps: at most {work.device_steps:,}")
+    click.echo(f"  real device steps: at most {work.device_steps:,}" if work.device_steps is not None else
+               "  real device steps: not known before the run")
     click.echo(f"  evaluations:       at most {work.evaluations:,} (of up to {scenario.data.max_test_examples} "
                "test examples each)")
     click.echo(f"  ({work.detail})")

@@ -41,7 +41,7 @@ class PlannedWork:
     """What a run will compute for real (``deftsim run --dry-run``): upper bounds, since a run
     may stop early (``stop.target_accuracy``, ``stop.horizon_s``)."""
 
-    device_steps: int   # optimizer steps of the real model (one device's batch each)
+    device_steps: Optional[int]   # optimizer steps of the real model (one device's batch each); None: unknown
     evaluations: int    # test-set evaluations
     detail: str         # how the numbers are made up
 
@@ -55,6 +55,17 @@ def planned_work(scenario: Scenario) -> PlannedWork:
     """Count the real work of ``scenario`` without running it (the fake trainer's steps are
     counted too: they are what its timeline simulates)."""
     t, n = scenario.training, scenario.num_devices
+    if scenario.experiment == "fedavg" and t.mode == "asynchronous":
+        k = int(scenario.strategies.aggregation.params_model().buffer_size)
+        c = scenario.async_fl.concurrency
+        return PlannedWork((t.rounds * k + c) * t.local_steps, t.rounds // scenario.async_fl.eval_every_steps + 2,
+                           f"{t.rounds} server steps x {k} buffered updates (+ {c} jobs in flight at the end) x "
+                           f"{t.local_steps} local steps; discarded and cancelled jobs are never trained")
+    if scenario.experiment == "fedavg" and t.mode == "semi_synchronous":
+        c, period = scenario.async_fl.concurrency, scenario.async_fl.period_s
+        return PlannedWork(None, t.rounds // scenario.async_fl.eval_every_steps + 2,
+                           f"not known before the run: {c} devices train continuously for {t.rounds} periods of "
+                           f"{period} s; as many jobs as finish in that time, x {t.local_steps} local steps")
     if scenario.experiment == "fedavg":
         k = t.devices_per_round or n
         return PlannedWork(t.rounds * k * t.local_steps, t.rounds + 1,
