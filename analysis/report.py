@@ -81,9 +81,17 @@ RUN_METRICS = ["final_accuracy", "best_accuracy", "rounds_completed", "sim_time_
                "compute_share", "communication_share", "stop_reason"]
 POINT_METRICS = ["final_accuracy", "sim_time_s", "time_to_target_s", "energy_to_target_j",
                  "total_device_energy_j", "mean_round_latency_s"]
-STALE = ["accuracy_vs_time", "to_accuracy_*", "latency_breakdown", "latency_per_round", "pareto", "aircomp",
+DYNAMICS_METRICS = ["dropped_updates", "late_updates", "stale_updates", "stale_updates_mean", "handovers"]
+"""Summary keys of the protocols' faults, staleness and mobility (docs/async.md, docs/dynamics.md):
+shown in the runs and points tables of the runs where they apply (:func:`dynamics_metrics`)."""
+STALE = ["accuracy_vs_time", "to_accuracy_*", "dynamics_*", "latency_breakdown", "latency_per_round", "pareto", "aircomp",
          "variants", "variants_vs_*", "variant_accuracy_vs_time"]
 """Figure stems of an earlier report, removed before writing a new one."""
+DYNAMICS_NOTE = ("dropped_updates: updates lost because the device went offline before its upload ended; "
+                 "late_updates: updates still in progress when the round closed (deadline or over-selection); "
+                 "stale_updates: asynchronous updates discarded as older than async_fl.max_staleness; "
+                 "stale_updates_mean: mean staleness (server steps between the version an update was trained on "
+                 "and its arrival) of the aggregated updates; handovers: changes of a device's edge server.")
 NO_CURVES = {"lola_compare": "lola_compare fine-tunes for real only with lola.train_rounds > 0 and trainer: real; "
                               "these runs simulate the rounds' latency alone"}
 SEED_NOTE = ("With 3 or more seeds per point, spreads are 95% Student-t confidence intervals of the mean "
@@ -235,7 +243,23 @@ def _spread_columns(row: dict, prefix: str, values: Sequence[float], metric: str
     return s["kind"]
 
 
-def _points(runs: pd.DataFrame, params: list[str]) -> pd.DataFrame:
+def dynamics_metrics(runs: pd.DataFrame) -> list[str]:
+    """The :data:`DYNAMICS_METRICS` that apply to ``runs``: in their summaries and non-zero in at
+    least one finished run (a sweep without availability, deadline, staleness or mobility shows
+    none of them; one that drops updates at some points shows ``dropped_updates`` everywhere)."""
+    ok = runs[runs["status"] == "ok"] if "status" in runs else runs.iloc[0:0]
+    out = []
+    for m in DYNAMICS_METRICS:
+        if m in ok:
+            values = pd.to_numeric(ok[m], errors="coerce")
+            if (values.fillna(0.0) != 0.0).any():
+                out.append(m)
+    return out
+
+
+def _points(runs: pd.DataFrame, params: list[str], extra: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per point: the swept values and, per metric of :data:`POINT_METRICS` and
+    ``extra``, the mean and spread over its finished seeds."""
     rows = []
     for point, group in runs.groupby("point", sort=True):
         first = group.iloc[0]
@@ -246,8 +270,8 @@ def _points(runs: pd.DataFrame, params: list[str]) -> pd.DataFrame:
         row["runs"] = int(len(group))
         row["runs_ok"] = int(len(ok))
         row["target_reached"] = int(ok["target_reached"].sum()) if len(ok) and "target_reached" in ok else 0
-        for m in POINT_METRICS:
-            values = ok[m].astype(float) if m in ok else pd.Series(dtype=float)
+        for m in [*POINT_METRICS, *extra]:
+            values = pd.to_numeric(ok[m], errors="coerce").astype(float) if m in ok else pd.Series(dtype=float)
             _spread_columns(row, m, values.tolist(), m)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -282,8 +306,20 @@ def _param_axis(values: list) -> tuple[bool, list, dict]:
     if is_numeric(values):
         order = sorted(values)
         return True, order, {v: float(v) for v in order}
+    unset = [v for v in values if _is_unset(v)]
+    numbers = [v for v in values if not _is_unset(v)]
+    if unset and is_numeric(numbers):
+        # numbers and null (e.g. training.deadline_s: [0.3, 0.5, null]): the numbers in order, then
+        # "(unset)", evenly spaced as categories
+        order = sorted(numbers) + unset[:1]
+        return False, order, {category_text(v): float(i) for i, v in enumerate(order)}
     order = sorted(values, key=category_text)
     return False, order, {category_text(v): float(i) for i, v in enumerate(order)}
+
+
+def _is_unset(v) -> bool:
+    """A swept null (None, or NaN once it sits in a float column)."""
+    return v is None or (isinstance(v, (float, np.floating)) and math.isnan(v))
 
 
 def _at(frame: pd.DataFrame, column: str, value, numeric: bool) -> pd.DataFrame:
@@ -423,6 +459,32 @@ def fig_to_accuracy(param: str, params: list[str], runs: pd.DataFrame, target: f
     _suptitle(fig, f"{short_label(param)}: mean over {spread}; bars: {spread_note(kinds)} "
                  "(hollow: not every run reached the target)", fontsize=8)
     fig.tight_layout(rect=(0, bottom, 1, 1))
+    return fw.save(fig, stem), kinds
+
+
+def fig_dynamics(param: str, runs: pd.DataFrame, metrics: Sequence[str], random: bool, fw: FigureWriter,
+                 stem: str, partners: tuple[str, ...] = ()) -> tuple[bytes, set]:
+    """The faults, staleness and handover counts (:func:`dynamics_metrics`) against one swept
+    field, one panel per metric: mean over the runs at each value (seeds and the other swept
+    fields) with error bars (:func:`analysis.figures.spread_errorbar`)."""
+    pyplot = plt()
+    ok = runs[runs["status"] == "ok"].copy()
+    for m in metrics:
+        ok[m] = pd.to_numeric(ok[m], errors="coerce")
+    numeric, order, xpos = _param_axis(list(pd.unique(ok[param])))
+    fig, axes = pyplot.subplots(1, len(metrics), figsize=(3.6 * len(metrics) + 0.6, 3.6), squeeze=False)
+    kinds: set = set()
+    for ax, metric in zip(axes[0], metrics):
+        xs, values = _values_along(ok, param, order, xpos, numeric, 0.0, metric)
+        kinds |= {d["kind"] for d in spread_errorbar(ax, xs, values, metric, colors(1)[0], None,
+                                                     connect=numeric and not random)}
+        _style_param_axis(ax, param, numeric, order, random, partners)
+        ax.set_ylabel(metric.replace("_", " ") + (" [server steps]" if metric == "stale_updates_mean" else
+                                                  " (per run)"))
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    _suptitle(fig, f"{short_label(param)}: mean over runs; bars: {spread_note(kinds)}", fontsize=8)
+    fig.tight_layout()
     return fw.save(fig, stem), kinds
 
 
@@ -1017,7 +1079,8 @@ def _fedavg_sections(data: ReportData, out: Path, fw: FigureWriter, target: Opti
                      ) -> list[str]:
     target, target_source = choose_target(data, target)
     runs, breakdown = _derive(data, target)
-    points = _points(runs, data.params)
+    dynamics = dynamics_metrics(runs)
+    points = _points(runs, data.params, dynamics)
     front = _pareto(points)
     _write_table(runs, out, "runs")
     _write_table(points, out, "points")
@@ -1030,9 +1093,13 @@ def _fedavg_sections(data: ReportData, out: Path, fw: FigureWriter, target: Opti
                   "energy; all times are simulated, never host time. Tables can be sorted by clicking a "
                   "column; the same tables are in the report folder as CSV and Parquet. "
                   f"{esc(SEED_NOTE)}</p>"]
-    sections += _runs_sections(data, runs, ["run_id", "point", "seed", "status", *data.params, *RUN_METRICS])
+    sections += _runs_sections(data, runs, ["run_id", "point", "seed", "status", *data.params, *RUN_METRICS,
+                                            *dynamics])
     sections.append("<h2>Points (mean and spread over seeds)</h2>" + html_table(
-        _spread_table(points, ["point", *data.params, "runs", "runs_ok", "target_reached"], POINT_METRICS)))
+        _spread_table(points, ["point", *data.params, "runs", "runs_ok", "target_reached"],
+                      [*POINT_METRICS, *dynamics])))
+    if dynamics:
+        sections.append("<p class=note>" + esc(DYNAMICS_NOTE) + "</p>")
     png = fig_accuracy(data, runs, points, target, fw)
     sections.append("<h2>Accuracy vs. simulated time</h2>" + _figure(
         png, "test accuracy against simulated time",
@@ -1053,6 +1120,18 @@ def _fedavg_sections(data: ReportData, out: Path, fw: FigureWriter, target: Opti
                                   _names(stem, fw)))
     if param_figs:
         sections.append("<h2>Time and energy to accuracy against each swept field</h2>" + "".join(param_figs))
+    dyn_figs = []
+    for i, p in enumerate(data.params if dynamics and data.kind == "sweep" else []):
+        if p in followers:
+            continue
+        partners = next((tuple(g[1:]) for g in data.zip_groups if g[0] == p), ())
+        stem = f"dynamics_{i:02d}_{p.replace('.', '_')}"
+        png, kinds = fig_dynamics(p, runs, dynamics, p in data.random_params, fw, stem, partners)
+        dyn_figs.append(_figure(png, f"lost, late and stale updates and handovers against {p}",
+                                f"{', '.join(dynamics)} per run against {_caption_label(runs, p)}: mean over "
+                                f"runs; error bars: {spread_note(kinds)}.", _names(stem, fw)))
+    if dyn_figs:
+        sections.append("<h2>Faults, staleness and handovers against each swept field</h2>" + "".join(dyn_figs))
     png = fig_latency_points(points, breakdown, fw)
     latency = _figure(png, "mean round latency breakdown per point",
                       "Mean round latency per point, split as the average participating device spends it: "
