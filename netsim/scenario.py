@@ -435,6 +435,10 @@ class Scenario(Spec):
         if tr.mode == "asynchronous" and st.aggregation.name != "fedbuff":
             raise ValueError(f"training.mode=asynchronous aggregates buffered updates: strategies.aggregation.name "
                              f"must be 'fedbuff' (buffer_size 1 is FedAsync), not {st.aggregation.name!r}")
+        if tr.mode != "synchronous" and self.dynamics.availability.model == "bernoulli":
+            raise ValueError(f"dynamics.availability.model=bernoulli draws availability per synchronous round; "
+                             f"training.mode={tr.mode} has no rounds: use 'markov' (on/off in continuous time) or "
+                             "'trace'")
         if tr.mode == "semi_synchronous" and self.async_fl.period_s is None:
             raise ValueError("training.mode=semi_synchronous needs async_fl.period_s (the aggregation period) [s]")
         if tr.mode != "synchronous" and self.channel.uplink_access == "aircomp":

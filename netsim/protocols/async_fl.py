@@ -196,10 +196,7 @@ class AsyncFLSimulation(FedAvgSimulation):
         if self._waking:
             return
         candidates = np.flatnonzero(self._fits & ~self._busy)
-        if self.scenario.dynamics.availability.model == "bernoulli":
-            t_next = self.env.now + (self.spec.period_s or self._bernoulli_retry_s())
-        else:
-            t_next = min((self.availability.online_at(int(i), self.env.now) for i in candidates), default=math.inf)
+        t_next = min((self.availability.online_at(int(i), self.env.now) for i in candidates), default=math.inf)
         if not math.isfinite(t_next):
             return
         self._waking = True
@@ -210,11 +207,6 @@ class AsyncFLSimulation(FedAvgSimulation):
             self._fill_slots()
             self._notify()
         self.env.process(wake())
-
-    def _bernoulli_retry_s(self) -> float:
-        """With per-round Bernoulli availability a new 'round' is a new server version; with
-        no device available the edge retries after one coherence time (a documented choice)."""
-        return self.scenario.channel.coherence_time_s
 
     def _device_job(self, device: Device):
         """Download version v, train from it, upload; buffer the update with its staleness."""

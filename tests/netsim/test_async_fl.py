@@ -111,3 +111,21 @@ def test_same_seed_same_log():
     a = run(async_scenario(), seed=4)[2]
     b = run(async_scenario(), seed=4)[2]
     assert a.equals(b)
+
+
+def test_async_with_churn_drops_updates_and_waits_for_devices():
+    sc = Scenario.model_validate(async_scenario().model_dump(mode="json") | {
+        "dynamics": {"availability": {"model": "markov", "mean_on_s": 0.2, "mean_off_s": 0.6, "start": "on"}}})
+    sim, out, ev = run(sc)
+    assert out.rounds_completed == 60
+    dropped = ev[ev.kind == "update_dropped"]
+    assert len(dropped) == sim.counters["dropped_updates"] > 0
+    # every job starts on a device that is online then
+    for _, row in ev[ev.kind == "downlink"].head(200).iterrows():
+        assert sim.availability.online(int(row.node[3:]), row.t_s)
+
+
+def test_bernoulli_availability_needs_rounds():
+    with pytest.raises(ValueError, match="bernoulli draws availability per synchronous round"):
+        Scenario.model_validate(async_scenario().model_dump(mode="json") | {
+            "dynamics": {"availability": {"model": "bernoulli", "p_available": 0.5}}})
