@@ -123,3 +123,49 @@ def result_line(**values: Any) -> str:
             value = f"{value:.4g}"
         parts.append(f"{key}={value}")
     return "RESULT " + " ".join(parts)
+
+
+def bare_simpy_timeouts_s(processes: int, timeouts_each: int) -> float:
+    """Wall seconds of a bare SimPy run: ``processes`` processes, each a loop of
+    ``timeouts_each`` ``env.timeout`` with distinct delays (so the event heap holds them all
+    interleaved): the floor under any SimPy protocol with that many events."""
+    import simpy
+
+    env = simpy.Environment()
+
+    def proc(env, k):
+        delay = 1.0 + k * 1e-6
+        for _ in range(timeouts_each):
+            yield env.timeout(delay)
+
+    t0 = time.perf_counter()
+    for k in range(processes):
+        env.process(proc(env, k))
+    env.run()
+    return time.perf_counter() - t0
+
+
+def min_of_alternating(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Best wall time of each named run over ``repeats`` rounds, the order rotated every round
+    (run i first in round i), so that load from other processes and warm-up effects fall on
+    every run alike; min-of-N discards the rounds that other processes slowed down."""
+    names = list(runs)
+    best = {name: float("inf") for name in names}
+    for rep in range(repeats):
+        k = rep % len(names)
+        for name in names[k:] + names[:k]:
+            dt, _ = timed(runs[name])
+            best[name] = min(best[name], dt)
+    return best
+
+
+def load_average() -> str:
+    """The host's 1/5/15-minute load averages and CPU count, e.g. ``1.7/1.8/1.9 on 2 CPUs``
+    (how busy the machine was while a benchmark ran)."""
+    import os
+
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "unknown"
+    return f"{one:.2f}/{five:.2f}/{fifteen:.2f} on {os.cpu_count()} CPUs"
