@@ -150,13 +150,16 @@ class Network:
             dev.position_m = pos
             dev.uplink.large_scale_gain = gain
             dev.downlink.large_scale_gain = gain
-        previous = np.fromiter((d.server for d in self.devices), dtype=np.int64, count=n)
+        previous = getattr(self, "_association", None)   # only move() re-associates devices
+        if previous is None or len(previous) != n:
+            previous = np.fromiter((d.server for d in self.devices), dtype=np.int64, count=n)
         for i in np.flatnonzero(servers != previous).tolist():
             dev, server = self.devices[i], self.servers[int(servers[i])]
             dev.server = server.index
             dev.downlink.tx_power_w = server.spec.tx_power_w
             dev.uplink.name = f"uplink dev{dev.index}->{server.name}"
             dev.downlink.name = f"downlink {server.name}->dev{dev.index}"
+        self._association = servers.copy()
         if self.scenario.d2d.kind != "none":
             self.d2d = build_d2d_graph(self.scenario, self.devices, self.seed)
 
