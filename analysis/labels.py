@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-UNITS = [("_flops_per_s", "FLOP/s"), ("_dbm_per_hz", "dBm/Hz"), ("_bps", "bit/s"), ("_hz", "Hz"),
+UNITS = [("_flops_per_s", "FLOP/s"), ("_dbm_per_hz", "dBm/Hz"), ("_mps", "m/s"), ("_bps", "bit/s"), ("_hz", "Hz"),
          ("_db", "dB"), ("_bytes", "bytes"), ("_flops", "FLOP"), ("_w", "W"), ("_m", "m"), ("_s", "s"),
          ("_j", "J")]
 """(name suffix, unit), longest suffixes first."""
@@ -56,6 +56,29 @@ NAMES = {
     "placement.max_distance_m": "max distance to the edge [m]",
     "placement.min_distance_m": "min distance to the edge [m]",
     "compute_flops_per_s": "compute speed [FLOP/s]",
+    "training.mode": "protocol mode",
+    "training.deadline_s": "round deadline [s]",
+    "training.min_results": "least updates per round",
+    "training.over_selection": "over-selection factor",
+    "dynamics.availability.model": "availability model",
+    "dynamics.availability.p_available": "P(device available in a round)",
+    "dynamics.availability.mean_on_s": "mean on time [s]",
+    "dynamics.availability.mean_off_s": "mean off time [s]",
+    "dynamics.stragglers.jitter_sigma": "compute jitter sigma (log-normal)",
+    "dynamics.mobility.model": "mobility model",
+    "dynamics.mobility.v_max_mps": "largest speed [m/s]",
+    "dynamics.mobility.v_min_mps": "least speed [m/s]",
+    "dynamics.mobility.tick_s": "mobility tick [s]",
+    "dynamics.mobility.handover_hysteresis_db": "handover hysteresis [dB]",
+    "async_fl.concurrency": "devices training at once",
+    "async_fl.period_s": "aggregation period [s]",
+    "async_fl.max_staleness": "largest staleness kept",
+    "strategies.aggregation.params.buffer_size": "FedBuff buffer size K",
+    "strategies.aggregation.params.poly_a": "staleness exponent a",
+    "strategies.selection.name": "selection strategy",
+    "strategies.aggregation.name": "aggregation strategy",
+    "strategies.bandwidth.name": "bandwidth allocation",
+    "strategies.compression.name": "update compression",
 }
 """Hand-written names, by full path or by the path inside a device group / edge server. A name
 that already holds its unit in brackets is used as it stands."""
@@ -96,6 +119,11 @@ METRICS = {
     "compute_share": "share of device time computing [-]",
     "communication_share": "share of device time transmitting [-]",
     "rounds_completed": "rounds completed [-]",
+    "dropped_updates": "updates lost offline [-]",
+    "late_updates": "late updates [-]",
+    "stale_updates": "updates discarded as stale [-]",
+    "stale_updates_mean": "mean staleness [server steps]",
+    "handovers": "handovers [-]",
 }
 """Names of the report's metrics (columns of ``runs.parquet`` and ``variants.parquet``)."""
 

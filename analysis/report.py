@@ -479,8 +479,7 @@ def fig_dynamics(param: str, runs: pd.DataFrame, metrics: Sequence[str], random:
         kinds |= {d["kind"] for d in spread_errorbar(ax, xs, values, metric, colors(1)[0], None,
                                                      connect=numeric and not random)}
         _style_param_axis(ax, param, numeric, order, random, partners)
-        ax.set_ylabel(metric.replace("_", " ") + (" [server steps]" if metric == "stale_updates_mean" else
-                                                  " (per run)"))
+        ax.set_ylabel(field_label(metric))
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     _suptitle(fig, f"{short_label(param)}: mean over runs; bars: {spread_note(kinds)}", fontsize=8)
