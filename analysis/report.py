@@ -224,7 +224,7 @@ def _derive(data: ReportData, target: float) -> tuple[pd.DataFrame, pd.DataFrame
 
 
 def _fmt_value(v) -> str:
-    if isinstance(v, (float, np.floating)):
+    if isinstance(v, (float, np.floating)) and not math.isnan(v):
         return f"{float(v):.4g}"
     return category_text(v)
 
