@@ -206,3 +206,59 @@ def test_shipped_dynamics_sweeps_report_figures_and_counts(tmp_path):
             per_round = {r: e[e["kind"] == "compute"].groupby("round").size().mean() for r, e in ev.items()}
             means = runs.assign(k=runs["run_id"].map(per_round)).groupby(field)["k"].mean()
             assert means.loc[1.0] == 8 and means.loc[0.5] < means.loc[0.8] < means.loc[1.0]
+
+
+DOC = (ROOT / "docs" / "async.md").read_text(encoding="utf-8")
+
+
+def states(*fragments: str) -> None:
+    import re
+    flat = re.sub(r"\s+", " ", DOC)
+    for f in fragments:
+        assert re.sub(r"\s+", " ", f) in flat, f
+
+
+@pytest.mark.parametrize("kind, a, b, expected", [
+    ("constant", 0.5, 4.0, lambda t: np.ones_like(t)),
+    ("polynomial", 0.5, 4.0, lambda t: (1.0 + t) ** -0.5),
+    ("polynomial", 2.0, 4.0, lambda t: (1.0 + t) ** -2.0),
+    ("hinge", 10.0, 4.0, lambda t: np.where(t <= 4.0, 1.0, 1.0 / (10.0 * (t - 4.0) + 1.0))),
+    ("hinge", 0.5, 1.0, lambda t: np.where(t <= 1.0, 1.0, 1.0 / (0.5 * (t - 1.0) + 1.0))),
+])
+def test_async_doc_fedbuff_weights_are_the_code(kind, a, b, expected):
+    """docs/async.md: FedBuff weights s(tau_k) / K with the three staleness functions."""
+    from netsim.strategies import AggregationChoice
+
+    states("x <- x + eta_g * sum_k (s(tau_k) / K) * Delta_k", "| `polynomial` | (1 + tau)^-a",
+           "1 if tau <= b, else 1 / (a (tau - b) + 1)", "**FedAsync** is the case K = 1")
+    params = {"buffer_size": 3, "staleness": kind}
+    params.update({"poly_a": a} if kind == "polynomial" else {"hinge_a": a, "hinge_b": b} if kind == "hinge" else {})
+    agg = AggregationChoice(name="fedbuff", params=params).build()
+    tau = np.array([0.0, 1.0, 2.0, 4.0, 5.0, 9.0])
+    n = np.array([10.0, 1.0, 5.0, 7.0, 2.0, 3.0])   # FedBuff ignores the example counts
+    np.testing.assert_allclose(agg.weights(n, tau), expected(tau) / 3, rtol=1e-15)
+
+
+def test_async_doc_fedasync_steps_on_every_arrival(tmp_path):
+    """buffer_size 1 (FedAsync): one server step per arrived update, each of staleness >= 0."""
+    states("w_k = n_k s(tau_k) / sum_j n_j s(tau_j)", "B_down / C", "B_up / C")
+    _, s, ev, _ = run_fake("async_fedbuff", tmp_path, "strategies.aggregation.params.buffer_size=1",
+                           "training.rounds=10")
+    up = ev[(ev["kind"] == "uplink") & (ev["staleness"] >= 0)]
+    assert s["server_steps"] == 10 == count(ev, "aggregate")
+    assert len(up) >= 10
+    first = up.loc[(up["t_s"] + up["duration_s"]).sort_values(kind="stable").index].iloc[:10]
+    assert s["stale_updates_mean"] == pytest.approx(float(first["staleness"].mean()))
+
+
+def test_semi_synchronous_steps_once_per_period(tmp_path):
+    """semi_synchronous: a server step at the end of each period_s with arrivals, never two within
+    one period; updates still in flight at a period's end arrive stale in a later one."""
+    period = 0.3
+    _, s, ev, _ = run_fake("async_fedbuff", tmp_path, "training.mode=semi_synchronous",
+                           f"async_fl.period_s={period}", "training.rounds=6")
+    check_common(s, ev)
+    agg = np.sort(ev.loc[ev["kind"] == "aggregate", "t_s"].to_numpy())
+    assert len(agg) == s["server_steps"] == 6
+    assert agg[0] >= period - 1e-12 and (np.diff(agg) >= period - 1e-12).all()
+    assert s["stale_updates_mean"] > 0
