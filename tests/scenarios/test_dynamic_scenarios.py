@@ -158,7 +158,9 @@ def test_async_real_trainer_still_batches(tmp_path):
     assert s["protocol"] == "async_fl" and s["server_steps"] == 4
     assert s["engine"]["mean_jobs_per_pass"] > 1
     assert s["stale_updates_mean"] > 0
-    assert np.isfinite(ev.loc[ev["kind"] == "compute", "loss"]).all()
+    # the loss of a job is filled in when its pass runs: one finite loss per job run, NaN for
+    # jobs still in flight when the run ended (their values were never needed)
+    assert int(np.isfinite(ev.loc[ev["kind"] == "compute", "loss"]).sum()) == s["engine"]["jobs_run"]
 
 
 def test_shipped_dynamics_sweeps_report_figures_and_counts(tmp_path):
