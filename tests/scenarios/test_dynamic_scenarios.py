@@ -264,3 +264,15 @@ def test_semi_synchronous_steps_once_per_period(tmp_path):
     assert len(agg) == s["server_steps"] == 6
     assert agg[0] >= period - 1e-12 and (np.diff(agg) >= period - 1e-12).all()
     assert s["stale_updates_mean"] > 0
+
+
+def test_report_axis_puts_a_swept_null_after_the_numbers():
+    """A deadline sweep [0.5, null, 0.2]: the report's axis reads 0.2, 0.5, (unset)."""
+    from analysis.report import _param_axis, point_label
+
+    for unset in (None, float("nan")):
+        numeric, order, xpos = _param_axis([0.5, unset, 0.2])
+        assert not numeric and order[:2] == [0.2, 0.5] and len(order) == 3
+        assert xpos == {"0.2": 0.0, "0.5": 1.0, "(unset)": 2.0}
+        assert point_label({"training.deadline_s": unset}, ["training.deadline_s"]) == "deadline_s=(unset)"
+    assert _param_axis([0.5, 0.2]) == (True, [0.2, 0.5], {0.2: 0.2, 0.5: 0.5})
