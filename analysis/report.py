@@ -12,7 +12,12 @@ FedAvg runs and sweeps (``experiment: fedavg``):
                            seeds (line) with a band (95 % CI with 3 or more seeds, else the
                            seeds' min-max), each seed's curve faint
 ``to_accuracy_<field>``    time- and energy-to-accuracy against each swept field (numbers on a
-                           numeric axis, categories such as ``peft.method`` as categories)
+                           numeric axis, categories such as ``peft.method`` as categories;
+                           numbers with a null, e.g. no deadline, as categories in order with
+                           ``(unset)`` last)
+``dynamics_<field>``       (sweeps where updates are dropped, late or stale, or devices hand
+                           over) those counts and the mean staleness against each swept field;
+                           the runs and points tables then carry them too
 ``latency_breakdown``      mean round latency per point, split into downlink / compute /
                            uplink / waiting / edge (see :func:`analysis.metrics.latency_breakdown`)
 ``latency_per_round``      the same split round by round (first seed of each point)
