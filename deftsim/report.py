@@ -70,6 +70,26 @@ def print_summary(summary: dict, out_dir: str) -> None:
     PRINTERS.get(summary.get("experiment", "fedavg"), print_fedavg)(summary, out_dir)
 
 
+def _dynamics_rows(summary: dict) -> list[tuple[str, str]]:
+    """Console rows of the protocols' faults, staleness, handovers and batching, where they
+    apply (a key missing from an older summary.json, or zero, is left out)."""
+    rows = []
+    lost = [summary.get(k, 0) or 0 for k in ("dropped_updates", "late_updates", "stale_updates")]
+    if any(lost):
+        rows.append(("updates lost: offline / late / stale", " / ".join(str(int(n)) for n in lost)))
+    if summary.get("protocol") == "async_fl":
+        rows.append(("server steps; mean staleness of their updates",
+                     f"{summary.get('server_steps', 0)}; {summary.get('stale_updates_mean', 0.0):.2f} steps"))
+    if summary.get("handovers"):
+        rows.append(("handovers between edge servers", str(int(summary["handovers"]))))
+    engine = summary.get("engine") or {}
+    if engine.get("passes"):
+        rows.append(("local jobs per batched pass: mean / largest",
+                     f"{engine['mean_jobs_per_pass']:.2f} / {engine['largest_pass']} ({engine['jobs_run']} jobs run, "
+                     f"{engine['jobs_cancelled']} cancelled)"))
+    return rows
+
+
 def print_fedavg(summary: dict, out_dir: str) -> None:
     """Console table of a FedAvg run."""
     energy = summary["energy_per_device_j"]
@@ -93,6 +113,7 @@ def print_fedavg(summary: dict, out_dir: str) -> None:
         rows.append(("over-the-air: receive SNR / NMSE / truncated",
                      f"{air['mean_receive_snr_db']:.1f} dB / {air['mean_nmse']:.4f} / "
                      f"{100 * air['mean_truncation_ratio']:.1f}% (means over rounds)"))
+    rows += _dynamics_rows(summary)
     if summary["memory_exceeded_devices"]:
         rows.append(("devices that could not hold the job", ", ".join(summary["memory_exceeded_devices"])))
     width = max(len(k) for k, _ in rows)

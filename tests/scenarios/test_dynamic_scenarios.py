@@ -276,3 +276,22 @@ def test_report_axis_puts_a_swept_null_after_the_numbers():
         assert xpos == {"0.2": 0.0, "0.5": 1.0, "(unset)": 2.0}
         assert point_label({"training.deadline_s": unset}, ["training.deadline_s"]) == "deadline_s=(unset)"
     assert _param_axis([0.5, 0.2]) == (True, [0.2, 0.5], {0.2: 0.2, 0.5: 0.5})
+
+
+def test_console_summary_shows_the_dynamics_that_apply(tmp_path, capsys):
+    from deftsim.report import print_fedavg
+
+    _, s, _, _ = run_fake("faults", tmp_path / "f")
+    print_fedavg(s, str(tmp_path / "f"))
+    out = capsys.readouterr().out
+    assert f"{s['dropped_updates']} / {s['late_updates']} / 0" in out
+    assert "handovers" not in out and "staleness" not in out
+    assert f"{s['engine']['jobs_cancelled']} cancelled" in out
+    _, s, _, _ = run_fake("async_fedbuff", tmp_path / "a")
+    print_fedavg(s, str(tmp_path / "a"))
+    out = capsys.readouterr().out
+    assert f"{s['stale_updates_mean']:.2f} steps" in out and "updates lost" not in out
+    old = {k: v for k, v in s.items() if k not in ("protocol", "dropped_updates", "late_updates", "stale_updates",
+                                                   "stale_updates_mean", "handovers", "server_steps", "engine")}
+    print_fedavg(old, str(tmp_path / "a"))   # a summary.json written before these keys existed
+    assert "batched pass" not in capsys.readouterr().out
