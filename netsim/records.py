@@ -62,6 +62,16 @@ class Recorder:
         """Set the version and staleness of an emitted uplink (known when it arrives)."""
         self._set(row, model_version=int(model_version), staleness=int(staleness))
 
+    def cut(self, row: int, end_s: float) -> None:
+        """End an emitted event early at ``end_s`` (its device stopped: the round closed, or
+        the run ended): the duration becomes end_s - t_s and the energy shrinks in proportion."""
+        t_s, duration = self.rows[row][0], self.rows[row][1]
+        if end_s >= t_s + duration:
+            return
+        kept = max(end_s - t_s, 0.0)
+        energy = self.rows[row][COLUMNS.index("energy_j")]
+        self._set(row, duration_s=kept, energy_j=energy * kept / duration if duration > 0 else energy)
+
     def _set(self, row: int, **fields) -> None:
         values = list(self.rows[row])
         for name, value in fields.items():

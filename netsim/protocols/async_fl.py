@@ -128,6 +128,8 @@ class AsyncFLSimulation(FedAvgSimulation):
                 if sc.stop.target_accuracy is not None and accuracy >= sc.stop.target_accuracy:
                     reason = "target_accuracy"
                     break
+        for device in np.flatnonzero(self._busy):   # jobs in flight when the run ends stop with it
+            self._stop_phase(int(device))
         self.outcome = self._outcome(reason, initial, accuracy)
 
     def _outcome(self, reason: str, initial: float, accuracy: float):
@@ -223,9 +225,9 @@ class AsyncFLSimulation(FedAvgSimulation):
         try:
             dl = device.downlink.transfer_duration_s(8 * size_bytes, self.env.now, sc.channel.downlink_bandwidth_hz / c)
             dl_eff = min(dl, max(t_off - self.env.now, 0.0))
-            self.recorder.emit("downlink", t_s=self.env.now, duration_s=dl_eff, node=device.name, peer=server.name,
-                               round=version, bytes=size_bytes, energy_j=energy_j(g.rx_power_w, dl_eff),
-                               **self._tags(device))
+            self._phase_rows[device.index] = self.recorder.emit(
+                "downlink", t_s=self.env.now, duration_s=dl_eff, node=device.name, peer=server.name, round=version,
+                bytes=size_bytes, energy_j=energy_j(g.rx_power_w, dl_eff), **self._tags(device))
             if not (yield from self._until(dl, t_off)):
                 return self._dropped(version, device, job)
             tr = sc.training
@@ -237,6 +239,7 @@ class AsyncFLSimulation(FedAvgSimulation):
                                      flops=job.cost.flops, memory_bytes=job.cost.peak_memory_bytes,
                                      energy_j=e_compute * (t_eff / t_compute if t_compute > 0 else 1.0),
                                      **self._tags(device))
+            self._phase_rows[device.index] = row
             job.when_done(lambda res: self.recorder.fill(row, loss=res.loss))
             if not (yield from self._until(t_compute, t_off)):
                 return self._dropped(version, device, job)
@@ -247,8 +250,10 @@ class AsyncFLSimulation(FedAvgSimulation):
             row_up = self.recorder.emit("uplink", t_s=self.env.now, duration_s=up_eff, node=device.name,
                                         peer=server.name, round=version, bytes=up_bytes,
                                         energy_j=energy_j(g.tx_power_w, up_eff), **self._tags(device))
+            self._phase_rows[device.index] = row_up
             if not (yield from self._until(t_up, t_off)):
                 return self._dropped(version, device, job)
+            self._phase_rows.pop(device.index, None)
             tau = self.version - version
             self.recorder.tag(row_up, model_version=version, staleness=tau)
             if self.spec.max_staleness is not None and tau > self.spec.max_staleness:

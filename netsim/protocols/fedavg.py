@@ -109,6 +109,7 @@ class FedAvgSimulation:
         self.outcome: Optional[RunOutcome] = None
         self._upload_end_s: dict[int, float] = {}
         self._last_compute_s: dict[int, float] = {}
+        self._phase_rows: dict[int, int] = {}   # device -> row of its transfer or compute in progress
         self._edge_name = self.network.servers[0].name
         self._uplink_weights = self.network.uplink_weights()
         self._setup_strategies()
@@ -298,8 +299,9 @@ class FedAvgSimulation:
             server_name = self.network.servers[device.server].name
             size_bytes = self.trainer.adapter_bytes()
             dl = min(download_s, max(t_off - self.env.now, 0.0))
-            self.recorder.emit("downlink", t_s=self.env.now, duration_s=dl, node=device.name, peer=server_name,
-                               round=r, bytes=size_bytes, energy_j=energy_j(g.rx_power_w, dl), **self._tags(device))
+            self._phase_rows[device.index] = self.recorder.emit(
+                "downlink", t_s=self.env.now, duration_s=dl, node=device.name, peer=server_name, round=r,
+                bytes=size_bytes, energy_j=energy_j(g.rx_power_w, dl), **self._tags(device))
             if not (yield from self._until(download_s, t_off)):
                 return self._dropped(r, device, job)
             tr = self.scenario.training
@@ -311,17 +313,26 @@ class FedAvgSimulation:
                                      flops=job.cost.flops, memory_bytes=job.cost.peak_memory_bytes,
                                      energy_j=e_compute * (t_eff / t_compute if t_compute > 0 else 1.0),
                                      **self._tags(device))
+            self._phase_rows[device.index] = row
             job.when_done(lambda res: self.recorder.fill(row, loss=res.loss))
             if not (yield from self._until(t_compute, t_off)):
                 return self._dropped(r, device, job)
             ok = yield from self._upload(r, device, job, share, t_off)
             if ok is False:
                 return self._dropped(r, device, job)
+            self._phase_rows.pop(device.index, None)
             arrived.append((device, job))
             return job
-        except simpy.Interrupt:
+        except simpy.Interrupt:   # the round closed: the device stops what it was doing
+            self._stop_phase(device.index)
             self._late(r, device, job)
             return None
+
+    def _stop_phase(self, device_index: int) -> None:
+        """Cut the device's transfer or compute in progress at the current time."""
+        row = self._phase_rows.pop(device_index, None)
+        if row is not None:
+            self.recorder.cut(row, self.env.now)
 
     def _until(self, duration_s: float, t_off: float):
         """Wait ``duration_s`` unless the device goes offline first (returns False then)."""
@@ -472,9 +483,10 @@ class FedAvgSimulation:
         t_up = device.uplink.transfer_duration_s(8 * size_bytes, self.env.now,
                                                  share * self.scenario.channel.uplink_bandwidth_hz)
         t_eff = min(t_up, max(t_off - self.env.now, 0.0))
-        self.recorder.emit("uplink", t_s=self.env.now, duration_s=t_eff, node=device.name,
-                           peer=self.network.servers[device.server].name, round=r, bytes=size_bytes,
-                           energy_j=energy_j(device.group.tx_power_w, t_eff), **self._tags(device))
+        self._phase_rows[device.index] = self.recorder.emit(
+            "uplink", t_s=self.env.now, duration_s=t_eff, node=device.name,
+            peer=self.network.servers[device.server].name, round=r, bytes=size_bytes,
+            energy_j=energy_j(device.group.tx_power_w, t_eff), **self._tags(device))
         ok = yield from self._until(t_up, t_off)
         if ok:
             self._upload_end_s[device.index] = self.env.now

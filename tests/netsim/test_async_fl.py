@@ -129,3 +129,9 @@ def test_bernoulli_availability_needs_rounds():
     with pytest.raises(ValueError, match="bernoulli draws availability per synchronous round"):
         Scenario.model_validate(async_scenario().model_dump(mode="json") | {
             "dynamics": {"availability": {"model": "bernoulli", "p_available": 0.5}}})
+
+
+def test_jobs_in_flight_stop_with_the_run():
+    sim, _, ev = run(async_scenario())
+    end = (ev.t_s + ev.duration_s)[ev.kind == "evaluate"].max()
+    assert ((ev.t_s + ev.duration_s) <= end + 1e-12).all()

@@ -159,3 +159,17 @@ def test_defaults_add_no_event_kind():
     assert set(ev.kind) == {"evaluate", "round_start", "broadcast", "downlink", "compute", "uplink", "aggregate",
                             "round_end"}
     assert (ev.model_version == -1).all() and (ev.staleness == -1).all()
+
+
+def test_late_devices_stop_when_the_round_closes():
+    sc = fake(devices=[{"count": 10}], channel=FAST_LINKS,
+              training={"rounds": 8, "deadline_s": 0.03},
+              dynamics={"stragglers": {"jitter": "lognormal", "jitter_sigma": 0.8}})
+    _, _, ev = run(sc)
+    ends = ev[ev.kind == "aggregate"].set_index("round")["t_s"]   # the round closed just before
+    work = ev[ev.kind.isin(["downlink", "compute", "uplink"])]
+    assert (ev.kind == "update_late").sum() > 0
+    assert ((work.t_s + work.duration_s) <= work["round"].map(ends) + 1e-12).all()
+    # the cut compute events are charged for the time they ran
+    comp = work[work.kind == "compute"]
+    assert np.allclose(comp.energy_j, 5.0 * comp.duration_s, rtol=1e-12)
