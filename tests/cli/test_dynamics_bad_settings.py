@@ -30,6 +30,10 @@ CASES = {
     "async_without_fedbuff": (
         ["training.mode=asynchronous"],
         ["training.mode=asynchronous", "strategies.aggregation.name", "'fedbuff'", "'fedavg'"], True),
+    "async_with_bernoulli_availability": (
+        ["training.mode=asynchronous", "strategies.aggregation.name=fedbuff", "dynamics.availability.model=bernoulli",
+         "dynamics.availability.p_available=0.5"],
+        ["dynamics.availability.model=bernoulli", "per synchronous round"], True),
     "semi_sync_without_period": (
         ["training.mode=semi_synchronous", "strategies.aggregation.name=fedbuff"],
         ["training.mode=semi_synchronous", "async_fl.period_s"], True),
