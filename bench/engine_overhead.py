@@ -144,20 +144,20 @@ def engine_vs_bare(rounds: int | None, repeats: int) -> dict:
     sim = holder["sim"]
     steps = sum(len(devs) for _, devs in holder["schedule"]) * tr.local_steps
     identical = same_state(final["engine"], final["bare"]) and same_state(final["engine"], final["round_sync"])
-    return {"setup_s": setup_s, "warm_s": warm_s, "best": clocks["wall"], "cpu": clocks["cpu"], "steps": steps, "identical": identical,
-            "rounds": len(holder["schedule"]), "stats": sim.engine.stats(), "trainer": trainer,
-            "strategy": trainer.strategy}
+    return {"setup_s": setup_s, "warm_s": warm_s, "best": clocks["wall"], "cpu": clocks["cpu"], "steps": steps,
+            "identical": identical, "rounds": len(holder["schedule"]), "stats": sim.engine.stats(),
+            "trainer": trainer, "reset": reset, "strategy": trainer.strategy}
 
 
-def async_batching(trainer, rounds: int | None) -> tuple[float, dict]:
+def async_batching(trainer, reset: TrainerReset, rounds: int | None) -> tuple[float, dict]:
     """Wall time and ``engine.stats()`` of the asynchronous quickstart (FedBuff), on the
-    already-built trainer (same data split and model; its state is reset first)."""
+    already-built trainer (same data split and model), put back in its initial state first."""
     from deftsim.config import load_scenario
     from netsim.protocols import make_simulation
 
     overrides = BATCHED + ASYNC_OVERRIDES + ([f"training.rounds={rounds}"] if rounds else [])
     sc = load_scenario(QUICKSTART, overrides)
-    TrainerReset(trainer)()
+    reset()
     sim = make_simulation(sc, sc.seed, trainer)
     wall, _ = timed(sim.run)
     return wall, sim.engine.stats()
@@ -219,7 +219,7 @@ def main() -> None:
     print(f"  synchronous batching: {sync['jobs_run']} jobs in {sync['passes']} passes, "
           f"{sync['mean_jobs_per_pass']:.2f} jobs per pass")
 
-    async_wall, astats = async_batching(r["trainer"], rounds)
+    async_wall, astats = async_batching(r["trainer"], r["reset"], rounds)
     print(f"asynchronous quickstart (FedBuff buffer_size 4, concurrency 8): {astats['jobs_run']} jobs in "
           f"{astats['passes']} passes, {astats['mean_jobs_per_pass']:.2f} jobs per pass "
           f"(largest {astats['largest_pass']}, {astats['jobs_cancelled']} cancelled), {async_wall:.2f} s wall")
