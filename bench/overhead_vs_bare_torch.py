@@ -35,7 +35,8 @@ from _common import ROOT, result_line, set_threads
 
 
 class RecordingTrainer:
-    """Forwards to the real trainer and records the jobs of every ``local_train`` call."""
+    """Forwards to the real trainer and records the jobs of every ``execute`` call (one per
+    synchronous round: the engine runs a round's pending jobs together)."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -44,9 +45,9 @@ class RecordingTrainer:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def local_train(self, jobs):  # noqa: ANN001
-        self.rounds.append([(j.device_id, j.steps, j.batch_size) for j in jobs])
-        return self.inner.local_train(jobs)
+    def execute(self, plans):  # noqa: ANN001
+        self.rounds.append([(p.job.device_id, p.job.steps, p.job.batch_size) for p in plans])
+        return self.inner.execute(plans)
 
 
 def run_deftsim(scenario) -> tuple[float, dict, list]:  # noqa: ANN001

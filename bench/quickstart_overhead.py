@@ -1,7 +1,7 @@
 """Quickstart: wall time per real PEFT step and the share of wall time outside PyTorch.
 
 Runs the quickstart scenario (``--rounds`` overrides its round limit) with the real trainer
-wrapped in a timing proxy. Everything inside ``local_train``/``evaluate``/``aggregate`` is
+wrapped in a timing proxy. Everything inside ``execute``/``evaluate``/``aggregate`` is
 PyTorch work; the rest of the run (SimPy events, channel maths, recording, writing results) is
 simulator overhead.
 
@@ -45,9 +45,9 @@ class TimedTrainer:
             out = attr(*args, **kwargs)
             dt = time.perf_counter() - t0
             self.torch_s += dt
-            if name == "local_train":
+            if name in ("execute", "local_train"):   # the engine calls execute(plans)
                 self.train_s += dt
-                self.steps += sum(job.steps for job in args[0])
+                self.steps += sum(getattr(job, "job", job).steps for job in args[0])
             return out
 
         return timed
