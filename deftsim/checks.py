@@ -71,7 +71,11 @@ def check_scenario_resources(scenario: Scenario) -> None:
     """Checks of a ``trainer: real`` scenario against its files, without torch: the model folder
     (:func:`fomo.checkpoint.check_checkpoint`), ``peft.layers`` / ``peft.rank_per_layer`` against
     its depth, ``peft.target_modules`` against its layers, and the data (readable, has the
-    columns, >= 2 classes, fits the devices; a saved head fits the classes)."""
+    columns, >= 2 classes, fits the devices; a saved head fits the classes). For every
+    trainer: an availability trace (readable, names only devices of the scenario) and, for the
+    fake trainer, a round deadline no round can meet (the real trainer's job FLOPs are only
+    known once the model is loaded: ``deftsim run`` checks it then)."""
+    _check_dynamics(scenario)
     if scenario.trainer != "real":
         return
     info = check_checkpoint(scenario.model.path or default_model_path())
@@ -89,6 +93,20 @@ def check_scenario_resources(scenario: Scenario) -> None:
     num_classes = check_data_fits(scenario)
     if scenario.experiment in LORA_EXPERIMENTS:
         check_head_fits(info, num_classes)
+
+
+def _check_dynamics(scenario: Scenario) -> None:
+    from netsim.dynamics import load_availability_trace
+    from netsim.protocols.fedavg import deadline_error
+
+    spec = scenario.dynamics.availability
+    if spec.model == "trace":
+        load_availability_trace(spec.trace_path, scenario.num_devices,
+                                [f"dev{i}" for i in range(scenario.num_devices)])
+    if scenario.trainer == "fake" and scenario.experiment == "fedavg":
+        error = deadline_error(scenario, scenario.fake.step_flops * scenario.training.local_steps)
+        if error:
+            raise ValueError(error)
 
 
 # --------------------------------------------------------------------------------------------

@@ -147,28 +147,13 @@ class FedAvgSimulation:
                 server_positions_m=[s.position_m for s in self.network.servers])
 
     def _check_deadline(self) -> None:
-        """A round deadline shorter than the fastest possible local job (every batch as short as
-        the shortest text, on the fastest device, with the straggler factor at its 1e-9
-        quantile exp(-6 sigma - sigma^2 / 2)) would discard every update: refuse it."""
-        tr = self.scenario.training
+        """Refuse a round deadline that no round can meet (:func:`deadline_error`)."""
         min_flops = getattr(self.trainer, "min_job_flops", None)
-        if tr.deadline_s is None or tr.mode != "synchronous" or min_flops is None:
-            return
-        flops = float(min_flops(tr.local_steps, tr.batch_size))
-        fastest = min(self._nominal_compute_s(g, flops) for g in self.scenario.devices)
-        sigma = self.jitter.sigma
-        fastest *= math.exp(-6.0 * sigma - 0.5 * sigma * sigma)
-        if tr.deadline_s < fastest:
-            raise ValueError(
-                f"training.deadline_s={tr.deadline_s} is shorter than any possible round: the fastest device needs at "
-                f"least {fastest:.4g} s for its {tr.local_steps} local steps ({flops:.3g} FLOPs), before any download "
-                "or upload; allowed: a larger deadline (or null)")
-
-    @staticmethod
-    def _nominal_compute_s(group, flops: float) -> float:
-        if group.compute_model == "dvfs":
-            return compute_time_energy(group, flops)[0]
-        return compute_time_s(flops, group.compute_flops_per_s)
+        tr = self.scenario.training
+        if tr.deadline_s is not None and min_flops is not None:
+            error = deadline_error(self.scenario, float(min_flops(tr.local_steps, tr.batch_size)))
+            if error:
+                raise ValueError(error)
 
     def dynamics_summary(self) -> dict:
         """What the run's dynamics did: ``dropped_updates`` (device went offline),
@@ -554,6 +539,32 @@ class FedAvgSimulation:
             self.network.move(positions, new, gains)
             current = np.asarray(new)
             self._mean_snr_db = None
+
+
+def deadline_error(scenario: "Scenario", min_job_flops: float) -> Optional[str]:
+    """Why ``training.deadline_s`` is shorter than any possible round, or None: the fastest
+    device's fastest possible local job (``min_job_flops``: every batch as short as the shortest
+    text), with the straggler factor at its 1e-9 quantile exp(-6 sigma - sigma^2 / 2), would
+    not end before it, so every update would be discarded."""
+    tr = scenario.training
+    if tr.deadline_s is None or tr.mode != "synchronous":
+        return None
+    fastest = min(nominal_compute_s(g, min_job_flops) for g in scenario.devices)
+    stragglers = scenario.dynamics.stragglers
+    sigma = stragglers.jitter_sigma if stragglers.jitter == "lognormal" else 0.0
+    fastest *= math.exp(-6.0 * sigma - 0.5 * sigma * sigma)
+    if tr.deadline_s >= fastest:
+        return None
+    return (f"training.deadline_s={tr.deadline_s} is shorter than any possible round: the fastest device needs at "
+            f"least {fastest:.4g} s for its {tr.local_steps} local steps ({min_job_flops:.3g} FLOPs), before any "
+            "download or upload; allowed: a larger deadline (or null)")
+
+
+def nominal_compute_s(group, flops: float) -> float:
+    """Compute time of ``flops`` on a device of ``group`` without straggling [s]."""
+    if group.compute_model == "dvfs":
+        return compute_time_energy(group, flops)[0]
+    return compute_time_s(flops, group.compute_flops_per_s)
 
 
 def trainer_examples(trainer: Trainer, device_id: int) -> int:

@@ -1,9 +1,9 @@
 """Bad settings of the protocols, strategies and network dynamics: exit code 2 and a message that
 names the field and the value, never a traceback (``deftsim validate`` and ``deftsim run``).
 
-Two checks need the run's own data and so happen when ``deftsim run`` builds the simulation, not
-in ``deftsim validate``: a round deadline against the fastest possible local job (the trainer's
-cost model), and the device names of an availability trace file (read when the run starts)."""
+``deftsim validate`` also reads an availability trace and, for the fake trainer, checks a round
+deadline against the fastest possible local job; with the real trainer that check needs the
+model's cost profile and happens when ``deftsim run`` builds the simulation."""
 import subprocess
 import sys
 
@@ -23,7 +23,7 @@ SCENARIO = {
 CASES = {
     "deadline_shorter_than_any_round": (
         ["training.deadline_s=1e-9"],
-        ["training.deadline_s=1e-09", "shorter than any possible round", "allowed"], False),
+        ["training.deadline_s=1e-09", "shorter than any possible round", "allowed"], True),
     "availability_zero": (
         ["dynamics.availability.model=bernoulli", "dynamics.availability.p_available=0"],
         ["dynamics.availability", "p_available=0", "availability 0", "0 < p_available <= 1"], True),
@@ -104,7 +104,7 @@ def test_trace_naming_unknown_device_exits_2(device, shown, scenario_file, tmp_p
     """A trace row for a device the scenario does not have (8 devices: indices 0..7, dev0..dev7)."""
     trace = tmp_path / "availability.csv"
     trace.write_text(f"device,t_on_s,t_off_s\n0,0,100\n{device},0,50\n")
-    res = deftsim("run", str(scenario_file), "--out", str(tmp_path / "out"),
-                  "--set", "dynamics.availability.model=trace",
-                  "--set", f"dynamics.availability.trace_path={trace}")
-    check_exit_2(res, [str(trace), "row 3", shown, "0..7"])
+    for command in (["run", str(scenario_file), "--out", str(tmp_path / "out")], ["validate", str(scenario_file)]):
+        res = deftsim(*command, "--set", "dynamics.availability.model=trace",
+                      "--set", f"dynamics.availability.trace_path={trace}")
+        check_exit_2(res, [str(trace), "row 3", shown, "0..7"])
