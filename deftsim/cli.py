@@ -106,16 +106,19 @@ def run(scenario_file: str, out_dir: Optional[str], seed: Optional[int], overrid
             bar.update(1)
             bar.set_postfix(acc=f"{acc:.3f}", sim_t=f"{t_s:.2f}s")
 
+    error = None
     try:
         summary = run_scenario(scenario, out_dir, on_round=on_round, overwrite=overwrite,
                                timing_extra={"threads": thread_record})
     except ScenarioError as err:
-        _fail(str(err))
+        error = str(err)
     except OSError as err:
-        _fail(f"--out {out_dir!r}: cannot write the results ({err.strerror or err}); the folder is left as it was")
+        error = f"--out {out_dir!r}: cannot write the results ({err.strerror or err}); the folder is left as it was"
     finally:
-        if bar is not None:
+        if bar is not None:   # closed first, so an error message gets a line of its own
             bar.close()
+    if error is not None:
+        _fail(error)
     if not quiet:
         print_summary(summary, out_dir)
 
