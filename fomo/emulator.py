@@ -1,0 +1,348 @@
+"""Offsite-Tuning emulator of a real checkpoint: the device fine-tunes a compressed copy.
+
+Offsite-Tuning (Xiao, Lin and Han, "Offsite-Tuning: Transfer Learning without Full Model",
+2023) splits a model of N transformer blocks into
+
+* the **adapter**: the bottom ``a`` and the top ``a`` blocks (``a = adapter_layers``), kept
+  whole; they carry the trainable parameters (here the PEFT tensors, e.g. LoRA on those
+  blocks, plus the classification head);
+* the **middle**: the M = N - 2a blocks in between, frozen. The emulator keeps
+  ``k = emulator_layers`` of them by *uniform layer drop* (:func:`uniform_drop`) and may
+  quantise their weights (:func:`quantize_symmetric`).
+
+The edge sends the emulator once (:attr:`Emulator.download_bytes`); devices train the adapter
+on it; the edge copies the trained adapter tensors into the full model ("plug-in",
+:func:`plug_in`), matching them by module name. FederatedScope-LLM's offsite-tuning builds the
+same emulator (bottom + kept middle + top) but keeps at least one adapter block on each side,
+as :func:`emulator_layer_indices` requires here.
+
+Layer names. The emulator's block list is renumbered 0..len(kept)-1, as the module names of a
+model with that many blocks; :meth:`Emulator.full_name` maps a name back to the original
+block index, so tensors always travel between the two models by name, never by order.
+
+Only the building blocks live here: no scenario section reaches them yet.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+from fomo.models import num_hidden_layers
+from fomo.prefix_cache import block_list
+
+QUANTIZE_BITS = (8,)
+"""Supported ``quantize_bits`` (besides None: no quantisation)."""
+
+SCALE_BYTES = 4
+"""Bytes of one per-tensor quantisation scale (float32)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Which blocks the emulator keeps
+# --------------------------------------------------------------------------------------------
+def uniform_drop(num_middle: int, keep: int) -> list[int]:
+    """Positions (0..num_middle-1) of the middle blocks kept by uniform layer drop.
+
+    Offsite-Tuning's ``uniform_choose_layers``: position ``round(i * stride)`` for
+    i = 0..keep-1, stride = (M - 1) / (keep - 1), so the first (0) and the last (M - 1) middle
+    blocks are always kept. ``round`` is Python's (ties to even), as in Offsite-Tuning; here it
+    is applied to the exact rational i (M - 1) / (keep - 1), so a tie is a tie on every machine.
+    ``keep = 1`` (a division by zero in Offsite-Tuning) keeps the centre block, position
+    floor((M - 1) / 2) (the lower of the two centre blocks when M is even). ``keep = M`` keeps
+    all. The positions are strictly increasing: consecutive values differ by stride >= 1 before
+    rounding, hence by at least 1 after (a tie on both would need an integer stride, which
+    gives integers).
+    """
+    if not 1 <= keep <= num_middle:
+        raise ValueError(f"keep={keep}: must be in 1..{num_middle} (the number of middle blocks)")
+    if keep == 1:
+        return [(num_middle - 1) // 2]
+    stride = Fraction(num_middle - 1, keep - 1)
+    return [round(i * stride) for i in range(keep)]
+
+
+def emulator_layer_indices(num_layers: int, adapter_layers: int, emulator_layers: int,
+                           prefix: str = "") -> tuple[list[int], list[int], list[int]]:
+    """(bottom, kept_middle, top): original block indices of an emulator's three parts.
+
+    bottom = 0..a-1 and top = N-a..N-1 (a = ``adapter_layers``, N = ``num_layers``) stay whole;
+    of the M = N - 2a middle blocks a..N-a-1, ``emulator_layers`` are kept by
+    :func:`uniform_drop` (indices a + position). Example: N = 6, a = 1, k = 2 keeps
+    [0], [1, 4], [5].
+
+    Raises ValueError naming the field (``prefix`` + field name, e.g. ``prefix="emulator."``)
+    for adapter_layers < 1, 2 a >= N (no middle block) and emulator_layers outside 1..M.
+    """
+    if num_layers < 1:
+        raise ValueError(f"num_layers={num_layers}: the model must have at least one transformer block")
+    if adapter_layers < 1:
+        raise ValueError(f"{prefix}adapter_layers={adapter_layers}: must be >= 1 (the bottom and top "
+                         "blocks that stay whole and carry the trainable parameters)")
+    num_middle = num_layers - 2 * adapter_layers
+    if num_middle < 1:
+        raise ValueError(f"{prefix}adapter_layers={adapter_layers}: 2 x {adapter_layers} adapter blocks leave no "
+                         f"middle block in a model of {num_layers} blocks (allowed: "
+                         f"1..{(num_layers - 1) // 2})")
+    if not 1 <= emulator_layers <= num_middle:
+        raise ValueError(f"{prefix}emulator_layers={emulator_layers} but the model has {num_middle} middle blocks "
+                         f"({num_layers} blocks, adapter_layers={adapter_layers} each side); allowed: "
+                         f"1..{num_middle}")
+    bottom = list(range(adapter_layers))
+    top = list(range(num_layers - adapter_layers, num_layers))
+    middle = [adapter_layers + j for j in uniform_drop(num_middle, emulator_layers)]
+    return bottom, middle, top
+
+
+# --------------------------------------------------------------------------------------------
+# Quantisation
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A tensor stored as int8 codes and one float32 scale: w_hat = q * s.
+
+    Attributes
+    ----------
+    codes : int8 tensor of the weight's shape, values in -127..127
+    scale : float32 scalar tensor s [weight units per code]
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        """w_hat = q * s in float32."""
+        return self.codes.to(torch.float32) * self.scale
+
+    @property
+    def stored_bytes(self) -> int:
+        """numel x 1 byte + one float32 scale [bytes]."""
+        return int(self.codes.numel() * self.codes.element_size()) + SCALE_BYTES
+
+
+def quantize_symmetric(weight: torch.Tensor, bits: int = 8) -> QuantizedTensor:
+    """Uniform symmetric per-tensor quantisation: s = max|w| / (2^(b-1) - 1), q = round(w / s).
+
+    For b = 8: s = max|w| / 127, q in -127..127 (torch.round: ties to even). The reconstruction
+    error is |w - q s| <= s / 2 per weight (exact arithmetic; float32 adds at most 255 s u,
+    u = 2^-24). An all-zero tensor gets s = 0 and q = 0 (exact). Offsite-Tuning's ``quantize``
+    is the asymmetric min/max variant of the same uniform grid.
+    """
+    if bits not in QUANTIZE_BITS:
+        raise ValueError(f"quantize_bits={bits}: allowed values are {list(QUANTIZE_BITS)} or null")
+    levels = 2 ** (bits - 1) - 1
+    w = weight.detach().to(torch.float32)
+    scale = w.abs().max() / levels
+    if float(scale) == 0.0:
+        codes = torch.zeros_like(w, dtype=torch.int8)
+    else:
+        codes = torch.round(w / scale).clamp_(-levels, levels).to(torch.int8)
+    return QuantizedTensor(codes=codes, scale=scale.reshape(()))
+
+
+# --------------------------------------------------------------------------------------------
+# The emulator
+# --------------------------------------------------------------------------------------------
+def _unique_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every parameter and buffer, each tensor object once (tied weights once)."""
+    seen: set[int] = set()
+    out: list[tuple[str, torch.Tensor]] = []
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        key = id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append((name, t))
+    return out
+
+
+@dataclass
+class Emulator:
+    """A compressed copy of a model: bottom + kept middle + top blocks (Offsite-Tuning).
+
+    Attributes
+    ----------
+    model : the emulator (an ``nn.Module`` of the original's class; its block list holds
+        ``len(kept_layers)`` blocks and ``config.num_hidden_layers`` says so)
+    kept_layers : original block index of each emulator block, in emulator order
+    bottom, middle, top : original indices of the three parts (middle = kept middle blocks)
+    block_list_name : dotted name of the block list (``bert.encoder.layer``, or
+        ``base_model.model.bert.encoder.layer`` under PEFT)
+    quantized : emulator parameter name -> its int8 codes and scale, for the quantised middle
+        weights (empty without quantisation); the model computes with their dequantised values
+    """
+
+    model: nn.Module
+    kept_layers: tuple[int, ...]
+    bottom: tuple[int, ...]
+    middle: tuple[int, ...]
+    top: tuple[int, ...]
+    block_list_name: str
+    quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
+
+    @property
+    def num_parameters(self) -> int:
+        """Number of parameter elements of the emulator (tied weights once)."""
+        seen: set[int] = set()
+        total = 0
+        for p in self.model.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        return total
+
+    @property
+    def download_bytes(self) -> int:
+        """What the edge sends once [bytes]: every parameter and buffer of the emulator at its
+        stored precision, numel x element size (float32: 4 bytes), except the quantised middle
+        weights: numel x 1 byte + 4 bytes of scale each. Buffers (e.g. BERT's position ids) are
+        part of the shipped module, as when FederatedScope-LLM serialises the whole emulator."""
+        total = 0
+        for name, t in _unique_tensors(self.model):
+            q = self.quantized.get(name)
+            total += q.stored_bytes if q is not None else t.numel() * t.element_size()
+        return int(total)
+
+    def full_name(self, name: str) -> str:
+        """The original model's name of an emulator tensor: the block position j after
+        ``block_list_name`` becomes ``kept_layers[j]``; names outside the blocks are unchanged."""
+        head = self.block_list_name + "."
+        if not name.startswith(head):
+            return name
+        position, _, rest = name[len(head):].partition(".")
+        return f"{head}{self.kept_layers[int(position)]}.{rest}"
+
+
+def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList, int]:
+    """(name, block list, number of blocks) of a Hugging Face model, or ValueError."""
+    n_layers = num_hidden_layers(getattr(model, "config", None))
+    name, blocks = block_list(model)
+    if n_layers is None or blocks is None or name is None:
+        raise ValueError("model: its transformer blocks were not found (no nn.ModuleList of "
+                         "config.num_hidden_layers blocks); the emulator needs them")
+    return name, blocks, n_layers
+
+
+def _set_submodule(root: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent_name, _, attr = dotted.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, module)
+
+
+def _update_config(config: object, kept: list[int]) -> None:
+    """Make the (copied) config describe the kept blocks: ``num_hidden_layers`` (or ``n_layer``
+    / ``num_layers``) = len(kept); a per-block list ``layer_types`` is subset to them."""
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(config, key, None), int):
+            setattr(config, key, len(kept))
+            break
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list):
+        setattr(config, "layer_types", [layer_types[i] for i in kept])
+
+
+def _renumber_blocks(blocks: nn.ModuleList) -> None:
+    """Set every ``layer_idx`` attribute inside block j to j (its position: the index a
+    key/value cache uses; the original index is in :attr:`Emulator.kept_layers`)."""
+    for position, block in enumerate(blocks):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = position
+
+
+def _quantize_middle(model: nn.Module, list_name: str, positions: list[int],
+                     bits: int) -> dict[str, QuantizedTensor]:
+    """Quantise every float parameter of dimension >= 2 (the weight matrices) of the blocks at
+    ``positions``; biases and LayerNorm parameters (1-D) stay float32, as Offsite-Tuning's
+    ``quantize`` skips 1-D tensors. Each weight is replaced in place by its dequantised value."""
+    wanted = {f"{list_name}.{j}." for j in positions}
+    out: dict[str, QuantizedTensor] = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and p.is_floating_point() and any(name.startswith(w) for w in wanted):
+                q = quantize_symmetric(p, bits)
+                p.copy_(q.dequantize())
+                out[name] = q
+    return out
+
+
+def build_emulator(model: nn.Module, adapter_layers: int, emulator_layers: int,
+                   quantize_bits: Optional[int] = None, prefix: str = "") -> Emulator:
+    """The Offsite-Tuning emulator of ``model`` (plain or PEFT-wrapped; ``model`` is unchanged).
+
+    A deep copy whose block list becomes bottom + kept middle + top
+    (:func:`emulator_layer_indices`), ``config.num_hidden_layers`` = their number. Every
+    parameter of the kept middle blocks is frozen (``requires_grad = False``, PEFT tensors
+    placed there included: the middle is the frozen, compressed part). Other parameters keep
+    their ``requires_grad``: under PEFT with LoRA on the adapter blocks, the trainable tensors
+    are that LoRA and the head. ``quantize_bits=8`` quantises the middle blocks' weight
+    matrices (:func:`quantize_symmetric`); the emulator computes with the dequantised weights
+    and :attr:`Emulator.download_bytes` counts them at 1 byte + one scale per tensor.
+    ``prefix`` is prepended to field names in error messages (e.g. ``"emulator."``).
+    """
+    if quantize_bits is not None and quantize_bits not in QUANTIZE_BITS:
+        raise ValueError(f"{prefix}quantize_bits={quantize_bits}: allowed values are "
+                         f"{list(QUANTIZE_BITS)} or null")
+    _, _, n_layers = _find_blocks(model)
+    bottom, middle, top = emulator_layer_indices(n_layers, adapter_layers, emulator_layers, prefix)
+    kept = bottom + middle + top
+    emu = copy.deepcopy(model)
+    list_name, blocks, _ = _find_blocks(emu)
+    new_blocks = nn.ModuleList([blocks[i] for i in kept])
+    _set_submodule(emu, list_name, new_blocks)
+    _update_config(emu.config, kept)
+    _renumber_blocks(new_blocks)
+    middle_positions = list(range(len(bottom), len(bottom) + len(middle)))
+    for j in middle_positions:
+        new_blocks[j].requires_grad_(False)
+    quantized = (_quantize_middle(emu, list_name, middle_positions, quantize_bits)
+                 if quantize_bits is not None else {})
+    return Emulator(model=emu, kept_layers=tuple(kept), bottom=tuple(bottom), middle=tuple(middle),
+                    top=tuple(top), block_list_name=list_name, quantized=quantized)
+
+
+# --------------------------------------------------------------------------------------------
+# Plug-in: the trained adapter back into the full model
+# --------------------------------------------------------------------------------------------
+def adapter_state(emulator: Emulator) -> dict[str, torch.Tensor]:
+    """The emulator's trainable tensors (PEFT + head), keyed by the *full model's* names
+    (:meth:`Emulator.full_name`), detached copies. This is what a device trains and uploads."""
+    return {emulator.full_name(name): p.detach().clone()
+            for name, p in emulator.model.named_parameters() if p.requires_grad}
+
+
+def load_adapter_state(full_model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Copy ``state`` (full-model name -> tensor) into ``full_model``'s parameters by name.
+
+    Every name must be a parameter of ``full_model`` of the same shape (ValueError listing the
+    offenders otherwise; nothing is copied then). Other tensors are untouched. Returns the
+    names copied, in the order of ``state``."""
+    params = dict(full_model.named_parameters())
+    missing = [n for n in state if n not in params]
+    shapes = [f"{n}: {tuple(state[n].shape)} vs {tuple(params[n].shape)}"
+              for n in state if n in params and tuple(state[n].shape) != tuple(params[n].shape)]
+    if missing or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} trainable tensor(s) have no counterpart in the full model "
+                         f"(first: {missing[:3]})")
+        if shapes:
+            parts.append(f"shapes differ (emulator vs full model) for {shapes[:3]}")
+        raise ValueError("plug-in: " + "; ".join(parts) + ". The full model must be the model the "
+                         "emulator was built from, with the same PEFT configuration")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+    return list(state)
+
+
+def plug_in(full_model: nn.Module, emulator: Emulator) -> list[str]:
+    """Offsite-Tuning's plug-in: copy the emulator's trainable tensors into ``full_model`` by
+    module name (emulator block j -> original block ``kept_layers[j]``), never by order.
+    Raises ValueError if a trainable tensor has no counterpart or its shape differs. Returns
+    the full-model names written."""
+    return load_adapter_state(full_model, adapter_state(emulator))
