@@ -20,6 +20,10 @@ Layer names. The emulator's block list is renumbered 0..len(kept)-1, as the modu
 model with that many blocks; :meth:`Emulator.full_name` maps a name back to the original
 block index, so tensors always travel between the two models by name, never by order.
 
+Distillation (optional, :func:`distill`): at the edge, the kept middle blocks learn to
+reproduce the output of all the original middle blocks (Offsite-Tuning's normalised MSE at the
+last middle block), on the edge's own public text; its edge FLOPs are counted.
+
 Only the building blocks live here: no scenario section reaches them yet.
 """
 from __future__ import annotations
@@ -296,13 +300,30 @@ def build_emulator(model: nn.Module, adapter_layers: int, emulator_layers: int,
     _set_submodule(emu, list_name, new_blocks)
     _update_config(emu.config, kept)
     _renumber_blocks(new_blocks)
-    middle_positions = list(range(len(bottom), len(bottom) + len(middle)))
-    for j in middle_positions:
+    for j in range(len(bottom), len(bottom) + len(middle)):
         new_blocks[j].requires_grad_(False)
-    quantized = (_quantize_middle(emu, list_name, middle_positions, quantize_bits)
-                 if quantize_bits is not None else {})
-    return Emulator(model=emu, kept_layers=tuple(kept), bottom=tuple(bottom), middle=tuple(middle),
-                    top=tuple(top), block_list_name=list_name, quantized=quantized)
+    emulator = Emulator(model=emu, kept_layers=tuple(kept), bottom=tuple(bottom), middle=tuple(middle),
+                        top=tuple(top), block_list_name=list_name)
+    if quantize_bits is not None:
+        quantize_emulator(emulator, quantize_bits)
+    return emulator
+
+
+def middle_positions(emulator: Emulator) -> list[int]:
+    """Positions, in the emulator's block list, of its kept middle blocks."""
+    start = len(emulator.bottom)
+    return list(range(start, start + len(emulator.middle)))
+
+
+def quantize_emulator(emulator: Emulator, bits: int = 8) -> Emulator:
+    """Quantise the middle blocks' weight matrices of ``emulator`` in place (see
+    :func:`quantize_symmetric`; after :func:`distill` if the emulator is distilled) and return
+    it. ValueError if it is quantised already."""
+    if emulator.quantized:
+        raise ValueError("quantize_bits: the emulator is quantised already")
+    emulator.quantized = _quantize_middle(emulator.model, emulator.block_list_name,
+                                          middle_positions(emulator), bits)
+    return emulator
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,3 +367,167 @@ def plug_in(full_model: nn.Module, emulator: Emulator) -> list[str]:
     Raises ValueError if a trainable tensor has no counterpart or its shape differs. Returns
     the full-model names written."""
     return load_adapter_state(full_model, adapter_state(emulator))
+
+
+# --------------------------------------------------------------------------------------------
+# Distillation at the edge (optional)
+# --------------------------------------------------------------------------------------------
+DISTILL_LEARNING_RATE = 1e-4
+"""Offsite-Tuning's emulator distillation learning rate (AdamW, ``scripts/distill_emulator``)."""
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the last middle block once its output is captured."""
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    """Outcome of :func:`distill`.
+
+    Attributes
+    ----------
+    losses : normalised MSE of each step, before its update (dimensionless)
+    edge_flops : counted FLOPs of all steps at the edge [FLOP]: the emulator's forward up to its
+        last middle block, the teacher's forward, the student's backward (matrix products,
+        counted by :func:`fomo.profiling.flop_counter`; element-wise work and AdamW uncounted).
+        For a BERT block on B x T tokens (hidden h, feed-forward f) the forward counts
+        2 B T (4 h^2 + 2 h f) + 4 B T^2 h (attention scores and values), the backward twice the
+        linear part (weight and input gradients; the input gradients of the first student
+        block's query/key/value projections, 6 B T h^2, are not needed) and 10 B T^2 h for
+        attention (torch's count, which recomputes the scores)
+    """
+
+    losses: tuple[float, ...]
+    edge_flops: float
+
+
+def teacher_blocks(full_model: nn.Module, emulator: Emulator) -> list[nn.Module]:
+    """The original middle blocks (all M of them, indices a..N-a-1) of ``full_model``: the
+    teacher whose output the emulator's kept middle blocks learn to reproduce."""
+    _, blocks, n_layers = _find_blocks(full_model)
+    if n_layers != emulator.top[-1] + 1:
+        raise ValueError(f"distill: the full model has {n_layers} blocks, the emulator was built from a model "
+                         f"of {emulator.top[-1] + 1}")
+    return [blocks[i] for i in range(len(emulator.bottom), emulator.top[0])]
+
+
+def normalized_mse(teacher_out: torch.Tensor, student_out: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+    """Offsite-Tuning's distillation loss, mean(((t - s) / rms(t))^2) with rms(t)^2 = mean(t^2),
+    i.e. sum (t - s)^2 / sum t^2, here over the real tokens only (``attention_mask`` = 1; the
+    reference trains on unpadded text) and every hidden unit. Dimensionless."""
+    m = attention_mask.to(teacher_out.dtype).unsqueeze(-1)
+    return ((teacher_out - student_out).pow(2) * m).sum() / (teacher_out.pow(2) * m).sum()
+
+
+def _first(output: object) -> torch.Tensor:
+    """The hidden states of a block's output (a tensor, or the first entry of a tuple)."""
+    return output[0] if isinstance(output, tuple) else output  # type: ignore[return-value]
+
+
+def middle_io(emulator: Emulator, input_ids: torch.Tensor, attention_mask: torch.Tensor
+              ) -> tuple[tuple, dict, torch.Tensor]:
+    """(args, kwargs, output) of the emulator's middle part on a batch: the positional and
+    keyword arguments its first middle block receives (hidden states first) and the hidden
+    states its last middle block returns. The forward stops there (the top blocks and the head
+    do not run)."""
+    blocks = emulator.model.get_submodule(emulator.block_list_name)
+    positions = middle_positions(emulator)
+    seen: dict[str, object] = {}
+
+    def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen["args"], seen["kwargs"] = args, dict(kwargs)
+
+    def post(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        seen["out"] = _first(output)
+        raise _StopForward
+
+    handles = [blocks[positions[0]].register_forward_pre_hook(pre, with_kwargs=True),
+               blocks[positions[-1]].register_forward_hook(post, with_kwargs=True)]
+    try:
+        emulator.model(input_ids=input_ids, attention_mask=attention_mask)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen["args"], seen["kwargs"], seen["out"]  # type: ignore[return-value]
+
+
+def _teacher_forward(teacher: list[nn.Module], args: tuple, kwargs: dict) -> torch.Tensor:
+    """The teacher blocks run in sequence on the student's input (no autograd graph)."""
+    hidden = args[0]
+    with torch.no_grad():
+        for block in teacher:
+            hidden = _first(block(hidden, *args[1:], **kwargs))
+    return hidden
+
+
+def student_parameters(emulator: Emulator) -> list[tuple[str, nn.Parameter]]:
+    """The base weights of the kept middle blocks (PEFT tensors, named ``lora_``, excluded)."""
+    heads = tuple(f"{emulator.block_list_name}.{j}." for j in middle_positions(emulator))
+    return [(n, p) for n, p in emulator.model.named_parameters()
+            if n.startswith(heads) and "lora_" not in n]
+
+
+def distill(emulator: Emulator, teacher: list[nn.Module], input_ids: torch.Tensor,
+            attention_mask: torch.Tensor, steps: int, batch_size: int = 8,
+            learning_rate: float = DISTILL_LEARNING_RATE) -> DistillResult:
+    """Distil the emulator's kept middle blocks towards the teacher (Offsite-Tuning, KD term).
+
+    Each step takes the next ``batch_size`` rows of the edge's tokenised public text
+    (``input_ids``/``attention_mask``, (n, T); rows cycled in order: step t uses rows
+    (t b + i) mod n), runs the emulator up to its last middle block (:func:`middle_io`), the
+    ``teacher`` (:func:`teacher_blocks`) on the same input, and one AdamW step (weight decay 0,
+    as Offsite-Tuning) of :func:`normalized_mse` on the middle blocks' base weights; every
+    other tensor stays as it is (the bottom blocks are not trained, so the student's input does
+    not move). Offsite-Tuning adds a language-model term (weight 1 against 30 for KD); a
+    classifier has no such term at the edge, so only KD is used. The middle blocks end frozen,
+    as before. A quantised emulator is refused: distil first, then :func:`quantize_emulator`.
+    """
+    from fomo.profiling import flop_counter
+
+    if emulator.quantized:
+        raise ValueError("distill: the emulator is quantised; distil first, then quantize_emulator")
+    if steps < 0 or batch_size < 1 or not learning_rate > 0:
+        raise ValueError(f"distill: steps={steps} (>= 0), batch_size={batch_size} (>= 1), "
+                         f"learning_rate={learning_rate} (> 0)")
+    if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape or input_ids.shape[0] < 1:
+        raise ValueError(f"distill: input_ids {tuple(input_ids.shape)} and attention_mask "
+                         f"{tuple(attention_mask.shape)} must be the same (n >= 1, T) shape")
+    if len(teacher) < 1:
+        raise ValueError("distill: the teacher has no block")
+    student = [p for _, p in student_parameters(emulator)]
+    flags = {id(p): p.requires_grad for p in emulator.model.parameters()}
+    was_training = emulator.model.training
+    for p in emulator.model.parameters():
+        p.requires_grad_(False)
+    for p in student:
+        p.requires_grad_(True)
+    teacher_modes = [block.training for block in teacher]
+    for block in teacher:
+        block.eval()
+    optimizer = torch.optim.AdamW(student, lr=learning_rate, weight_decay=0.0)
+    n = input_ids.shape[0]
+    losses: list[float] = []
+    try:
+        emulator.model.train()
+        with flop_counter() as counter:
+            for step in range(steps):
+                rows = torch.tensor([(step * batch_size + i) % n for i in range(batch_size)])
+                ids, mask = input_ids[rows], attention_mask[rows]
+                args, kwargs, student_out = middle_io(emulator, ids, mask)
+                loss = normalized_mse(_teacher_forward(teacher, args, kwargs), student_out, mask)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+        edge_flops = float(counter.get_total_flops())
+    finally:
+        for p in emulator.model.parameters():
+            p.requires_grad_(flags[id(p)])
+            p.grad = None
+        emulator.model.train(was_training)
+        for block, mode in zip(teacher, teacher_modes):
+            block.train(mode)
+    return DistillResult(losses=tuple(losses), edge_flops=edge_flops)

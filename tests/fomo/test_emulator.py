@@ -1,5 +1,6 @@
 """Offsite-Tuning emulator (fomo.emulator): which blocks it keeps, what it weighs, how it
-computes, its 8-bit quantisation and the plug-in of its trained tensors into the full model.
+computes, its 8-bit quantisation, the plug-in of its trained tensors into the full model and
+its distillation at the edge (loss, updated tensors, counted FLOPs).
 
 The layer-choice and bad-settings tests need no model; the others run the real
 all-MiniLM-L6-v2 (slow marker). Sizes are checked against the architecture's own counts:
@@ -158,6 +159,9 @@ def test_emulator_layout_sizes_and_bytes(lora_edges: nn.Module) -> None:
     assert emu.model.config.num_hidden_layers == 4 and lora_edges.config.num_hidden_layers == 6
     assert len(emu.model.get_submodule(emu.block_list_name)) == 4
     assert len(lora_edges.get_submodule(emu.block_list_name)) == 6  # the original is untouched
+    for j, block in enumerate(emu.model.get_submodule(emu.block_list_name)):  # cache index = position
+        assert {m.layer_idx for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)} == {j}
+    assert lora_edges.get_submodule(emu.block_list_name)[4].attention.self.layer_idx == 4
     # PEFT keeps the original head and a trainable copy (modules_to_save): 2 x HEAD
     expected = EMBEDDINGS + 4 * BLOCK + POOLER + 2 * HEAD + 2 * LORA_PER_BLOCK
     assert emu.num_parameters == expected == 19_192_714
@@ -199,17 +203,16 @@ def test_quantised_middle_blocks(lora_edges: nn.Module) -> None:
 
 
 @slow
-def test_forward_differs_and_all_blocks_is_the_model(base: nn.Module, lora_edges: nn.Module) -> None:
+def test_forward_differs_and_all_blocks_is_the_model(lora_edges: nn.Module) -> None:
     full = _logits(lora_edges)
     emu = E.build_emulator(lora_edges, 1, 2)
     dropped = _logits(emu.model)
     assert dropped.shape == full.shape and torch.isfinite(dropped).all()
     assert (dropped - full).abs().max() > 1e-3  # two blocks fewer: a different function
     # k = M keeps every block: same modules, same inputs, same kernels -> bitwise equal here
-    for model in (lora_edges, base):
-        whole = E.build_emulator(model, 1, 4)
-        assert whole.kept_layers == tuple(range(6))
-        assert torch.equal(_logits(whole.model), _logits(model))
+    whole = E.build_emulator(lora_edges, 1, 4)
+    assert whole.kept_layers == tuple(range(6))
+    assert torch.equal(_logits(whole.model), full)
     # a training step reaches only the trainable tensors
     emu.model.train()
     ids, mask = _batch()
@@ -262,3 +265,84 @@ def test_plug_in_mismatch_raises_and_copies_nothing(base: nn.Module, lora_edges:
     assert all(torch.equal(t, before[n]) for n, t in other_rank.state_dict().items())
     with pytest.raises(ValueError, match=r"plug-in: 10 trainable tensor\(s\) have no counterpart"):
         E.plug_in(base, emu)  # the plain model has no PEFT tensors and other names
+
+
+# --------------------------------------------------------------------------------------------
+# Distillation
+# --------------------------------------------------------------------------------------------
+def _tiny_bert(num_layers: int) -> nn.Module:
+    """A randomly initialised 2-head BERT classifier (no checkpoint), for layout checks."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(4)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=num_layers, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, num_labels=2)
+    return BertForSequenceClassification(config).eval()
+
+
+def test_tiny_model_layout_and_distill_errors() -> None:
+    model = _tiny_bert(7)
+    emu = E.build_emulator(model, adapter_layers=2, emulator_layers=2)
+    assert emu.kept_layers == (0, 1, 2, 4, 5, 6) and emu.block_list_name == "bert.encoder.layer"
+    ids = torch.randint(0, 50, (3, 8))
+    assert emu.model(input_ids=ids).logits.shape == (3, 2)
+    with pytest.raises(ValueError, match=r"distill: the full model has 6 blocks, the emulator was built "
+                                         r"from a model of 7"):
+        E.teacher_blocks(_tiny_bert(6), emu)
+    teacher = E.teacher_blocks(model, emu)
+    assert len(teacher) == 3
+    with pytest.raises(ValueError, match=r"batch_size=0 \(>= 1\)"):
+        E.distill(emu, teacher, ids, torch.ones_like(ids), steps=1, batch_size=0)
+    with pytest.raises(ValueError, match=r"input_ids \(3, 8\) and attention_mask \(3, 7\)"):
+        E.distill(emu, teacher, ids, torch.ones(3, 7, dtype=torch.long), steps=1)
+    E.quantize_emulator(emu)
+    with pytest.raises(ValueError, match=r"distill: the emulator is quantised"):
+        E.distill(emu, teacher, ids, torch.ones_like(ids), steps=1)
+    with pytest.raises(ValueError, match=r"quantised already"):
+        E.quantize_emulator(emu)
+
+
+@slow
+def test_distill_loss_updates_and_flops(lora_edges: nn.Module) -> None:
+    from transformers import AutoTokenizer
+
+    from fomo.data import load_bbc_news
+
+    tokenizer = AutoTokenizer.from_pretrained(models.default_model_path())
+    texts = load_bbc_news()[0][-2:]  # edge-held public text
+    B, T, steps = 2, 16, 3
+    enc = tokenizer(texts, truncation=True, max_length=T, padding="max_length", return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    mask[1, 12:] = 0  # a padded row: padding positions are left out of the loss
+    emu = E.build_emulator(lora_edges, 1, 2)
+    # reference loss of step 1, computed independently in float64 from output_hidden_states:
+    # teacher = the full model's L4 output (hidden_states[5]), student = the emulator's
+    # (hidden_states[3]); both start from the same L0 output
+    with torch.no_grad():
+        t = lora_edges(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[5].double()
+        s = emu.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[3].double()
+    m = mask.double()[..., None]
+    reference = float(((t - s) ** 2 * m).sum() / (t**2 * m).sum())
+    before = {n: p.detach().clone() for n, p in emu.model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in emu.model.named_parameters()}
+
+    result = E.distill(emu, E.teacher_blocks(lora_edges, emu), ids, mask, steps=steps, batch_size=B)
+
+    # float32 loss = ratio of two sums of n positive terms: each within gamma_n = n u / (1 - n u)
+    # relative in any order, plus a few u for the difference and squares
+    n = int(mask.sum()) * H
+    rtol = 2 * n * U32 / (1 - n * U32) + 4 * U32
+    assert len(result.losses) == steps
+    assert result.losses[0] == pytest.approx(reference, rel=rtol) and 0 < reference < 1
+    assert result.losses[-1] < 0.9 * result.losses[0]  # same batch each step (n = B rows): it learns
+    student = {n for n, _ in E.student_parameters(emu)}
+    assert len(student) == 2 * 16  # 6 linear layers (weight, bias) + 2 LayerNorms (weight, bias)
+    for name, p in emu.model.named_parameters():
+        assert p.requires_grad == flags[name] and p.grad is None, name
+        assert torch.equal(p, before[name]) != (name in student), name
+    # counted FLOPs = the formula of DistillResult.edge_flops: bottom, 2 student and 4 teacher
+    # blocks forward (+ LoRA of L0: 2 modules x 2 B T 2 h r), 2 student blocks backward
+    L = 4 * H * H + 2 * H * F_
+    forward = 7 * (2 * B * T * L + 4 * B * T * T * H) + 2 * 2 * B * T * 2 * H * RANK
+    backward = 2 * (2 * 2 * B * T * L + 10 * B * T * T * H) - 2 * B * T * 3 * H * H
+    assert result.edge_flops == steps * (forward + backward)
