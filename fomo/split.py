@@ -25,10 +25,17 @@ token because the pooler reads position 0 (``last_hidden_state[:, 0]``); P is in
 after it. (peft's prompt tuning instead prepends P to the *word* embeddings, before the
 embedding layer, so the pooler then reads the first virtual token.) The attention mask is
 extended the same way, ``[m_0, 1 x n_v, m_1 .. m_{T-1}]``: every position attends to the
-virtual tokens, padding stays masked. Initialisation (Lester et al. 2021, "sampled vocabulary"):
-P_j is the embedding layer's output for a token drawn uniformly from ``init_token_ids`` by the
-caller's numpy Generator, at position j (1..n_v), i.e. what the blocks see had that token
-followed ``[CLS]``; P then lives on the scale of the hidden states it is mixed with.
+virtual tokens, padding stays masked. Initialisation (Lester et al. 2021, "sampled vocabulary",
+who draw from the 5,000 most common tokens; here from ``init_token_ids``, by default the whole
+vocabulary except the pad token): P_j is the embedding layer's output for a token drawn
+uniformly by the caller's numpy Generator, at position j (1..n_v), i.e. what the blocks see had
+that token followed ``[CLS]``; P then lives on the scale of the hidden states it is mixed with.
+
+Trainable tensors: P on the device and, with ``train_head``, the classifier at the edge; the
+constructor freezes everything else. A tensor of a block below the cut that the caller makes
+trainable afterwards (a PEFT tensor) gets its gradient from the device backward too and is in
+:meth:`SplitModel.device_parameters`. Dropout, if the model has any active, draws from torch's
+RNG exactly as in the unsplit model (``fomo.models.load_base`` switches it off).
 
 Payloads (:func:`payload_formula`; ``value_bytes`` = 4 in float32), batch B, T tokens, hidden d:
 
