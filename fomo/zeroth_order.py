@@ -60,6 +60,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 SEED_LIMIT = 2**32
 """Seeds are integers in [0, SEED_LIMIT): torch's CPU generator keeps only the low 32 bits."""
 
+MAX_CANDIDATE_SEEDS = 2**24
+"""Largest K accepted (the draw holds K int64 seeds and K is the dense payload's length;
+FedKSeed uses K <= 4096)."""
+
 FP32_SCALAR_BYTES = 4
 """Bytes of one projected-gradient scalar on the wire (float32)."""
 
@@ -209,8 +213,8 @@ def classification_loss_fn(model: torch.nn.Module, input_ids: torch.Tensor, atte
 def candidate_seeds(k: int, rng: np.random.Generator) -> np.ndarray:
     """K distinct candidate seeds in [0, 2**32) (int64), drawn without replacement from ``rng``;
     shared once by the server with every device."""
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= int(k) <= SEED_LIMIT:
-        raise ValueError(f"K={k!r}: the number of candidate seeds must be an integer in [1, 2**32]")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= int(k) <= MAX_CANDIDATE_SEEDS:
+        raise ValueError(f"K={k!r}: the number of candidate seeds must be an integer in [1, {MAX_CANDIDATE_SEEDS}]")
     return rng.choice(SEED_LIMIT, size=int(k), replace=False).astype(np.int64)
 
 
@@ -244,6 +248,9 @@ def aggregate_pools(pools: Sequence[Mapping[int, float]], weights: Sequence[floa
     within a device), keyed by seed in ascending order."""
     if len(pools) != len(weights):
         raise ValueError(f"aggregate_pools: {len(pools)} pools but {len(weights)} weights")
+    bad = [w for w in weights if not (isinstance(w, numbers.Real) and math.isfinite(w))]
+    if bad:
+        raise ValueError(f"aggregate_pools: weights must be finite numbers, got {bad}")
     total: dict[int, float] = {}
     for pool, w in zip(pools, weights):
         for seed in sorted(pool):
