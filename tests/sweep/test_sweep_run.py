@@ -198,8 +198,11 @@ def test_sigkill_at_several_points_then_rerun_completes_each_run_once(write_swee
     assert_same_results(results(out), results(out2))
 
 
-def test_ctrl_c_keeps_finished_runs(write_sweep, tmp_path, deftsim):
-    path = write_sweep(GRID)
+def test_ctrl_c_keeps_finished_runs(write_sweep, tmp_path, deftsim, tiny_scenario):
+    # runs of ~0.5 s (400 rounds): the interrupt lands while later runs are still to do, even
+    # when a loaded machine delays this polling loop by seconds
+    slow = {**tiny_scenario, "training": {**tiny_scenario["training"], "rounds": 400}}
+    path = write_sweep(GRID, scenario=slow)
     out = tmp_path / "out"
     proc = _start(["sweep", path, "--out", out, "--workers", 1, "--quiet"])
     deadline = time.time() + 120
