@@ -20,6 +20,17 @@ batched    batched multi-device LoRA steps (one forward/backward for K devices, 
 prefix_cache  frozen-prefix activation cache (``execution.activation_cache_bytes``).
 last_block    the last block computed only at the position the head reads
               (``execution.prune_last_block``).
+
+Building blocks of federated fine-tuning without the whole model on the device (tested on the
+real checkpoint; not yet wired into a protocol or a scenario):
+
+emulator      an Offsite-Tuning emulator of the checkpoint (uniform layer drop of the middle
+              blocks, optional 8-bit middle weights, distillation at the edge) and the plug-in
+              of the trained adapter into the full model by module name.
+split         split fine-tuning: the device part below a cut with a soft prompt, the edge part
+              above, and the gradient the edge sends back at the cut.
+zeroth_order  MeZO SPSA steps and FedKSeed seed pools and replay on PEFT parameters; payload and
+              step-memory formulas.
 """
 from __future__ import annotations
 
