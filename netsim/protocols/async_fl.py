@@ -41,7 +41,6 @@ import simpy
 from pydantic import Field
 
 from ..budgets import energy_j, fits_in_memory
-from ..interfaces import LocalJob
 from ..network import Device
 from ..spec_base import Int, PositiveFloat, Spec
 from .fedavg import FedAvgSimulation
@@ -230,18 +229,8 @@ class AsyncFLSimulation(FedAvgSimulation):
                 bytes=size_bytes, energy_j=energy_j(g.rx_power_w, dl_eff), **self._tags(device))
             if not (yield from self._until(dl, t_off)):
                 return self._dropped(version, device, job)
-            tr = sc.training
-            job = self.engine.submit(LocalJob(device.index, job_round, tr.local_steps, tr.batch_size,
-                                              prox_mu=self.aggregator.local_prox_mu), base=base)
-            t_compute, e_compute = self._compute(device, job.cost.flops)
-            t_eff = min(t_compute, max(t_off - self.env.now, 0.0))
-            row = self.recorder.emit("compute", t_s=self.env.now, duration_s=t_eff, node=device.name, round=version,
-                                     flops=job.cost.flops, memory_bytes=job.cost.peak_memory_bytes,
-                                     energy_j=e_compute * (t_eff / t_compute if t_compute > 0 else 1.0),
-                                     **self._tags(device))
-            self._phase_rows[device.index] = row
-            job.when_done(lambda res: self.recorder.fill(row, loss=res.loss))
-            if not (yield from self._until(t_compute, t_off)):
+            job = self._submit(device, job_round, base)
+            if not (yield from self._local_steps(device, version, job, t_off)):
                 return self._dropped(version, device, job)
             up_bytes = self.update_bytes()
             server = self.network.servers[device.server]   # it may have handed over meanwhile

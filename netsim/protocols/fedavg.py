@@ -289,18 +289,8 @@ class FedAvgSimulation:
                 bytes=size_bytes, energy_j=energy_j(g.rx_power_w, dl), **self._tags(device))
             if not (yield from self._until(download_s, t_off)):
                 return self._dropped(r, device, job)
-            tr = self.scenario.training
-            job = self.engine.submit(LocalJob(device.index, r, tr.local_steps, tr.batch_size,
-                                              prox_mu=self.aggregator.local_prox_mu))
-            t_compute, e_compute = self._compute(device, job.cost.flops)
-            t_eff = min(t_compute, max(t_off - self.env.now, 0.0))
-            row = self.recorder.emit("compute", t_s=self.env.now, duration_s=t_eff, node=device.name, round=r,
-                                     flops=job.cost.flops, memory_bytes=job.cost.peak_memory_bytes,
-                                     energy_j=e_compute * (t_eff / t_compute if t_compute > 0 else 1.0),
-                                     **self._tags(device))
-            self._phase_rows[device.index] = row
-            job.when_done(lambda res: self.recorder.fill(row, loss=res.loss))
-            if not (yield from self._until(t_compute, t_off)):
+            job = self._submit(device, r)
+            if not (yield from self._local_steps(device, r, job, t_off)):
                 return self._dropped(r, device, job)
             ok = yield from self._upload(r, device, job, share, t_off)
             if ok is False:
@@ -312,6 +302,26 @@ class FedAvgSimulation:
             self._stop_phase(device.index)
             self._late(r, device, job)
             return None
+
+    def _submit(self, device: Device, job_round: int, base=None) -> PendingJob:
+        """Submit the device's local job (``job_round``: its round, or its job count in the
+        asynchronous protocols) from ``base`` (default: the global state now)."""
+        tr = self.scenario.training
+        return self.engine.submit(LocalJob(device.index, job_round, tr.local_steps, tr.batch_size,
+                                           prox_mu=self.aggregator.local_prox_mu), base=base)
+
+    def _local_steps(self, device: Device, r: int, job: PendingJob, t_off: float):
+        """Log the ``compute`` event of ``job`` (its loss filled in once it has run) and wait
+        for it; False if the device goes offline first."""
+        t_compute, e_compute = self._compute(device, job.cost.flops)
+        t_eff = min(t_compute, max(t_off - self.env.now, 0.0))
+        row = self.recorder.emit("compute", t_s=self.env.now, duration_s=t_eff, node=device.name, round=r,
+                                 flops=job.cost.flops, memory_bytes=job.cost.peak_memory_bytes,
+                                 energy_j=e_compute * (t_eff / t_compute if t_compute > 0 else 1.0),
+                                 **self._tags(device))
+        self._phase_rows[device.index] = row
+        job.when_done(lambda res: self.recorder.fill(row, loss=res.loss))
+        return (yield from self._until(t_compute, t_off))
 
     def _stop_phase(self, device_index: int) -> None:
         """Cut the device's transfer or compute in progress at the current time."""
