@@ -1,4 +1,4 @@
-"""Depth cost profile as a table and a figure (issue 5 item 2).
+"""Depth cost profile as a table and a figure.
 
 ``profile_table(profile)`` returns one row per PEFT block (block 0 next to the output) with the
 layers, forward/backward/step FLOPs, saved activations, trainable bytes and job memory, in the

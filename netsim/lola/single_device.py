@@ -1,4 +1,4 @@
-"""Single-device depth-aware PEFT control (DEFT technique 1, issue 5 item 3; torch-free).
+"""Single-device depth-aware PEFT control (DEFT technique 1; torch-free).
 
 A device with a memory budget M [bytes], a latency budget L [s per round] and a speed f
 [FLOP/s] chooses which transformer blocks get LoRA and with which rank, from a
