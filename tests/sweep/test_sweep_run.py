@@ -122,8 +122,11 @@ def test_failed_runs_are_recorded_and_the_sweep_goes_on(write_sweep, tmp_path, d
 
 def _start(args, env_extra=None):
     env = {**os.environ, **(env_extra or {})}
+    # SIGINT back to its default in the child: a test run started in the background of a
+    # non-interactive shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
     return subprocess.Popen([sys.executable, "-m", "deftsim", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _finish(proc, timeout=180):
