@@ -423,9 +423,20 @@ class SplitModel(nn.Module):
         trainable tensors are reset first and set by this step only: P's from the downlink,
         the head's from the edge. ``optimizer`` holds P (and the head, if no
         ``edge_optimizer`` does). With ``count_flops`` the FLOPs of each side are counted."""
-        input_ids, attention_mask, labels = batch
         for p in self.trainable_parameters():
             p.grad = None
+        up, result, flops = self._round_trip(batch, count_flops)
+        for name, p in self.head_parameters().items():
+            p.grad = result.head_grads[name]
+        optimizer.step()
+        if edge_optimizer is not None:
+            edge_optimizer.step()
+        return SplitStepResult(float(result.loss), measured_payload(up, result.grad), flops)
+
+    def _round_trip(self, batch: Batch, count_flops: bool):
+        """Device forward, uplink, edge step and device backward of one batch; returns the
+        uplink, the edge's result and (with ``count_flops``) the FLOPs of each side."""
+        input_ids, attention_mask, labels = batch
         with _counted(count_flops) as dev_fwd:
             hidden = self.device_forward(input_ids, attention_mask)
         up = self.uplink(hidden, attention_mask, labels)
@@ -433,29 +444,17 @@ class SplitModel(nn.Module):
             result = self.edge_step(up.hidden, up.token_mask, up.labels, up.prompt)
         with _counted(count_flops) as dev_bwd:
             self.device_backward(result.grad)
-        for name, p in self.head_parameters().items():
-            p.grad = result.head_grads[name]
-        optimizer.step()
-        if edge_optimizer is not None:
-            edge_optimizer.step()
         flops = SideFlops(dev_fwd[0] + dev_bwd[0], edge[0]) if count_flops else None
-        return SplitStepResult(float(result.loss), measured_payload(up, result.grad), flops)
+        return up, result, flops
 
     def count_split_flops(self, batch: Batch) -> SideFlops:
         """Counted FLOPs per side of one step of this batch's shape, without changing the model
         (no optimizer step; gradients reset to None afterwards; torch RNG state restored)."""
-        input_ids, attention_mask, labels = batch
         with torch.random.fork_rng(devices=[]):
-            with _counted(True) as dev_fwd:
-                hidden = self.device_forward(input_ids, attention_mask)
-            up = self.uplink(hidden, attention_mask, labels)
-            with _counted(True) as edge:
-                result = self.edge_step(up.hidden, up.token_mask, up.labels, up.prompt)
-            with _counted(True) as dev_bwd:
-                self.device_backward(result.grad)
+            _, _, flops = self._round_trip(batch, True)
         for p in self.trainable_parameters():
             p.grad = None
-        return SideFlops(dev_fwd[0] + dev_bwd[0], edge[0])
+        return flops
 
 
 def _candidate_token_ids(config: Any, init_token_ids: Optional[Sequence[int]]) -> np.ndarray:

@@ -43,7 +43,7 @@ from pydantic import Field
 from ..budgets import energy_j, fits_in_memory
 from ..network import Device
 from ..spec_base import Int, PositiveFloat, Spec
-from .fedavg import FedAvgSimulation
+from .fedavg import FedAvgSimulation, RunOutcome
 
 if TYPE_CHECKING:
     from ..engine import PendingJob
@@ -120,10 +120,7 @@ class AsyncFLSimulation(FedAvgSimulation):
             yield from self._server_step(step, results, tau)
             self.version = step
             if step % self.spec.eval_every_steps == 0 or step == sc.training.rounds:
-                accuracy = yield from self._evaluate(step)
-                self.recorder.emit("round_end", t_s=self.env.now, node=self._edge_name, round=step, accuracy=accuracy)
-                if self.on_round is not None:
-                    self.on_round(step, accuracy, self.env.now)
+                accuracy = yield from self._close_round(step)
                 if sc.stop.target_accuracy is not None and accuracy >= sc.stop.target_accuracy:
                     reason = "target_accuracy"
                     break
@@ -131,8 +128,7 @@ class AsyncFLSimulation(FedAvgSimulation):
             self._stop_phase(int(device))
         self.outcome = self._outcome(reason, initial, accuracy)
 
-    def _outcome(self, reason: str, initial: float, accuracy: float):
-        from .fedavg import RunOutcome
+    def _outcome(self, reason: str, initial: float, accuracy: float) -> RunOutcome:
         return RunOutcome(reason, self.version, initial, accuracy)
 
     def _next_batch(self):
@@ -154,20 +150,13 @@ class AsyncFLSimulation(FedAvgSimulation):
         return batch
 
     def _server_step(self, step: int, results, tau: np.ndarray):
+        """Asynchronous: the aggregation strategy's weights (FedBuff: s(tau_k) / K);
+        semi-synchronous: w_k = n_k s(tau_k) / sum_j n_j s(tau_j) over the period's arrivals."""
+        weights = None
         if self.semi_sync:
-            n = np.array([res.num_examples for res in results], dtype=np.float64)
-            s = self._staleness_weights(tau)
-            w = n * s
+            w = np.array([res.num_examples for res in results], dtype=np.float64) * self._staleness_weights(tau)
             weights = w / w.sum()
-            self._apply(results, weights)
-            flops = 2.0 * len(results) * self.trainer.adapter_bytes() / 4.0
-            duration = self._edge_time_s(flops)
-            self.recorder.emit("aggregate", t_s=self.env.now, duration_s=duration, node=self._edge_name, round=step,
-                               flops=flops)
-            self.counters["server_steps"] += 1
-            yield self.env.timeout(duration)
-        else:
-            yield from self._aggregate(step, results, tau)
+        yield from self._aggregate(step, results, tau, weights)
 
     def _staleness_weights(self, tau: np.ndarray) -> np.ndarray:
         weigh = getattr(self.aggregator, "staleness_weight", None)

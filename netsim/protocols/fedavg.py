@@ -205,15 +205,21 @@ class FedAvgSimulation:
             results = yield from self._round(r, devices)
             if results:
                 yield from self._aggregate(r, results)
-            accuracy = yield from self._evaluate(r)
+            accuracy = yield from self._close_round(r)
             rounds_done = r
-            self.recorder.emit("round_end", t_s=self.env.now, node=self._edge_name, round=r, accuracy=accuracy)
-            if self.on_round is not None:
-                self.on_round(r, accuracy, self.env.now)
             if sc.stop.target_accuracy is not None and accuracy >= sc.stop.target_accuracy:
                 reason = "target_accuracy"
                 break
         self.outcome = RunOutcome(reason, rounds_done, initial, accuracy)
+
+    def _close_round(self, r: int):
+        """Evaluate the global model, log ``round_end`` and report progress; returns the
+        accuracy."""
+        accuracy = yield from self._evaluate(r)
+        self.recorder.emit("round_end", t_s=self.env.now, node=self._edge_name, round=r, accuracy=accuracy)
+        if self.on_round is not None:
+            self.on_round(r, accuracy, self.env.now)
+        return accuracy
 
     def _round(self, r: int, devices: list[Device]):
         """Broadcast, local work and uploads of one round; returns the results to aggregate,
@@ -340,12 +346,7 @@ class FedAvgSimulation:
     def _compute(self, device: Device, flops: float) -> tuple[float, float]:
         """(time [s], energy [J]) of a local job of ``flops``: throughput or DVFS model, times
         the device's straggler factor for this job (energy scales with the time)."""
-        g = device.group
-        if g.compute_model == "dvfs":
-            t, e = compute_time_energy(g, flops)
-        else:
-            t = compute_time_s(flops, g.compute_flops_per_s)
-            e = energy_j(g.compute_power_w, t)
+        t, e = compute_time_energy(device.group, flops)
         if self.jitter.sigma > 0:
             factor = self.jitter.factor(device.index, int(self._jobs_started[device.index]))
             t, e = t * factor, e * factor
@@ -491,12 +492,15 @@ class FedAvgSimulation:
     def _edge_time_s(self, flops: float) -> float:
         return compute_time_s(flops, self.network.servers[0].spec.compute_flops_per_s)
 
-    def _aggregate(self, r: int, results: list[LocalResult], staleness: Optional[np.ndarray] = None):
+    def _aggregate(self, r: int, results: list[LocalResult], staleness: Optional[np.ndarray] = None,
+                   weights: Optional[np.ndarray] = None):
         """global <- global + server_step(sum_k w_k decode(update_k)) (FedAvg: the weighted
-        mean of the updates, on the trainer's tensors)."""
-        n = np.array([res.num_examples for res in results], dtype=np.float64)
-        tau = np.zeros(len(results)) if staleness is None else np.asarray(staleness, dtype=np.float64)
-        weights = self.aggregator.weights(n, tau)
+        mean of the updates, on the trainer's tensors); w from the aggregation strategy unless
+        given."""
+        if weights is None:
+            n = np.array([res.num_examples for res in results], dtype=np.float64)
+            tau = np.zeros(len(results)) if staleness is None else np.asarray(staleness, dtype=np.float64)
+            weights = self.aggregator.weights(n, tau)
         self._apply(results, weights)
         # A weighted sum of K updates of n values costs 2 K n FLOPs (n = bytes / 4 for float32).
         flops = 2.0 * len(results) * self.trainer.adapter_bytes() / 4.0
@@ -559,7 +563,7 @@ def deadline_error(scenario: "Scenario", min_job_flops: float) -> Optional[str]:
     tr = scenario.training
     if tr.deadline_s is None or tr.mode != "synchronous":
         return None
-    fastest = min(nominal_compute_s(g, min_job_flops) for g in scenario.devices)
+    fastest = min(compute_time_energy(g, min_job_flops)[0] for g in scenario.devices)
     stragglers = scenario.dynamics.stragglers
     sigma = stragglers.jitter_sigma if stragglers.jitter == "lognormal" else 0.0
     fastest *= math.exp(-6.0 * sigma - 0.5 * sigma * sigma)
@@ -568,13 +572,6 @@ def deadline_error(scenario: "Scenario", min_job_flops: float) -> Optional[str]:
     return (f"training.deadline_s={tr.deadline_s} is shorter than any possible round: the fastest device needs at "
             f"least {fastest:.4g} s for its {tr.local_steps} local steps ({min_job_flops:.3g} FLOPs), before any "
             "download or upload; allowed: a larger deadline (or null)")
-
-
-def nominal_compute_s(group, flops: float) -> float:
-    """Compute time of ``flops`` on a device of ``group`` without straggling [s]."""
-    if group.compute_model == "dvfs":
-        return compute_time_energy(group, flops)[0]
-    return compute_time_s(flops, group.compute_flops_per_s)
 
 
 def trainer_examples(trainer: Trainer, device_id: int) -> int:
