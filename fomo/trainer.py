@@ -207,7 +207,7 @@ class PeftTrainer:
 
         torch.manual_seed(fdata.torch_init_seed(self.seed))
         tokenizer, base = models.load_base(scenario.model, self.num_classes)
-        self.model = models.apply_peft(base, scenario.peft)
+        self.model = self._training_model(scenario, base)
         self._tokens = tokenize_all(tokenizer, texts, labels, self._max_length_tokens)
 
         self._trainable = models.trainable_parameters(self.model)
@@ -218,6 +218,12 @@ class PeftTrainer:
         self._step_profiles: dict[tuple[int, int], StepProfile] = {}
         self._eval_flops: dict[tuple[int, int], float] = {}
         self._configure_execution(scenario)
+
+    def _training_model(self, scenario: "Scenario", base: torch.nn.Module) -> torch.nn.Module:
+        """The model the devices train: the base wrapped with the ``peft`` section's method.
+        Subclasses that train something else (an emulator, a split model) override this; its
+        parameters with ``requires_grad`` are the PEFT state."""
+        return models.apply_peft(base, scenario.peft)
 
     def _configure_execution(self, scenario: "Scenario") -> None:
         """Choose the execution strategy and the activation cache (``scenario.execution``)."""

@@ -68,6 +68,40 @@ class JobCost:
 
 
 @dataclass(frozen=True)
+class RoundTripCost:
+    """One split-learning step of one device (the device and the edge each run their part).
+
+    Attributes
+    ----------
+    device_forward_flops : float
+        The device's forward below the cut [FLOP].
+    uplink_bytes : int
+        Cut activations (+ token mask and labels) the device uploads [bytes].
+    edge_flops : float
+        The edge's forward + loss + backward above the cut [FLOP].
+    downlink_bytes : int
+        The gradient at the cut the edge sends back [bytes].
+    device_backward_flops : float
+        The device's backward into its trainable tensors [FLOP].
+    """
+
+    device_forward_flops: float
+    uplink_bytes: int
+    edge_flops: float
+    downlink_bytes: int
+    device_backward_flops: float
+
+
+@dataclass(frozen=True)
+class SplitJobCost(JobCost):
+    """A split-learning job's cost: :class:`JobCost` (``flops`` = the device's share of all its
+    steps, ``update_bytes`` = the device-held tensors it uploads at the end of the round) and
+    every step's round trip."""
+
+    steps: tuple[RoundTripCost, ...] = ()
+
+
+@dataclass(frozen=True)
 class PlannedJob:
     """A job the trainer has planned: its cost is known, its values are not computed yet.
 

@@ -27,7 +27,11 @@ one protocol or component reads is defined in that module and imported here)::
     ├── async_fl: AsyncFLSpec                  netsim/protocols/async_fl.py
     ├── aircomp: AirCompSpec                   netsim/protocols/aircomp_fedavg.py
     ├── lola: LolaSpec (LolaAnalyticModelSpec) netsim/protocols/lola.py
-    └── neural_aircomp: NeuralAirCompSpec      netsim/protocols/neural_aircomp.py
+    ├── neural_aircomp: NeuralAirCompSpec      netsim/protocols/neural_aircomp.py
+    ├── federated_deft: FederatedDeftSpec      netsim/federated_deft.py
+    ├── emulator: EmulatorSpec                 netsim/protocols/emulator_fl.py
+    ├── split: SplitSpec                       netsim/protocols/split_fl.py
+    └── zeroth_order: ZerothOrderSpec          netsim/protocols/zeroth_order_fl.py
 
 The owning modules import nothing of this module at run time (only under ``if TYPE_CHECKING:``),
 so there is no import circle; the section classes are re-exported here
@@ -42,10 +46,14 @@ from pydantic import Field, model_validator
 
 from .dynamics import DynamicsSpec
 from .fake_trainer import FakeTrainerSpec
+from .federated_deft import FederatedDeftSpec
 from .protocols.aircomp_fedavg import AirCompSpec
 from .protocols.async_fl import AsyncFLSpec
+from .protocols.emulator_fl import EmulatorSpec
 from .protocols.lola import LolaAlgorithm, LolaAnalyticModelSpec, LolaSpec  # noqa: F401 (re-exported)
 from .protocols.neural_aircomp import NeuralAirCompSpec
+from .protocols.split_fl import SplitSpec
+from .protocols.zeroth_order_fl import ZerothOrderSpec
 from .spec_base import Bool, Float, Int, NonNegFloat, PositiveFloat, Spec  # noqa: F401 (re-exported)
 from .strategies import StrategiesSpec
 
@@ -350,7 +358,7 @@ class Scenario(Spec):
         None, ge=0, le=2**63 - 1, description="seed of the training noise: data split and partition, batch sampling, PEFT "
         "initialisation and device selection (null: seed)",
     )
-    experiment: Literal["fedavg", "aircomp_vs_ofdma", "lola_compare", "neural_aircomp"] = Field(
+    experiment: Literal["fedavg", "aircomp_vs_ofdma", "lola_compare", "neural_aircomp", "federated_deft"] = Field(
         "fedavg", description="what `deftsim run` does with the scenario (deftsim/experiments/)"
     )
     trainer: Literal["real", "fake"] = "real"
@@ -377,6 +385,13 @@ class Scenario(Spec):
     neural_aircomp: NeuralAirCompSpec = Field(
         default_factory=NeuralAirCompSpec, description="experiment neural_aircomp: split fine-tuning over the air"
     )
+    federated_deft: FederatedDeftSpec = Field(default_factory=FederatedDeftSpec,
+                                              description="experiment federated_deft: the variants it compares")
+    emulator: EmulatorSpec = Field(default_factory=EmulatorSpec, description="federated_deft variant emulator "
+                                   "(Offsite-Tuning)")
+    split: SplitSpec = Field(default_factory=SplitSpec, description="federated_deft variant split (SplitFed)")
+    zeroth_order: ZerothOrderSpec = Field(default_factory=ZerothOrderSpec, description="federated_deft variant "
+                                          "zeroth_order (MeZO + FedKSeed)")
 
     @model_validator(mode="after")
     def _lola_checks(self) -> "Scenario":

@@ -1,0 +1,51 @@
+"""Federated fine-tuning on an Offsite-Tuning emulator: the edge sends a compressed copy of
+the model once, the devices train the adapter on it in FedAvg rounds, the edge plugs the
+aggregated adapter into the full model.
+
+Offsite-Tuning (Xiao, Lin and Han 2023): the bottom and top ``emulator.adapter_layers`` blocks
+stay whole and carry the trainable PEFT tensors (and the head); the middle blocks are
+compressed by uniform layer drop to ``emulator.emulator_layers`` of them (the first and last
+middle blocks always kept), optionally with 8-bit weights, optionally distilled at the edge
+(``fomo.emulator``). The timeline:
+
+1. (optional) distillation at the edge: counted FLOPs / edge FLOP/s (``distill`` event);
+2. every edge server multicasts the emulator to its devices once, with rateless coding (each
+   device decodes at its own per-block rate; ``emulator_download`` events, ``bytes`` = the
+   emulator's tensors at their stored precision);
+3. FedAvg rounds exactly as :mod:`netsim.protocols.fedavg`, on the emulator: the payload each
+   way is the adapter (the PEFT tensors of the adapter blocks + the head), the local steps'
+   FLOPs and memory are the emulator's;
+4. every evaluation is of the plug-in (full model + aggregated adapter) at the edge; the
+   emulator's own accuracy is logged beside it (``evaluate_emulator``, an instrument that
+   takes no simulated time).
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from ..budgets import energy_j
+from ..spec_base import Int, PositiveFloat, Spec
+from .fedavg import FedAvgSimulation
+
+
+class EmulatorSpec(Spec):
+    """Variant ``emulator`` of experiment ``federated_deft`` (Offsite-Tuning)."""
+
+    adapter_layers: Int = Field(1, ge=1, le=1024, description="blocks kept whole and trained at the bottom and at "
+                                "the top (a >= 1 on each side)")
+    emulator_layers: Int = Field(2, ge=1, le=1024, description="middle blocks the emulator keeps (uniform layer drop; "
+                                 "at most the model's depth - 2 adapter_layers)")
+    quantize_bits: Optional[Literal[8]] = Field(None, description="8: the kept middle blocks' weight matrices in 8 "
+                                                "bits (symmetric, per tensor); null: float32")
+    distill_steps: Int = Field(0, ge=0, le=1_000_000, description="distillation steps at the edge before the download "
+                               "(0: none)")
+    distill_batch_size: Int = Field(8, ge=1, le=65_536)
+    distill_learning_rate: PositiveFloat = Field(1e-4, le=1.0)
+    distill_texts: Int = Field(256, ge=1, le=10_000_000, description="unlabelled texts the edge distils on (taken "
+                               "from the training split; a stand-in for the edge's own public text)")
+    local_steps: Optional[Int] = Field(None, ge=1, le=1_000_000, description="overrides training.local_steps")
+    learning_rate: Optional[PositiveFloat] = Field(None, ge=1e-12, le=100, description="overrides "
+                                                   "training.learning_rate")
+    optimizer: Optional[Literal["adamw", "sgd"]] = Field(None, description="overrides training.optimizer")
