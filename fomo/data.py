@@ -24,7 +24,13 @@ spawn_key=...)``; netsim owns the spawn keys starting with 0:
 * ``(2, device_id)``: each device's batch sampling (:func:`device_rng`),
 * ``(3,)``: the torch seed of the model/PEFT initialisation (:func:`torch_init_seed`),
 * ``(4, device_id, round)``: the torch seed of one local job (dropout, if any)
-  (:func:`job_torch_seed`).
+  (:func:`job_torch_seed`),
+* ``(13,)``: the vocabulary tokens the split variant's soft prompt starts from
+  (``fomo.split_trainer``).
+
+The zeroth-order variant (``fomo.zo_trainer``) adds ``(11,)``, its K shared candidate seeds
+(:data:`ZO_SEEDS_SPAWN_KEY`), and ``(12, device_id)``, each device's draws of its step seeds
+among them (:data:`ZO_DEVICE_SPAWN_KEY`).
 """
 from __future__ import annotations
 
@@ -44,6 +50,9 @@ SPLIT_SPAWN_KEY = 1
 DEVICE_SPAWN_KEY = 2
 TORCH_INIT_SPAWN_KEY = 3
 JOB_TORCH_SPAWN_KEY = 4
+SPLIT_PROMPT_SPAWN_KEY = 13
+ZO_SEEDS_SPAWN_KEY = 11
+ZO_DEVICE_SPAWN_KEY = 12
 MAX_DIRICHLET_DRAWS = 100
 
 

@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fomo.models import num_hidden_layers, tensor_bytes
-from fomo.profiling import flop_counter
+from fomo.profiling import SavedTensorMeter, flop_counter
 
 LABEL_BYTES = 8
 """Bytes per uploaded label (int64, the dtype of deftsim's label tensors)."""
@@ -170,10 +170,34 @@ class EdgeResult:
 
 @dataclass(frozen=True)
 class SideFlops:
-    """Counted FLOPs of one split step per side (forward + backward) [FLOP]."""
+    """Counted FLOPs of one split step per side (forward + backward) [FLOP].
+
+    ``device_forward_flops`` and ``device_backward_flops`` are the device's two passes
+    (``device_flops`` is their sum; 0 when the instance was built from totals only)."""
 
     device_flops: float
     edge_flops: float
+    device_forward_flops: float = 0.0
+    device_backward_flops: float = 0.0
+
+
+@dataclass(frozen=True)
+class SplitStepProfile:
+    """Counts of one split step of one shape (:meth:`SplitModel.profile_step`).
+
+    Attributes
+    ----------
+    flops : counted FLOPs per side
+    payload : measured bytes of the transfers
+    device_saved_bytes : bytes autograd saves during the device forward for the device
+        backward (distinct storages, weights excluded) [bytes]
+    edge_saved_bytes : the same for the edge forward [bytes]
+    """
+
+    flops: SideFlops
+    payload: Payload
+    device_saved_bytes: int
+    edge_saved_bytes: int
 
 
 @dataclass(frozen=True)
@@ -210,6 +234,19 @@ def extend_mask(token_mask: torch.Tensor, num_virtual_tokens: int) -> torch.Tens
 def _block_output(out: Any) -> torch.Tensor:
     """A transformer block's hidden states (blocks return a tensor or a tuple led by one)."""
     return out[0] if isinstance(out, tuple) else out
+
+
+@contextlib.contextmanager
+def _metered(exclude_ptrs: Optional[frozenset[int]]) -> Iterator[list[int]]:
+    """Yield a one-element list that receives the bytes autograd saves inside the block
+    (:class:`fomo.profiling.SavedTensorMeter`; 0 and no hooks if ``exclude_ptrs`` is None)."""
+    box = [0]
+    if exclude_ptrs is None:
+        yield box
+        return
+    with SavedTensorMeter(exclude_ptrs) as meter:
+        yield box
+    box[0] = int(meter.saved_bytes)
 
 
 @contextlib.contextmanager
@@ -425,7 +462,7 @@ class SplitModel(nn.Module):
         ``edge_optimizer`` does). With ``count_flops`` the FLOPs of each side are counted."""
         for p in self.trainable_parameters():
             p.grad = None
-        up, result, flops = self._round_trip(batch, count_flops)
+        up, result, flops, _ = self._round_trip(batch, count_flops)
         for name, p in self.head_parameters().items():
             p.grad = result.head_grads[name]
         optimizer.step()
@@ -433,28 +470,47 @@ class SplitModel(nn.Module):
             edge_optimizer.step()
         return SplitStepResult(float(result.loss), measured_payload(up, result.grad), flops)
 
-    def _round_trip(self, batch: Batch, count_flops: bool):
+    def _round_trip(self, batch: Batch, count_flops: bool, exclude_ptrs: Optional[frozenset[int]] = None):
         """Device forward, uplink, edge step and device backward of one batch; returns the
-        uplink, the edge's result and (with ``count_flops``) the FLOPs of each side."""
+        uplink, the edge's result, (with ``count_flops``) the FLOPs of each side and (with
+        ``exclude_ptrs``, the weights' storages) the saved bytes of the device and edge forward."""
         input_ids, attention_mask, labels = batch
-        with _counted(count_flops) as dev_fwd:
+        with _counted(count_flops) as dev_fwd, _metered(exclude_ptrs) as dev_saved:
             hidden = self.device_forward(input_ids, attention_mask)
         up = self.uplink(hidden, attention_mask, labels)
-        with _counted(count_flops) as edge:
+        with _counted(count_flops) as edge, _metered(exclude_ptrs) as edge_saved:
             result = self.edge_step(up.hidden, up.token_mask, up.labels, up.prompt)
         with _counted(count_flops) as dev_bwd:
             self.device_backward(result.grad)
-        flops = SideFlops(dev_fwd[0] + dev_bwd[0], edge[0]) if count_flops else None
-        return up, result, flops
+        flops = SideFlops(dev_fwd[0] + dev_bwd[0], edge[0], dev_fwd[0], dev_bwd[0]) if count_flops else None
+        return up, result, flops, (dev_saved[0], edge_saved[0])
 
     def count_split_flops(self, batch: Batch) -> SideFlops:
         """Counted FLOPs per side of one step of this batch's shape, without changing the model
         (no optimizer step; gradients reset to None afterwards; torch RNG state restored)."""
+        return self.profile_step(batch).flops
+
+    def profile_step(self, batch: Batch, exclude_ptrs: Optional[frozenset[int]] = None) -> SplitStepProfile:
+        """FLOPs per side, payload and saved-activation bytes per side of one step of this
+        batch's shape, without changing the model (no optimizer step; gradients reset to None
+        afterwards; torch RNG state restored). ``exclude_ptrs``: storages not counted as saved
+        activations (default: this model's parameters and buffers)."""
+        if exclude_ptrs is None:
+            exclude_ptrs = frozenset(t.untyped_storage().data_ptr()
+                                     for t in [*self.parameters(), *self.buffers()])
         with torch.random.fork_rng(devices=[]):
-            _, _, flops = self._round_trip(batch, True)
+            up, result, flops, (dev_saved, edge_saved) = self._round_trip(batch, True, exclude_ptrs)
         for p in self.trainable_parameters():
             p.grad = None
-        return flops
+        return SplitStepProfile(flops, measured_payload(up, result.grad), dev_saved, edge_saved)
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits (B, classes) of the whole prompted split model: the device part then the edge
+        part on the same tensors, with no transfer (evaluation at the edge; call under
+        ``torch.no_grad()``)."""
+        hidden = self._prompted_embeddings(self.base.embeddings(input_ids=input_ids), self.prompt)
+        hidden = self._run_blocks(hidden, extend_mask(attention_mask, self.num_virtual_tokens), 0, self.cut_layer)
+        return self.edge_logits(hidden, attention_mask)
 
 
 def _candidate_token_ids(config: Any, init_token_ids: Optional[Sequence[int]]) -> np.ndarray:
