@@ -27,16 +27,20 @@ def trainer_errors(scenario: Scenario) -> Iterator[None]:
         raise ScenarioError(f"cannot build the trainer for scenario {scenario.name!r}: {err}") from None
 
 
-def make_trainer(scenario: Scenario, seed: int):
-    """The trainer a scenario asks for; the real one is imported only when needed. Errors in
-    the scenario found while building it become :class:`ScenarioError`."""
+def make_trainer(scenario: Scenario, seed: int, variant: str = "lora"):
+    """The trainer a scenario asks for (``variant``: a ``federated_deft`` variant's real
+    trainer); the real one is imported only when needed. Errors in the scenario found while
+    building it become :class:`ScenarioError`."""
     seed = scenario.train_seed(seed)  # training_seed, else the run seed
     if scenario.trainer == "fake":
+        if variant != "lora":
+            raise ScenarioError(f"scenario {scenario.name!r}: the {variant} variant needs trainer: real (the fake "
+                                "trainer has no emulator, split model or seed pools)")
         return FakeTrainer(scenario, seed)
     from fomo import build_trainer
 
     with trainer_errors(scenario):
-        return build_trainer(scenario, seed)
+        return build_trainer(scenario, seed, variant)
 
 
 def topology_record(network: Network) -> dict:

@@ -21,8 +21,7 @@ prefix_cache  frozen-prefix activation cache (``execution.activation_cache_bytes
 last_block    the last block computed only at the position the head reads
               (``execution.prune_last_block``).
 
-Building blocks of federated fine-tuning without the whole model on the device (tested on the
-real checkpoint; not yet wired into a protocol or a scenario):
+Federated fine-tuning without the whole model on the device (experiment ``federated_deft``):
 
 emulator      an Offsite-Tuning emulator of the checkpoint (uniform layer drop of the middle
               blocks, optional 8-bit middle weights, distillation at the edge) and the plug-in
@@ -31,6 +30,8 @@ split         split fine-tuning: the device part below a cut with a soft prompt,
               above, and the gradient the edge sends back at the cut.
 zeroth_order  MeZO SPSA steps and FedKSeed seed pools and replay on PEFT parameters; payload and
               step-memory formulas.
+emulator_trainer, split_trainer, zo_trainer
+              the trainers of the three variants (:func:`build_trainer` with ``variant``).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover - only for type checkers
 __all__ = ["build_trainer"]
 
 
-def build_trainer(scenario: "Scenario", seed: int) -> "PeftTrainer":
+def build_trainer(scenario: "Scenario", seed: int, variant: str = "lora") -> "PeftTrainer":
     """Build the real PEFT trainer for ``scenario`` (imports torch lazily).
 
     Parameters
@@ -54,7 +55,26 @@ def build_trainer(scenario: "Scenario", seed: int) -> "PeftTrainer":
     seed : int
         Seed of the data split/partition, the devices' batch sampling and the PEFT
         initialisation (see :mod:`fomo.data` for how the streams are derived).
+    variant : str
+        ``lora`` (the plain trainer), or a ``federated_deft`` variant: ``emulator``
+        (:class:`fomo.emulator_trainer.EmulatorTrainer`), ``split``
+        (:class:`fomo.split_trainer.SplitTrainer`), ``zeroth_order``
+        (:class:`fomo.zo_trainer.ZerothOrderTrainer`).
     """
-    from fomo.trainer import PeftTrainer
+    if variant == "lora":
+        from fomo.trainer import PeftTrainer
 
-    return PeftTrainer(scenario, seed)
+        return PeftTrainer(scenario, seed)
+    if variant == "emulator":
+        from fomo.emulator_trainer import EmulatorTrainer
+
+        return EmulatorTrainer(scenario, seed)
+    if variant == "split":
+        from fomo.split_trainer import SplitTrainer
+
+        return SplitTrainer(scenario, seed)
+    if variant == "zeroth_order":
+        from fomo.zo_trainer import ZerothOrderTrainer
+
+        return ZerothOrderTrainer(scenario, seed)
+    raise ValueError(f"variant={variant!r}: allowed: lora, emulator, split, zeroth_order")

@@ -23,6 +23,12 @@ sliced by group or server without joining topology.json. Event kinds:
 ``handover``      mobility: the device moved from ``server`` to ``peer``
 ``not_scheduled`` AirComp: a device outside ``aircomp.interior_radius_m`` (not used that round)
 ``aggregate``     FedAvg at the edge
+``distill``       the edge distils the emulator (Offsite-Tuning; before the first round)
+``emulator_broadcast``  the edge multicasts the emulator once (``node`` = edge); each device's
+                  reception is a ``downlink`` event of round 0
+``edge_wait``     split: a device waits for the edge's pass on its step (queueing + service)
+``edge_compute``  split: one pass of the edge over a batch of devices' steps (``node`` = edge)
+``evaluate_emulator``  accuracy of the emulator itself (an instrument, no simulated time)
 ``evaluate``      test accuracy of the global model (round 0: before training)
 ``round_end``     end of a round
 ================  =====================================================
@@ -71,6 +77,11 @@ class Recorder:
         kept = max(end_s - t_s, 0.0)
         energy = self.rows[row][COLUMNS.index("energy_j")]
         self._set(row, duration_s=kept, energy_j=energy * kept / duration if duration > 0 else energy)
+
+    def finish(self, row: int, *, duration_s: float, energy_j: float) -> None:
+        """Set the duration and energy of an emitted event whose end was not known when it
+        started (a wait for a shared server)."""
+        self._set(row, duration_s=float(duration_s), energy_j=float(energy_j))
 
     def _set(self, row: int, **fields) -> None:
         values = list(self.rows[row])

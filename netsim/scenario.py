@@ -471,5 +471,23 @@ class Scenario(Spec):
         if tr.min_results is not None and tr.deadline_s is None:
             raise ValueError(f"training.min_results={tr.min_results} applies at a round deadline: set "
                              "training.deadline_s too")
+        if self.experiment == "federated_deft":
+            self._federated_deft_checks()
         if tr.over_selection > 1.0 and tr.devices_per_round is None:
             raise ValueError(f"training.over_selection={tr.over_selection} needs training.devices_per_round (K)")
+
+    def _federated_deft_checks(self) -> None:
+        """What experiment ``federated_deft`` needs of the shared sections."""
+        if self.training.mode != "synchronous":
+            raise ValueError(f"experiment=federated_deft compares synchronous rounds: training.mode must be "
+                             f"'synchronous', not {self.training.mode!r}")
+        if self.channel.uplink_access != "ofdma":
+            raise ValueError("experiment=federated_deft: channel.uplink_access must be 'ofdma' (adapters, prompts and "
+                             "cut activations go up digitally); zeroth_order.uplink_access: aircomp sends the "
+                             "zeroth-order scalars over the air")
+        if self.zeroth_order.uplink_access == "aircomp" and self.strategies.compression.name != "none":
+            raise ValueError(f"zeroth_order.uplink_access=aircomp sends analog values: strategies.compression.name must "
+                             f"be 'none', not {self.strategies.compression.name!r}")
+        if self.trainer != "real":
+            raise ValueError("experiment=federated_deft needs trainer: real (the emulator, the split model and the seed "
+                             "pools are real-model trainers)")

@@ -70,7 +70,7 @@ def test_one_module_per_protocol():
 
     folder = Path(protocols.__file__).parent
     assert sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__") == [
-        "aircomp_fedavg", "async_fl", "fedavg", "lola", "neural_aircomp"]
+        "aircomp_fedavg", "async_fl", "emulator_fl", "fedavg", "lola", "neural_aircomp", "split_fl", "zeroth_order_fl"]
     for name, cls in protocols.PROTOCOLS.items():   # registered under the name of its module
         assert cls.__module__ == f"netsim.protocols.{name}"
     graph = import_graph("netsim")
@@ -89,6 +89,10 @@ OWNED_SECTIONS = {  # Scenario field: (owning module, section class)
     "aircomp": ("netsim.protocols.aircomp_fedavg", "AirCompSpec"),
     "lola": ("netsim.protocols.lola", "LolaSpec"),
     "neural_aircomp": ("netsim.protocols.neural_aircomp", "NeuralAirCompSpec"),
+    "federated_deft": ("netsim.federated_deft", "FederatedDeftSpec"),
+    "emulator": ("netsim.protocols.emulator_fl", "EmulatorSpec"),
+    "split": ("netsim.protocols.split_fl", "SplitSpec"),
+    "zeroth_order": ("netsim.protocols.zeroth_order_fl", "ZerothOrderSpec"),
 }
 
 

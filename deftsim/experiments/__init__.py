@@ -7,6 +7,7 @@ One module per experiment, each registering its function with :func:`base.regist
 ``aircomp_vs_ofdma``   FedAvg over OFDMA vs over the air at several K (``aircomp_vs_ofdma.py``)
 ``lola_compare``       LoLa block-allocation algorithms on one network (``lola_compare.py``)
 ``neural_aircomp``     split fine-tuning with a neural connection over the air (``neural_aircomp.py``)
+``federated_deft``     federated LoRA vs emulator, split and zeroth-order fine-tuning (``federated_deft.py``)
 =====================  ==========================================================
 
 An experiment is a function ``(scenario, on_round) -> ExperimentResult``; the runner writes
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 from netsim.scenario import Scenario
 
-from . import aircomp_vs_ofdma, fedavg, lola_compare, neural_aircomp  # noqa: F401  (registration)
+from . import aircomp_vs_ofdma, federated_deft, fedavg, lola_compare, neural_aircomp  # noqa: F401  (registration)
 from .base import EXPERIMENTS, Experiment, ExperimentResult, register
 
 __all__ = ["EXPERIMENTS", "Experiment", "ExperimentResult", "PlannedWork", "get_experiment", "planned_work",
@@ -33,6 +34,8 @@ def progress_total(scenario: Scenario) -> Optional[int]:
         return scenario.training.rounds
     if scenario.experiment == "aircomp_vs_ofdma":
         return scenario.training.rounds * 2 * len(set(scenario.aircomp.device_counts))
+    if scenario.experiment == "federated_deft":
+        return scenario.training.rounds * len(scenario.federated_deft.variants)
     return None
 
 
@@ -89,6 +92,14 @@ def planned_work(scenario: Scenario) -> PlannedWork:
         return PlannedWork(rounds * lola.steps_per_round * sum(per_round), len(trained) * (rounds + 1),
                            f"{rounds} rounds x {lola.steps_per_round} steps x (blocks or, for offloading, "
                            f"at most {n} devices) for {trained}")
+    if scenario.experiment == "federated_deft":
+        from netsim.federated_deft import variant_scenario
+
+        k = t.devices_per_round or n
+        parts = [(v, variant_scenario(scenario, v).training.local_steps) for v in scenario.federated_deft.variants]
+        return PlannedWork(sum(t.rounds * k * e for _, e in parts), len(parts) * (t.rounds + 1),
+                           " + ".join(f"{v}: {t.rounds} rounds x {k} devices x {e} local steps" for v, e in parts)
+                           + "; an evaluation before round 1 and after every round, per variant")
     if scenario.experiment == "neural_aircomp":
         from .neural_aircomp import variants
 

@@ -8,9 +8,13 @@ network, one module each, registered by name in :data:`PROTOCOLS`.
   (``training.mode``);
 - ``neural_aircomp``: split fine-tuning whose edge layer consumes the over-the-air sum of the
   devices' features;
-- ``lola``: LoLa cooperative fine-tuning, one simulated run per block-allocation algorithm.
+- ``lola``: LoLa cooperative fine-tuning, one simulated run per block-allocation algorithm;
+- ``emulator_fl``: FedAvg of the adapter on an Offsite-Tuning emulator, after its one-off
+  download;
+- ``split_fl``: SplitFed: every local step a round trip through a shared, batching edge;
+- ``zeroth_order_fl``: FedKSeed: MeZO steps whose rounds exchange K scalars per device.
 
-The federated ones (the first three) share :class:`~netsim.protocols.fedavg.FedAvgSimulation`'s
+The federated ones (all but ``neural_aircomp`` and ``lola``) share :class:`~netsim.protocols.fedavg.FedAvgSimulation`'s
 constructor and run their local training through :mod:`netsim.engine`.
 """
 from __future__ import annotations
@@ -19,7 +23,10 @@ from typing import TYPE_CHECKING, Optional
 
 from .aircomp_fedavg import AirCompFedAvgSimulation
 from .async_fl import AsyncFLSimulation
+from .emulator_fl import EmulatorFedAvgSimulation
 from .fedavg import FedAvgSimulation, RoundCallback
+from .split_fl import SplitFedSimulation
+from .zeroth_order_fl import ZerothOrderAirCompSimulation, ZerothOrderSimulation
 
 if TYPE_CHECKING:
     from ..interfaces import Trainer
@@ -29,6 +36,9 @@ PROTOCOLS: dict[str, type[FedAvgSimulation]] = {
     "fedavg": FedAvgSimulation,
     "aircomp_fedavg": AirCompFedAvgSimulation,
     "async_fl": AsyncFLSimulation,
+    "emulator_fl": EmulatorFedAvgSimulation,
+    "split_fl": SplitFedSimulation,
+    "zeroth_order_fl": ZerothOrderSimulation,
 }
 """The federated protocols by name."""
 
@@ -45,3 +55,20 @@ def make_simulation(scenario: "Scenario", seed: int, trainer: "Trainer",
                     on_round: Optional[RoundCallback] = None) -> FedAvgSimulation:
     """The federated simulation of the scenario (:func:`protocol_name`)."""
     return PROTOCOLS[protocol_name(scenario)](scenario, seed, trainer, on_round)
+
+
+def deft_simulation(variant: str, scenario: "Scenario", seed: int, trainer: "Trainer",
+                    on_round: Optional[RoundCallback] = None) -> FedAvgSimulation:
+    """The simulation of one ``federated_deft`` variant on its scenario
+    (:func:`netsim.federated_deft.variant_scenario`): ``lora`` the scenario's own federated
+    protocol, ``emulator`` / ``split`` / ``zeroth_order`` their protocols (zeroth-order over the
+    air when the variant's ``channel.uplink_access`` is ``aircomp``)."""
+    if variant == "lora":
+        return make_simulation(scenario, seed, trainer, on_round)
+    if variant == "zeroth_order" and scenario.channel.uplink_access == "aircomp":
+        return ZerothOrderAirCompSimulation(scenario, seed, trainer, on_round)
+    cls = {"emulator": EmulatorFedAvgSimulation, "split": SplitFedSimulation,
+           "zeroth_order": ZerothOrderSimulation}.get(variant)
+    if cls is None:
+        raise ValueError(f"federated_deft variant {variant!r}: allowed: lora, emulator, split, zeroth_order")
+    return cls(scenario, seed, trainer, on_round)

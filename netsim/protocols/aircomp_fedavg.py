@@ -171,6 +171,7 @@ class AirCompFedAvgSimulation(FedAvgSimulation):
                                    round=r, bytes=res.update_bytes, energy_j=e, **self._tags(d))
         yield self.env.timeout(latency)
         self.trainer.aggregate_flat(estimate)
+        self.counters["server_steps"] += 1
         q = int(estimate.size)
         flops = 2.0 * q   # the channel did the sum; the edge scales and adds to the global state
         duration = compute_time_s(flops, self.network.servers[0].spec.compute_flops_per_s)

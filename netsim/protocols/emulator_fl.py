@@ -49,3 +49,49 @@ class EmulatorSpec(Spec):
     learning_rate: Optional[PositiveFloat] = Field(None, ge=1e-12, le=100, description="overrides "
                                                    "training.learning_rate")
     optimizer: Optional[Literal["adamw", "sgd"]] = Field(None, description="overrides training.optimizer")
+
+
+class EmulatorFedAvgSimulation(FedAvgSimulation):
+    """FedAvg rounds on an Offsite-Tuning emulator, after a one-off download of it.
+
+    The trainer must provide ``emulator_download_bytes()``, ``evaluate_emulator()`` and
+    ``distill_edge_flops`` besides the :class:`~netsim.interfaces.Trainer` methods (the real
+    one: ``fomo.emulator_trainer.EmulatorTrainer``). Every device receives the emulator,
+    whatever its availability (it is sent once, before the first round); the first round starts
+    when the last device has decoded it."""
+
+    def _prepare(self):
+        """Distillation at the edge (if any), then the emulator's multicast."""
+        flops = float(getattr(self.trainer, "distill_edge_flops", 0.0) or 0.0)
+        if flops > 0:
+            duration = self._edge_time_s(flops)
+            self.recorder.emit("distill", t_s=self.env.now, duration_s=duration, node=self._edge_name, round=0,
+                               flops=flops)
+            yield self.env.timeout(duration)
+        size_bytes = int(self.trainer.emulator_download_bytes())
+        bandwidth_hz = self.scenario.channel.downlink_bandwidth_hz
+        t0 = self.env.now
+        longest_all = 0.0
+        for server in self.network.servers:
+            members = [d for d in self.network.devices if d.server == server.index]
+            if not members:
+                continue
+            longest = 0.0
+            for d in members:
+                t = d.downlink.transfer_duration_s(8 * size_bytes, t0, bandwidth_hz)
+                longest = max(longest, t)
+                self.recorder.emit("downlink", t_s=t0, duration_s=t, node=d.name, peer=server.name, round=0,
+                                   bytes=size_bytes, energy_j=energy_j(d.group.rx_power_w, t), **self._tags(d))
+            self.recorder.emit("emulator_broadcast", t_s=t0, duration_s=longest, node=server.name, round=0,
+                               bytes=size_bytes, energy_j=energy_j(server.spec.tx_power_w, longest))
+            longest_all = max(longest_all, longest)
+        yield self.env.timeout(longest_all)
+
+    def _evaluate(self, r: int):
+        """The plug-in's accuracy (the full model with the aggregated adapter; what the run
+        reports), then the emulator's own, logged as ``evaluate_emulator`` (no simulated time)."""
+        accuracy = yield from super()._evaluate(r)
+        ev = self.trainer.evaluate_emulator()
+        self.recorder.emit("evaluate_emulator", t_s=self.env.now, node=self._edge_name, round=r, flops=ev.flops,
+                           loss=ev.loss, accuracy=ev.accuracy)
+        return accuracy

@@ -185,8 +185,15 @@ class FedAvgSimulation:
         return self.outcome
 
     # ------------------------------------------------------------------ rounds
+    def _prepare(self):
+        """What happens once before the first evaluation (nothing here; the emulator protocol
+        sends the emulator, the zeroth-order one the candidate seeds). A SimPy generator."""
+        return
+        yield  # pragma: no cover
+
     def _main(self):
         sc = self.scenario
+        yield from self._prepare()
         initial = yield from self._evaluate(0)
         accuracy, rounds_done, reason = initial, 0, "round_limit"
         for r in range(1, sc.training.rounds + 1):
@@ -288,7 +295,7 @@ class FedAvgSimulation:
         job: Optional[PendingJob] = None
         try:
             server_name = self.network.servers[device.server].name
-            size_bytes = self.trainer.adapter_bytes()
+            size_bytes = self._download_bytes(device)
             dl = min(download_s, max(t_off - self.env.now, 0.0))
             self._phase_rows[device.index] = self.recorder.emit(
                 "downlink", t_s=self.env.now, duration_s=dl, node=device.name, peer=server_name, round=r,
@@ -347,12 +354,18 @@ class FedAvgSimulation:
         """(time [s], energy [J]) of a local job of ``flops``: throughput or DVFS model, times
         the device's straggler factor for this job (energy scales with the time)."""
         t, e = compute_time_energy(device.group, flops)
-        if self.jitter.sigma > 0:
-            factor = self.jitter.factor(device.index, int(self._jobs_started[device.index]))
-            t, e = t * factor, e * factor
-        self._jobs_started[device.index] += 1
+        factor = self._straggler_factor(device)
+        t, e = t * factor, e * factor
         self._last_compute_s[device.index] = t
         return t, e
+
+    def _straggler_factor(self, device: Device) -> float:
+        """The straggler factor of the device's next job (1 without jitter); counts the job."""
+        factor = 1.0
+        if self.jitter.sigma > 0:
+            factor = float(self.jitter.factor(device.index, int(self._jobs_started[device.index])))
+        self._jobs_started[device.index] += 1
+        return factor
 
     def _dropped(self, r: int, device: Device, job: Optional[PendingJob]):
         """The device went offline before its upload ended: its update is lost."""
@@ -458,19 +471,23 @@ class FedAvgSimulation:
         payload, so each device has its own download time; the server transmits until its last
         device has decoded. Returns device index -> download time [s]."""
         ch = self.scenario.channel
-        size_bytes = self.trainer.adapter_bytes()
         t0 = self.env.now
         download_s: dict[int, float] = {}
         for server in self.network.servers:
             members = [d for d in devices if d.server == server.index]
             if not members:
                 continue
+            sizes = {d.index: self._download_bytes(d) for d in members}
             for d in members:
-                download_s[d.index] = d.downlink.transfer_duration_s(8 * size_bytes, t0, ch.downlink_bandwidth_hz)
+                download_s[d.index] = d.downlink.transfer_duration_s(8 * sizes[d.index], t0, ch.downlink_bandwidth_hz)
             longest = max(download_s[d.index] for d in members)
             self.recorder.emit("broadcast", t_s=t0, duration_s=longest, node=server.name, round=r,
-                               bytes=size_bytes, energy_j=energy_j(server.spec.tx_power_w, longest))
+                               bytes=max(sizes.values()), energy_j=energy_j(server.spec.tx_power_w, longest))
         return download_s
+
+    def _download_bytes(self, device: Device) -> int:
+        """What ``device`` must receive at a round start [bytes]: the global adapter."""
+        return self.trainer.adapter_bytes()
 
     def _upload(self, r: int, device: Device, job: PendingJob, share: float, t_off: float = math.inf):
         """Upload the update over the device's FDMA share (overridden by AirComp uplinks);

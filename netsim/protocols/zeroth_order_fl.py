@@ -1,12 +1,38 @@
 """Federated zeroth-order fine-tuning with shared candidate seeds (FedKSeed over MeZO).
+
+Every local step is a MeZO step (Malladi et al. 2023): two forward passes at theta +- eps z,
+z ~ N(0, I) regenerated from a seed, and theta <- theta - lr g z with the projected gradient
+g = (L+ - L-) / (2 eps). FedKSeed (Qin et al. 2024) draws every step's seed from K candidate
+seeds that the edge shares once, so a device's round is summarised by K scalars (the sum of
+the projected gradients of the steps that drew each seed) and every device rebuilds the new
+global model by replaying the K aggregated scalars (``fomo.zo_trainer``). The timeline:
+
+1. the edge sends the K candidate seeds once (4 K bytes, ``seed_broadcast``);
+2. FedAvg rounds (:mod:`netsim.protocols.fedavg`) whose payload each way is the dense vector of
+   K float32 scalars; a device that missed server steps since its last download receives
+   their scalars too: min(4 K x missed steps, the whole PEFT state) bytes (nothing before the
+   first aggregation: every device starts from the shared initial state);
+3. with ``zeroth_order.uplink_access: aircomp`` the K scalars go up over the air
+   (:mod:`netsim.protocols.aircomp_fedavg`: the edge receives their weighted sum directly).
+
+A step costs two forward passes and the memory of inference: no gradient, no optimizer
+state, no saved activations.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
+import numpy as np
 from pydantic import Field
 
+from ..budgets import energy_j
+from ..network import Device
 from ..spec_base import Int, NonNegFloat, PositiveFloat, Spec
+from .aircomp_fedavg import AirCompFedAvgSimulation
+from .fedavg import FedAvgSimulation
+
+if TYPE_CHECKING:  # netsim.scenario imports ZerothOrderSpec: no import of it at run time
+    from ..engine import PendingJob
 
 
 class ZerothOrderSpec(Spec):
@@ -20,3 +46,48 @@ class ZerothOrderSpec(Spec):
     local_steps: Optional[Int] = Field(None, ge=1, le=1_000_000, description="overrides training.local_steps")
     learning_rate: Optional[PositiveFloat] = Field(None, ge=1e-12, le=100, description="overrides "
                                                    "training.learning_rate (the SGD step of the ZO update)")
+
+
+class _SeedPools:
+    """What FedKSeed adds to a FedAvg protocol: the one-off seed broadcast and catch-up
+    downloads (mixed into the OFDMA and the over-the-air protocol)."""
+
+    def _prepare(self):
+        k = self.scenario.zeroth_order.candidate_seeds
+        size_bytes = 4 * k   # K uint32 seeds
+        self._synced = np.zeros(len(self.network.devices), dtype=np.int64)
+        bandwidth_hz = self.scenario.channel.downlink_bandwidth_hz
+        t0, longest_all = self.env.now, 0.0
+        for server in self.network.servers:
+            members = [d for d in self.network.devices if d.server == server.index]
+            if not members:
+                continue
+            times = [d.downlink.transfer_duration_s(8 * size_bytes, t0, bandwidth_hz) for d in members]
+            for d, t in zip(members, times):
+                self.recorder.emit("downlink", t_s=t0, duration_s=t, node=d.name, peer=server.name, round=0,
+                                   bytes=size_bytes, energy_j=energy_j(d.group.rx_power_w, t), **self._tags(d))
+            self.recorder.emit("seed_broadcast", t_s=t0, duration_s=max(times), node=server.name, round=0,
+                               bytes=size_bytes, energy_j=energy_j(server.spec.tx_power_w, max(times)))
+            longest_all = max(longest_all, max(times))
+        yield self.env.timeout(longest_all)
+
+    def _download_bytes(self, device: Device) -> int:
+        """The K aggregated scalars of every server step the device has not replayed yet,
+        capped by the whole PEFT state (``trainer.state_bytes()``)."""
+        missed = int(self.counters["server_steps"]) - int(self._synced[device.index])
+        per_step = self.trainer.adapter_bytes()
+        state = getattr(self.trainer, "state_bytes", None)
+        cap = int(state()) if callable(state) else per_step * missed
+        return min(per_step * missed, cap)
+
+    def _submit(self, device: Device, job_round: int, base=None) -> "PendingJob":
+        self._synced[device.index] = int(self.counters["server_steps"])
+        return super()._submit(device, job_round, base)
+
+
+class ZerothOrderSimulation(_SeedPools, FedAvgSimulation):
+    """FedKSeed rounds with OFDMA uplinks (see the module docstring)."""
+
+
+class ZerothOrderAirCompSimulation(_SeedPools, AirCompFedAvgSimulation):
+    """FedKSeed rounds whose K scalars are aggregated over the air."""
