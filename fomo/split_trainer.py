@@ -42,6 +42,13 @@ Costs (known at planning; shapes only, profiled once per (batch, seq_len) and ca
   weights + one head copy x (1 + gradient + optimizer states) + the edge forward's saved
   activations + the received cut tensor.
 
+Counted figures (all-MiniLM-L6-v2, batch 8 x 32 tokens, n_v = 8, AdamW; counts, not timings):
+cut 1: device 1.15 + 1.18 GFLOP (forward + backward), edge 11.67 GFLOP, 491,840 B up and
+491,520 B down per step; device memory 60.3 MB (of which the embedding tables are 46.9 MB)
+against 118.2 MB for a local job of the ``peft`` defaults' LoRA on the whole model. cut 0 with
+``prompt_only_gradient``: device 0 FLOP, edge 14.0 GFLOP, 405,824 B up, 12,288 B down, device
+memory 48.1 MB.
+
 Evaluation runs at the edge on the whole prompted split model (device part then edge part, no
 gradient) with the same test batches as :meth:`PeftTrainer.evaluate`.
 
