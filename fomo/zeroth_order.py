@@ -218,14 +218,23 @@ def candidate_seeds(k: int, rng: np.random.Generator) -> np.ndarray:
     return rng.choice(SEED_LIMIT, size=int(k), replace=False).astype(np.int64)
 
 
+def draw_seed_indices(k: int, steps: int, rng: np.random.Generator) -> np.ndarray:
+    """The candidate index (in [0, K)) of each local step: uniform draws with replacement, the
+    draws :func:`draw_seeds` makes (``draw_seeds(pool, steps, rng) ==
+    pool[draw_seed_indices(len(pool), steps, rng)]`` for generators in the same state)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"K={k!r}: the number of candidate seeds must be an integer >= 1")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+        raise ValueError(f"steps={steps!r}: must be an integer >= 0")
+    return rng.integers(0, int(k), size=int(steps))
+
+
 def draw_seeds(seeds_pool: np.ndarray, steps: int, rng: np.random.Generator) -> np.ndarray:
     """The seed of each local step: uniform draws (with replacement) from the K candidates."""
     pool = np.asarray(seeds_pool)
     if pool.ndim != 1 or pool.size == 0:
         raise ValueError(f"seeds_pool: expected a non-empty 1-D array of candidate seeds, got shape {pool.shape}")
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
-        raise ValueError(f"steps={steps!r}: must be an integer >= 0")
-    return pool[rng.integers(0, pool.size, size=int(steps))]
+    return pool[draw_seed_indices(pool.size, steps, rng)]
 
 
 def local_zo_round(loss_fn_per_step: Callable[[int], LossFn], params: Sequence[torch.Tensor],
