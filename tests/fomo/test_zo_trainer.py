@@ -89,6 +89,8 @@ def test_payload_is_4k_bytes_both_ways(trainer: ZerothOrderTrainer) -> None:
     assert result.update_bytes == 4 * K
     assert trainer.flatten_update(result).shape == (K,) and trainer.flatten_update(result).dtype == np.float64
     assert zo.dense_payload_bytes(1024) == 4096 and zo.dense_payload_bytes(4096) == 16384
+    values = sum(t.numel() for t in trainer.global_state().values())
+    assert trainer.replay_flops(3) == 2.0 * 3 * values  # wd = 0: one multiply-add per value and pair
 
 
 def test_candidate_seeds_are_the_run_s_shared_draw(trainer: ZerothOrderTrainer) -> None:
