@@ -178,6 +178,9 @@ class Emulator:
         ``base_model.model.bert.encoder.layer`` under PEFT)
     quantized : emulator parameter name -> its int8 codes and scale, for the quantised middle
         weights (empty without quantisation); the model computes with their dequantised values
+    shares_middle : True while the kept middle blocks' frozen tensors are the original
+        model's own (``build_emulator(share_frozen=True)``); :func:`own_middle` copies them
+        before anything writes them (quantisation, distillation)
     """
 
     model: nn.Module
@@ -187,6 +190,7 @@ class Emulator:
     top: tuple[int, ...]
     block_list_name: str
     quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
+    shares_middle: bool = False
 
     @property
     def num_parameters(self) -> int:
@@ -274,8 +278,21 @@ def _quantize_middle(model: nn.Module, list_name: str, positions: list[int],
     return out
 
 
+def _frozen_memo(model: nn.Module) -> dict[int, object]:
+    """A ``copy.deepcopy`` memo that maps every frozen parameter (``requires_grad`` False) and
+    every buffer of ``model`` to itself, so a deep copy shares them instead of copying them."""
+    memo: dict[int, object] = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            memo[id(p)] = p
+    for b in model.buffers():
+        memo[id(b)] = b
+    return memo
+
+
 def build_emulator(model: nn.Module, adapter_layers: int, emulator_layers: int,
-                   quantize_bits: Optional[int] = None, prefix: str = "") -> Emulator:
+                   quantize_bits: Optional[int] = None, prefix: str = "",
+                   share_frozen: bool = False) -> Emulator:
     """The Offsite-Tuning emulator of ``model`` (plain or PEFT-wrapped; ``model`` is unchanged).
 
     A deep copy whose block list becomes bottom + kept middle + top
@@ -287,6 +304,13 @@ def build_emulator(model: nn.Module, adapter_layers: int, emulator_layers: int,
     matrices (:func:`quantize_symmetric`); the emulator computes with the dequantised weights
     and :attr:`Emulator.download_bytes` counts them at 1 byte + one scale per tensor.
     ``prefix`` is prepended to field names in error messages (e.g. ``"emulator."``).
+
+    ``share_frozen=True``: the emulator's frozen parameters and buffers are ``model``'s own
+    tensors (one copy in host memory; the emulator computes with the very same storages, so
+    with every block kept it gives ``model``'s numbers bit for bit whatever the kernels'
+    sensitivity to memory alignment); trainable tensors are copied. Nothing of ``model`` is
+    ever written: :func:`own_middle` gives the kept middle blocks their own copies first
+    (quantisation and :func:`distill` call it).
     """
     if quantize_bits is not None and quantize_bits not in QUANTIZE_BITS:
         raise ValueError(f"{prefix}quantize_bits={quantize_bits}: allowed values are "
@@ -294,7 +318,7 @@ def build_emulator(model: nn.Module, adapter_layers: int, emulator_layers: int,
     _, _, n_layers = _find_blocks(model)
     bottom, middle, top = emulator_layer_indices(n_layers, adapter_layers, emulator_layers, prefix)
     kept = bottom + middle + top
-    emu = copy.deepcopy(model)
+    emu = copy.deepcopy(model, _frozen_memo(model)) if share_frozen else copy.deepcopy(model)
     list_name, blocks, _ = _find_blocks(emu)
     new_blocks = nn.ModuleList([blocks[i] for i in kept])
     _set_submodule(emu, list_name, new_blocks)
@@ -303,7 +327,7 @@ def build_emulator(model: nn.Module, adapter_layers: int, emulator_layers: int,
     for j in range(len(bottom), len(bottom) + len(middle)):
         new_blocks[j].requires_grad_(False)
     emulator = Emulator(model=emu, kept_layers=tuple(kept), bottom=tuple(bottom), middle=tuple(middle),
-                        top=tuple(top), block_list_name=list_name)
+                        top=tuple(top), block_list_name=list_name, shares_middle=bool(share_frozen))
     if quantize_bits is not None:
         quantize_emulator(emulator, quantize_bits)
     return emulator
@@ -315,12 +339,35 @@ def middle_positions(emulator: Emulator) -> list[int]:
     return list(range(start, start + len(emulator.middle)))
 
 
+def own_middle(emulator: Emulator) -> Emulator:
+    """Give the kept middle blocks their own copies of every parameter and buffer, if they
+    share them with the original model (:attr:`Emulator.shares_middle`); a no-op otherwise.
+    The copies are new tensors (new storages: anything holding the old parameter objects or
+    storage addresses must look them up again)."""
+    if not emulator.shares_middle:
+        return emulator
+    blocks = emulator.model.get_submodule(emulator.block_list_name)
+    with torch.no_grad():
+        for j in middle_positions(emulator):
+            for module in blocks[j].modules():
+                for name, p in list(module._parameters.items()):
+                    if p is not None:
+                        module._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                for name, b in list(module._buffers.items()):
+                    if b is not None:
+                        module._buffers[name] = b.clone()
+    emulator.shares_middle = False
+    return emulator
+
+
 def quantize_emulator(emulator: Emulator, bits: int = 8) -> Emulator:
     """Quantise the middle blocks' weight matrices of ``emulator`` in place (see
     :func:`quantize_symmetric`; after :func:`distill` if the emulator is distilled) and return
-    it. ValueError if it is quantised already."""
+    it. ValueError if it is quantised already. Middle tensors shared with the original model
+    are copied first (:func:`own_middle`)."""
     if emulator.quantized:
         raise ValueError("quantize_bits: the emulator is quantised already")
+    own_middle(emulator)
     emulator.quantized = _quantize_middle(emulator.model, emulator.block_list_name,
                                           middle_positions(emulator), bits)
     return emulator
@@ -497,6 +544,7 @@ def distill(emulator: Emulator, teacher: list[nn.Module], input_ids: torch.Tenso
                          f"{tuple(attention_mask.shape)} must be the same (n >= 1, T) shape")
     if len(teacher) < 1:
         raise ValueError("distill: the teacher has no block")
+    own_middle(emulator)   # never write the teacher's own tensors
     student = [p for _, p in student_parameters(emulator)]
     flags = {id(p): p.requires_grad for p in emulator.model.parameters()}
     was_training = emulator.model.training
