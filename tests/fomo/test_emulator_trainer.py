@@ -120,6 +120,10 @@ def test_layout_bytes_and_memory(dropped: EmulatorTrainer) -> None:
     t = dropped
     assert t.emulator.kept_layers == (0, 1, 4, 5) and t.emulator.middle == (1, 4)
     assert t.model is t.emulator.model and t.full_model is not t.model
+    # one host copy of the frozen tensors: the emulator computes with the full model's own
+    full = dict(t.full_model.named_parameters())
+    for name, p in t.model.named_parameters():
+        assert (p is full[t.emulator.full_name(name)]) == (not p.requires_grad and "lora_" not in name), name
     # trainable: LoRA of emulator blocks 0 and 3 (= L0, L5) and the head copy; middle LoRA frozen
     trainable = [(n, p) for n, p in t.model.named_parameters() if p.requires_grad]
     assert [n for n, _ in trainable] == list(t.global_state())
@@ -184,6 +188,7 @@ def test_distillation_lowers_the_middle_error(dropped: EmulatorTrainer) -> None:
              if not torch.equal(p, dict(dropped.model.named_parameters())[n])}
     assert moved and moved <= {n for n, _ in E.student_parameters(t.emulator)}
     _assert_same_full_model(t, dropped)  # the teacher (the edge's full model) is untouched
+    assert not t.emulator.shares_middle
     # held-out texts (the test split): the distilled middle reproduces the teacher better
     ids, mask, _ = t._tokens.batch(t._test_examples[:16])
 
