@@ -11,6 +11,9 @@ experiment             a variant is                metrics per variant (``summar
                        per round                   (AirComp) NMSE and receive SNR
 ``neural_aircomp``     a connection: ``digital``   final and best accuracy, simulated time,
                        or AirComp at an SNR        uplink time per step, NMSE, receive SNR
+``federated_deft``     a way to fine-tune: lora,   final accuracy, time to target, peak device
+                       emulator, split,            memory, bytes up and down, energy per device,
+                       zeroth_order                device FLOPs per local step
 =====================  ==========================  ==============================================
 
 :func:`variant_rows` turns one ``summary.json`` into one row per variant; :func:`variant_curves`
@@ -51,6 +54,11 @@ VIEWS = {
                                      "variant", None,
                                      ("final_accuracy", "best_accuracy", "aircomp.mean_nmse", "mean_uplink_s",
                                       "sim_time_s", "time_to_target_s")),
+    "federated_deft": ExperimentView("federated_deft", "way to fine-tune (whole model, emulator, split, zeroth-order)",
+                                     "variant", None,
+                                     ("final_accuracy", "time_to_target_s", "peak_device_memory_bytes", "uplink_bytes",
+                                      "downlink_bytes", "energy_per_device_j", "device_flops_per_step",
+                                      "energy_to_target_j", "edge_utilisation", "edge_mean_queue_delay_s")),
 }
 """The experiments with several variants per run."""
 
@@ -125,7 +133,30 @@ def _neural_rows(summary: dict, where: str) -> list[dict]:
     return rows
 
 
-_ROWS = {"lola_compare": _lola_rows, "aircomp_vs_ofdma": _aircomp_rows, "neural_aircomp": _neural_rows}
+DEFT_METRICS = ("final_accuracy", "best_accuracy", "initial_accuracy", "sim_time_s", "rounds_completed",
+                "uplink_bytes", "downlink_bytes", "device_flops_per_step", "peak_device_memory_bytes",
+                "energy_per_device_j", "device_steps", "local_steps", "learning_rate")
+
+
+def _deft_rows(summary: dict, where: str) -> list[dict]:
+    variants = _mapping(summary, "variants", where)
+    order = summary.get("variant_order") if isinstance(summary.get("variant_order"), list) else []
+    names = [n for n in order if n in variants] + [n for n in variants if n not in order]
+    rows = []
+    for name in names:
+        run = variants[name] if isinstance(variants[name], dict) else {}
+        edges = (run.get("split") or {}).get("edges") if isinstance(run.get("split"), dict) else None
+        edge = next(iter(edges.values())) if isinstance(edges, dict) and edges else {}
+        edge = edge if isinstance(edge, dict) else {}
+        rows.append({"variant": str(name), **{m: _num(run.get(m)) for m in DEFT_METRICS},
+                     "edge_utilisation": _num(edge.get("utilisation")),
+                     "edge_mean_queue_delay_s": _num(edge.get("mean_queue_delay_s")),
+                     "edge_mean_batch_size": _num(edge.get("mean_batch_size"))})
+    return rows
+
+
+_ROWS = {"lola_compare": _lola_rows, "aircomp_vs_ofdma": _aircomp_rows, "neural_aircomp": _neural_rows,
+         "federated_deft": _deft_rows}
 
 
 def variant_rows(summary: dict, where: str = "summary.json") -> list[dict]:
@@ -141,7 +172,7 @@ def variant_curves(summary: dict, events: pd.DataFrame) -> dict[str, tuple[pd.Da
     """Variant -> (accuracy curve with columns ``t_s, accuracy``, the variant's events or None).
 
     ``aircomp_vs_ofdma``: the events of each (``uplink_access``, ``device_count``);
-    ``neural_aircomp``: of each ``variant``; ``lola_compare``: ``summary.json``'s
+    ``neural_aircomp``, ``federated_deft``: of each ``variant``; ``lola_compare``: ``summary.json``'s
     ``accuracy_vs_time`` (only with ``lola.train_rounds > 0``; no events: the LoLa event log
     holds the simulated rounds, not the training)."""
     experiment = summary.get("experiment")
@@ -149,7 +180,7 @@ def variant_curves(summary: dict, events: pd.DataFrame) -> dict[str, tuple[pd.Da
     if experiment == "aircomp_vs_ofdma" and {"uplink_access", "device_count"} <= set(events.columns):
         for (uplink, k), ev in events.groupby(["uplink_access", "device_count"], sort=False):
             out[f"{uplink} K={k}"] = (accuracy_curve(ev)[["t_s", "accuracy"]].reset_index(drop=True), ev)
-    elif experiment == "neural_aircomp" and "variant" in events.columns:
+    elif experiment in ("neural_aircomp", "federated_deft") and "variant" in events.columns:
         for name, ev in events.groupby("variant", sort=False):
             out[str(name)] = (accuracy_curve(ev)[["t_s", "accuracy"]].reset_index(drop=True), ev)
     elif experiment == "lola_compare" and isinstance(summary.get("accuracy_vs_time"), dict):

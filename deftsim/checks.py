@@ -15,7 +15,7 @@ from fomo.checkpoint import (ALL_LINEAR, HEAD_MODULES, CheckpointInfo, adaptable
                              check_head_fits, config_depth, default_model_path, read_config)
 from netsim.scenario import Scenario
 
-LORA_EXPERIMENTS = ("fedavg", "aircomp_vs_ofdma", "lola_compare")
+LORA_EXPERIMENTS = ("fedavg", "aircomp_vs_ofdma", "lola_compare", "federated_deft")
 """Experiments that fine-tune with ``peft`` (neural_aircomp trains its own projections)."""
 
 
@@ -85,6 +85,8 @@ def check_scenario_resources(scenario: Scenario) -> None:
         raise ValueError(f"peft.layers={scenario.peft.layers}: block(s) {bad} do not exist; the model has "
                          f"{depth} blocks, allowed indices 0..{depth - 1}")
     check_rank_per_layer(scenario.peft.rank_per_layer, depth)
+    if scenario.experiment == "federated_deft":
+        check_deft_depth(scenario, depth)
     uses_lora = scenario.experiment in LORA_EXPERIMENTS and scenario.peft.method == "lora"
     if uses_lora:
         check_target_modules(info, list(scenario.peft.target_modules))
@@ -93,6 +95,26 @@ def check_scenario_resources(scenario: Scenario) -> None:
     num_classes = check_data_fits(scenario)
     if scenario.experiment in LORA_EXPERIMENTS:
         check_head_fits(info, num_classes)
+
+
+def check_deft_depth(scenario: Scenario, depth: int) -> None:
+    """The ``federated_deft`` variants' block counts against the model's depth: the emulator
+    needs 2 adapter_layers + emulator_layers <= depth (at least one middle block to compress),
+    the split cut at most the depth."""
+    variants = scenario.federated_deft.variants
+    emu = scenario.emulator
+    if "emulator" in variants:
+        if 2 * emu.adapter_layers >= depth:
+            raise ValueError(f"emulator.adapter_layers={emu.adapter_layers}: the model has {depth} blocks, so at most "
+                             f"{(depth - 1) // 2} adapter layers on each side leave a middle to compress")
+        middle = depth - 2 * emu.adapter_layers
+        if emu.emulator_layers > middle:
+            raise ValueError(f"emulator.emulator_layers={emu.emulator_layers}: more emulator layers than the model has "
+                             f"between its adapters ({depth} blocks - 2 x {emu.adapter_layers} adapter layers = "
+                             f"{middle} middle blocks); allowed: 1..{middle}")
+    if "split" in variants and scenario.split.cut_layer > depth:
+        raise ValueError(f"split.cut_layer={scenario.split.cut_layer}: the model has {depth} blocks; allowed: "
+                         f"0..{depth}")
 
 
 def _check_dynamics(scenario: Scenario) -> None:
@@ -186,8 +208,17 @@ def _experiment_warnings(s: Scenario) -> Iterator[str]:
     if s.experiment != "neural_aircomp" and explicit_fields(s.neural_aircomp):
         yield f"neural_aircomp={_short(s.neural_aircomp)} has no effect: used by experiment 'neural_aircomp' only, " \
               f"and experiment is {s.experiment!r}"
+    for name in ("federated_deft", "emulator", "split", "zeroth_order"):
+        section = getattr(s, name)
+        if explicit_fields(section) and (s.experiment != "federated_deft" or (
+                name != "federated_deft" and name not in s.federated_deft.variants)):
+            why = (f"experiment is {s.experiment!r}" if s.experiment != "federated_deft"
+                   else f"{name!r} is not in federated_deft.variants")
+            yield f"{name}={_short(section)} has no effect: used by experiment 'federated_deft' only, and {why}"
     aircomp_used = s.experiment in ("aircomp_vs_ofdma", "neural_aircomp") or (
-        s.experiment == "fedavg" and s.channel.uplink_access == "aircomp")
+        s.experiment == "fedavg" and s.channel.uplink_access == "aircomp") or (
+        s.experiment == "federated_deft" and s.zeroth_order.uplink_access == "aircomp"
+        and "zeroth_order" in s.federated_deft.variants)
     if not aircomp_used:
         yield from _ignored("aircomp", s.aircomp, None,
                             f"over-the-air settings, and experiment {s.experiment!r} uses channel.uplink_access "

@@ -61,7 +61,26 @@ def print_neural(summary: dict, out_dir: str) -> None:
     click.echo(_files(out_dir))
 
 
-PRINTERS = {"aircomp_vs_ofdma": print_comparison, "lola_compare": print_lola, "neural_aircomp": print_neural}
+def print_deft(summary: dict, out_dir: str) -> None:
+    """Console table of experiment ``federated_deft``: accuracy, time to target and the device's
+    costs per variant."""
+    target = summary.get("target_accuracy")
+    click.echo("")
+    click.echo(f"  {'variant':<13} {'final acc':>9}  {'time to ' + (f'{target:g}' if target else 'target'):>12}  "
+               f"{'memory':>9}  {'uplink':>9}  {'downlink':>9}  {'GFLOP/step':>10}  {'energy/dev':>10}")
+    for name in summary["variant_order"]:
+        v = summary["variants"][name]
+        t = v.get("time_to_target_accuracy_s")
+        click.echo(f"  {name:<13} {v['final_accuracy']:>9.3f}  {'never' if t is None else f'{t:.2f} s':>12}  "
+                   f"{v['peak_device_memory_bytes'] / 1e6:>6.1f} MB  {v['uplink_bytes'] / 1e6:>6.2f} MB  "
+                   f"{v['downlink_bytes'] / 1e6:>6.2f} MB  {v['device_flops_per_step'] / 1e9:>10.3f}  "
+                   f"{v['energy_per_device_j']:>8.2f} J")
+    click.echo("  (uplink/downlink: all devices, whole run; memory: one device's job at the longest text)")
+    click.echo(_files(out_dir))
+
+
+PRINTERS = {"aircomp_vs_ofdma": print_comparison, "lola_compare": print_lola, "neural_aircomp": print_neural,
+            "federated_deft": print_deft}
 """Experiment name -> console printer; experiments not listed (``fedavg``) use :func:`print_fedavg`."""
 
 

@@ -15,9 +15,10 @@ Four variants, run on the same devices, channels, data and seed (``deftsim.exper
                   (``netsim.protocols.zeroth_order_fl``, section ``zeroth_order``)
 ================  ===================================================================
 
-Each variant's section may override ``training.local_steps``, ``training.learning_rate`` and
-``training.optimizer``: the methods train different tensors with different estimators, so one
-step size does not suit all of them; everything else is shared.
+Each variant's section may override ``training.rounds``, ``local_steps``, ``learning_rate`` and
+``optimizer``: the methods train different tensors with different estimators, so one step size
+(or one number of steps) does not suit all of them; everything else is shared. Compare them on
+accuracy against simulated time and energy, not per round.
 """
 from __future__ import annotations
 
@@ -54,8 +55,8 @@ class FederatedDeftSpec(Spec):
 
 def variant_scenario(scenario: "Scenario", variant: str) -> "Scenario":
     """The scenario ``variant`` runs: ``experiment: fedavg`` and the variant's overrides of
-    ``training.local_steps`` / ``learning_rate`` / ``optimizer`` (and for ``zeroth_order`` its
-    ``uplink_access``); the ``lora`` variant is the scenario itself."""
+    ``training.rounds`` / ``local_steps`` / ``learning_rate`` / ``optimizer`` (and for
+    ``zeroth_order`` its ``uplink_access``); the ``lora`` variant is the scenario itself."""
     if variant not in VARIANTS:
         raise ValueError(f"federated_deft variant {variant!r}: allowed: {list(VARIANTS)}")
     data = scenario.model_dump(mode="python")
@@ -63,7 +64,7 @@ def variant_scenario(scenario: "Scenario", variant: str) -> "Scenario":
     data["name"] = f"{scenario.name}-{variant}"
     section = getattr(scenario, variant, None) if variant != "lora" else None
     if section is not None:
-        for name in ("local_steps", "learning_rate", "optimizer"):
+        for name in ("rounds", "local_steps", "learning_rate", "optimizer"):
             value = getattr(section, name, None)
             if value is not None:
                 data["training"][name] = value

@@ -35,7 +35,9 @@ def progress_total(scenario: Scenario) -> Optional[int]:
     if scenario.experiment == "aircomp_vs_ofdma":
         return scenario.training.rounds * 2 * len(set(scenario.aircomp.device_counts))
     if scenario.experiment == "federated_deft":
-        return scenario.training.rounds * len(scenario.federated_deft.variants)
+        from netsim.federated_deft import variant_scenario
+
+        return sum(variant_scenario(scenario, v).training.rounds for v in scenario.federated_deft.variants)
     return None
 
 
@@ -96,9 +98,11 @@ def planned_work(scenario: Scenario) -> PlannedWork:
         from netsim.federated_deft import variant_scenario
 
         k = t.devices_per_round or n
-        parts = [(v, variant_scenario(scenario, v).training.local_steps) for v in scenario.federated_deft.variants]
-        return PlannedWork(sum(t.rounds * k * e for _, e in parts), len(parts) * (t.rounds + 1),
-                           " + ".join(f"{v}: {t.rounds} rounds x {k} devices x {e} local steps" for v, e in parts)
+        parts = [(v, variant_scenario(scenario, v).training) for v in scenario.federated_deft.variants]
+        return PlannedWork(sum(vt.rounds * k * vt.local_steps for _, vt in parts),
+                           sum(vt.rounds + 1 for _, vt in parts),
+                           " + ".join(f"{v}: {vt.rounds} rounds x {k} devices x {vt.local_steps} local steps"
+                                      for v, vt in parts)
                            + "; an evaluation before round 1 and after every round, per variant")
     if scenario.experiment == "neural_aircomp":
         from .neural_aircomp import variants

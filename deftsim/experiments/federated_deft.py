@@ -121,8 +121,9 @@ def federated_deft(scenario: Scenario, on_round=None) -> ExperimentResult:
 
     t0 = time.perf_counter()
     target = target_of(scenario)
-    frames, variants, topology = [], {}, None
+    frames, variants, topology, timing = [], {}, None, {}
     for variant in scenario.federated_deft.variants:
+        started = time.perf_counter()
         sc = variant_scenario(scenario, variant)
         trainer = build.make_trainer(sc, sc.seed, variant)
         try:
@@ -140,6 +141,7 @@ def federated_deft(scenario: Scenario, on_round=None) -> ExperimentResult:
         frames.append(events.assign(variant=variant))
         if topology is None:
             topology = build.topology_record(sim.network)
+        timing[f"{variant}_wall_s"] = time.perf_counter() - started
     events = pd.concat(frames, ignore_index=True)
     events["variant"] = events["variant"].astype("string")
     summary = {"experiment": "federated_deft", "variant_order": list(variants), "target_accuracy": target,
@@ -147,7 +149,8 @@ def federated_deft(scenario: Scenario, on_round=None) -> ExperimentResult:
     title = f"{scenario.name} (seed {scenario.seed})"
     figures = {"accuracy_vs_time.png": lambda p: plot_accuracy(events, p, title, target),
                "costs.png": lambda p: plot_costs(summary, p, title)}
-    return ExperimentResult(events, summary, topology, figures, {"simulation_wall_s": time.perf_counter() - t0})
+    return ExperimentResult(events, summary, topology, figures,
+                            {"simulation_wall_s": time.perf_counter() - t0, **timing})
 
 
 def _pyplot():

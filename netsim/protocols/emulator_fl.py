@@ -45,6 +45,7 @@ class EmulatorSpec(Spec):
     distill_learning_rate: PositiveFloat = Field(1e-4, le=1.0)
     distill_texts: Int = Field(256, ge=1, le=10_000_000, description="unlabelled texts the edge distils on (taken "
                                "from the training split; a stand-in for the edge's own public text)")
+    rounds: Optional[Int] = Field(None, ge=1, le=1_000_000, description="overrides training.rounds")
     local_steps: Optional[Int] = Field(None, ge=1, le=1_000_000, description="overrides training.local_steps")
     learning_rate: Optional[PositiveFloat] = Field(None, ge=1e-12, le=100, description="overrides "
                                                    "training.learning_rate")

@@ -63,6 +63,7 @@ class SplitSpec(Spec):
     edge_max_batch: Int = Field(8, ge=1, le=65_536, description="requests the edge serves together in one pass")
     edge_batch_overhead_s: NonNegFloat = Field(1e-3, le=1e6, description="fixed time of one edge pass (kernel "
                                                "launch, scheduling) [s]; batching amortises it")
+    rounds: Optional[Int] = Field(None, ge=1, le=1_000_000, description="overrides training.rounds")
     local_steps: Optional[Int] = Field(None, ge=1, le=1_000_000, description="overrides training.local_steps")
     learning_rate: Optional[PositiveFloat] = Field(None, ge=1e-12, le=100, description="overrides "
                                                    "training.learning_rate")

@@ -12,7 +12,10 @@ global model by replaying the K aggregated scalars (``fomo.zo_trainer``). The ti
    K float32 scalars; a device that missed server steps since its last download receives
    their scalars too: min(4 K x missed steps, the whole PEFT state) bytes (nothing before the
    first aggregation: every device starts from the shared initial state);
-3. with ``zeroth_order.uplink_access: aircomp`` the K scalars go up over the air
+3. before its steps a device replays the pools it downloaded, and after each aggregation the
+   edge replays the new pool (``replay`` events: a multiply-add per trainable value per
+   scalar, ``trainer.replay_flops``; the Gaussian draws are not counted);
+4. with ``zeroth_order.uplink_access: aircomp`` the K scalars go up over the air
    (:mod:`netsim.protocols.aircomp_fedavg`: the edge receives their weighted sum directly).
 
 A step costs two forward passes and the memory of inference: no gradient, no optimizer
@@ -26,6 +29,7 @@ import numpy as np
 from pydantic import Field
 
 from ..budgets import energy_j
+from ..dynamics import compute_time_energy
 from ..network import Device
 from ..spec_base import Int, NonNegFloat, PositiveFloat, Spec
 from .aircomp_fedavg import AirCompFedAvgSimulation
@@ -43,6 +47,7 @@ class ZerothOrderSpec(Spec):
     weight_decay: NonNegFloat = Field(0.0, le=1.0)
     uplink_access: Optional[Literal["ofdma", "aircomp"]] = Field(
         None, description="how the K accumulated scalars go up (null: channel.uplink_access)")
+    rounds: Optional[Int] = Field(None, ge=1, le=1_000_000, description="overrides training.rounds")
     local_steps: Optional[Int] = Field(None, ge=1, le=1_000_000, description="overrides training.local_steps")
     learning_rate: Optional[PositiveFloat] = Field(None, ge=1e-12, le=100, description="overrides "
                                                    "training.learning_rate (the SGD step of the ZO update)")
@@ -56,6 +61,7 @@ class _SeedPools:
         k = self.scenario.zeroth_order.candidate_seeds
         size_bytes = 4 * k   # K uint32 seeds
         self._synced = np.zeros(len(self.network.devices), dtype=np.int64)
+        self._missed_at_submit: dict[int, int] = {}
         bandwidth_hz = self.scenario.channel.downlink_bandwidth_hz
         t0, longest_all = self.env.now, 0.0
         for server in self.network.servers:
@@ -73,16 +79,52 @@ class _SeedPools:
 
     def _download_bytes(self, device: Device) -> int:
         """The K aggregated scalars of every server step the device has not replayed yet,
-        capped by the whole PEFT state (``trainer.state_bytes()``)."""
-        missed = int(self.counters["server_steps"]) - int(self._synced[device.index])
+        capped by the whole PEFT state (``trainer.trainable_bytes()``)."""
+        missed = self._missed(device)
         per_step = self.trainer.adapter_bytes()
-        state = getattr(self.trainer, "state_bytes", None)
-        cap = int(state()) if callable(state) else per_step * missed
+        whole = getattr(self.trainer, "trainable_bytes", None)
+        cap = int(whole()) if callable(whole) else per_step * missed
         return min(per_step * missed, cap)
 
+    def _missed(self, device: Device) -> int:
+        """Server steps since the device last synchronised."""
+        return int(self.counters["server_steps"]) - int(self._synced[device.index])
+
     def _submit(self, device: Device, job_round: int, base=None) -> "PendingJob":
+        self._missed_at_submit[device.index] = self._missed(device)
         self._synced[device.index] = int(self.counters["server_steps"])
         return super()._submit(device, job_round, base)
+
+    def _replay_flops(self, server_steps: int) -> float:
+        """Replaying ``server_steps`` aggregated pools of K scalars (every entry counted: an
+        over-the-air pool is dense; a digital one has at most min(K, devices x E) nonzero
+        entries, so this is its upper bound) [FLOP]."""
+        replay = getattr(self.trainer, "replay_flops", None)
+        k = self.scenario.zeroth_order.candidate_seeds
+        return float(replay(k * server_steps)) if callable(replay) and server_steps > 0 else 0.0
+
+    def _local_steps(self, device: Device, r: int, job: "PendingJob", t_off: float):
+        """The device first replays the pools it downloaded (``replay``, element-wise FLOPs /
+        its speed), then runs its MeZO steps."""
+        flops = self._replay_flops(self._missed_at_submit.pop(device.index, 0))
+        if flops > 0:
+            t, e = compute_time_energy(device.group, flops)
+            t_eff = min(t, max(t_off - self.env.now, 0.0))
+            self._phase_rows[device.index] = self.recorder.emit(
+                "replay", t_s=self.env.now, duration_s=t_eff, node=device.name, round=r, flops=flops,
+                energy_j=e * (t_eff / t if t > 0 else 1.0), **self._tags(device))
+            if not (yield from self._until(t, t_off)):
+                return False
+        return (yield from super()._local_steps(device, r, job, t_off))
+
+    def _aggregate(self, r: int, results, *args, **kwargs):
+        """FedAvg of the pools (or their over-the-air sum), then the edge replays the new pool
+        into its copy of the model (``replay``)."""
+        yield from super()._aggregate(r, results, *args, **kwargs)
+        flops = self._replay_flops(1)
+        duration = self._edge_time_s(flops)
+        self.recorder.emit("replay", t_s=self.env.now, duration_s=duration, node=self._edge_name, round=r, flops=flops)
+        yield self.env.timeout(duration)
 
 
 class ZerothOrderSimulation(_SeedPools, FedAvgSimulation):

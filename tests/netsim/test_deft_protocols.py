@@ -193,8 +193,11 @@ def test_emulator_is_distilled_then_sent_once_before_the_first_round():
 
 # ------------------------------------------------------------------------------- zeroth order
 class FakeSeedTrainer(FakeTrainer):
-    def state_bytes(self):
+    def trainable_bytes(self):
         return 10_000
+
+    def replay_flops(self, num_pairs):
+        return 2.0 * num_pairs * 2_500
 
 
 def test_seeds_are_sent_once_and_devices_catch_up_on_missed_steps():
@@ -210,7 +213,11 @@ def test_seeds_are_sent_once_and_devices_catch_up_on_missed_steps():
     for _, row in ev[(ev.kind == "downlink") & (ev["round"] > 0)].iterrows():
         missed = (row["round"] - 1) - last.get(row.node, 0)
         assert row.bytes == min(1024 * missed, 10_000), (row.node, row["round"])
+        replay = ev[(ev.kind == "replay") & (ev.node == row.node) & (ev["round"] == row["round"])]
+        assert replay.flops.sum() == (2.0 * 256 * missed * 2_500 if missed else 0.0)
         last[row.node] = row["round"] - 1
+    edge_replays = ev[(ev.kind == "replay") & (ev.node == "edge0")]
+    assert len(edge_replays) == 6 and (edge_replays.flops == 2.0 * 256 * 2_500).all()
     assert out.rounds_completed == 6
 
 
