@@ -252,6 +252,16 @@ def metric_bounds(name: str) -> tuple[Optional[float], Optional[float]]:
     return None, None
 
 
+def run_target(scenario: dict) -> Optional[float]:
+    """The target accuracy a resolved scenario (``scenario.json``'s ``scenario``) names:
+    ``federated_deft.target_accuracy`` for that experiment, else ``stop.target_accuracy``."""
+    deft = scenario.get("federated_deft") if scenario.get("experiment") == "federated_deft" else None
+    if isinstance(deft, dict) and deft.get("target_accuracy") is not None:
+        return deft["target_accuracy"]
+    stop = scenario.get("stop")
+    return stop.get("target_accuracy") if isinstance(stop, dict) else None
+
+
 def choose_target(best_accuracies: Iterable[float], stop_targets: Iterable[Optional[float]],
                   given: Optional[float] = None) -> tuple[float, str]:
     """The accuracy for time- and energy-to-accuracy, and where it comes from: the one function
@@ -271,7 +281,7 @@ def choose_target(best_accuracies: Iterable[float], stop_targets: Iterable[Optio
     if len(targets) == 1 and None not in targets:
         common = float(targets.pop())
         if (best >= common).any():
-            return common, "the scenarios' stop.target_accuracy"
+            return common, "the scenarios' target accuracy"
         return value, (f"90 % of the median best accuracy over runs: no run reached the scenarios' "
                        f"stop.target_accuracy {common:g}; set another with --target")
     return value, "90 % of the median best accuracy over runs (no common stop.target_accuracy; set --target)"

@@ -63,7 +63,7 @@ from .figures import (FigureWriter, aligned_mean, category_text, check_formats, 
 from .files import ReportError, check_numbers, prepare_out_dir, read_events, read_json, write_bytes_atomic
 from .labels import axis_label, field_label, short_label, unit_of
 from .load import flatten_summary
-from .metrics import (LATENCY_PARTS, accuracy_curve, choose_target as _choose_target, latency_breakdown,
+from .metrics import (LATENCY_PARTS, accuracy_curve, choose_target as _choose_target, latency_breakdown, run_target,
                       metric_bounds, pareto_mask, seed_spread, spread_text)
 from .sweep import RUNS_DIR, add_target_metrics, collect_runs, load_plan
 from .variants import VIEWS, ExperimentView, variant_curves, variant_rows, variant_target_metrics
@@ -196,8 +196,7 @@ def load_report_data(folder: str | Path) -> ReportData:
 
 
 def _stop_targets(data: ReportData) -> list:
-    return [(s.get("stop") or {}).get("target_accuracy") if isinstance(s.get("stop"), dict) else None
-            for s in data.scenarios.values()]
+    return [run_target(s) for s in data.scenarios.values()]
 
 
 def choose_target(data: ReportData, target: Optional[float]) -> tuple[float, str]:

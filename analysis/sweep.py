@@ -21,7 +21,7 @@ import pandas as pd
 
 from .files import ReportError, read_events, read_json, read_parquet, safe_run_id
 from .load import flatten_summary
-from .metrics import choose_target, energy_to_accuracy_j, time_to_accuracy_s
+from .metrics import choose_target, energy_to_accuracy_j, run_target, time_to_accuracy_s
 
 PathLike = Union[str, Path]
 PLAN_FILE = "sweep.json"
@@ -126,12 +126,13 @@ def _cached_table(root: Path, plan: dict) -> Optional[pd.DataFrame]:
 
 
 def stop_targets(sweep_dir: PathLike, frame: pd.DataFrame) -> list:
-    """Each finished run's ``stop.target_accuracy`` from its ``scenario.json`` (None if unset)."""
+    """Each finished run's target accuracy from its ``scenario.json`` (:func:`analysis.metrics.run_target`;
+    None if unset)."""
     root = Path(sweep_dir)
     out = []
     for run_id in frame.loc[frame["status"] == "ok", "run_id"]:
         resolved = read_json(root / RUNS_DIR / run_id / "scenario.json", what="resolved scenario")
-        out.append(((resolved.get("scenario") or {}).get("stop") or {}).get("target_accuracy"))
+        out.append(run_target(resolved.get("scenario") or {}))
     return out
 
 

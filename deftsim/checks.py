@@ -106,7 +106,8 @@ def check_deft_depth(scenario: Scenario, depth: int) -> None:
     if "emulator" in variants:
         if 2 * emu.adapter_layers >= depth:
             raise ValueError(f"emulator.adapter_layers={emu.adapter_layers}: the model has {depth} blocks, so at most "
-                             f"{(depth - 1) // 2} adapter layers on each side leave a middle to compress")
+                             f"{(depth - 1) // 2} adapter layers on each side leave a middle to compress; allowed: "
+                             f"1..{(depth - 1) // 2}")
         middle = depth - 2 * emu.adapter_layers
         if emu.emulator_layers > middle:
             raise ValueError(f"emulator.emulator_layers={emu.emulator_layers}: more emulator layers than the model has "

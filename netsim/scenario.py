@@ -447,6 +447,8 @@ class Scenario(Spec):
     def _protocol_checks(self) -> None:
         """Settings that only make sense together (each error names both fields)."""
         tr, st = self.training, self.strategies
+        if self.experiment == "federated_deft":
+            self._federated_deft_checks()
         if tr.mode == "asynchronous" and st.aggregation.name != "fedbuff":
             raise ValueError(f"training.mode=asynchronous aggregates buffered updates: strategies.aggregation.name "
                              f"must be 'fedbuff' (buffer_size 1 is FedAsync), not {st.aggregation.name!r}")
@@ -471,8 +473,6 @@ class Scenario(Spec):
         if tr.min_results is not None and tr.deadline_s is None:
             raise ValueError(f"training.min_results={tr.min_results} applies at a round deadline: set "
                              "training.deadline_s too")
-        if self.experiment == "federated_deft":
-            self._federated_deft_checks()
         if tr.over_selection > 1.0 and tr.devices_per_round is None:
             raise ValueError(f"training.over_selection={tr.over_selection} needs training.devices_per_round (K)")
 
@@ -482,12 +482,12 @@ class Scenario(Spec):
             raise ValueError(f"experiment=federated_deft compares synchronous rounds: training.mode must be "
                              f"'synchronous', not {self.training.mode!r}")
         if self.channel.uplink_access != "ofdma":
-            raise ValueError("experiment=federated_deft: channel.uplink_access must be 'ofdma' (adapters, prompts and "
-                             "cut activations go up digitally); zeroth_order.uplink_access: aircomp sends the "
-                             "zeroth-order scalars over the air")
+            raise ValueError(f"experiment=federated_deft: channel.uplink_access must be 'ofdma', not "
+                             f"{self.channel.uplink_access!r} (adapters, prompts and cut activations go up digitally); "
+                             "zeroth_order.uplink_access: aircomp sends the zeroth-order scalars over the air")
         if self.zeroth_order.uplink_access == "aircomp" and self.strategies.compression.name != "none":
             raise ValueError(f"zeroth_order.uplink_access=aircomp sends analog values: strategies.compression.name must "
                              f"be 'none', not {self.strategies.compression.name!r}")
         if self.trainer != "real":
-            raise ValueError("experiment=federated_deft needs trainer: real (the emulator, the split model and the seed "
-                             "pools are real-model trainers)")
+            raise ValueError(f"experiment=federated_deft needs trainer: real, not {self.trainer!r} (the emulator, the "
+                             "split model and the seed pools are real-model trainers)")

@@ -393,8 +393,6 @@ def test_report_draws_the_comparison(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="deftsim report picks its default target from stop.target_accuracy only, "
-                                       "not from the run's federated_deft.target_accuracy (summary target_accuracy)")
 def test_report_default_target_is_the_runs_target(tiny_run, tmp_path):
     """Without --target, the report's time to target is the summary's: it uses the target the
     run reported (here set to an accuracy the LoRA variant reached)."""
