@@ -244,6 +244,10 @@ def metric_bounds(name: str) -> tuple[Optional[float], Optional[float]]:
         return 0.0, 1.0
     if leaf.startswith("latency_ratio") or "nmse" in leaf or "mse" in leaf:
         return 0.0, None
+    if leaf.endswith("utilisation"):
+        return 0.0, 1.0
+    if leaf.endswith(("batch_size", "_flops_per_step")):
+        return 0.0, None
     if leaf.endswith("_updates") or leaf in ("handovers", "stale_updates_mean", "server_steps"):
         return 0.0, None   # counts, and a mean of staleness counts
     for suffix in ("_s", "_j", "_bytes", "_hz", "_w"):

@@ -845,30 +845,41 @@ def fig_variants(table: pd.DataFrame, view: ExperimentView, params: list[str], t
 
 
 def fig_variants_vs_field(table: pd.DataFrame, view: ExperimentView, param: str, params: list[str], target: float,
-                          random: bool, fw: FigureWriter, stem: str) -> tuple[bytes, set]:
-    """Each metric against one swept field, a line per variant (mean over seeds and the other
-    swept fields); a categorical field is drawn as categories (markers side by side)."""
+                          random: bool, fw: FigureWriter, stem: str, partners: tuple[str, ...] = ()
+                          ) -> tuple[bytes, set]:
+    """Each metric against one swept field (and the fields zipped with it), a line per variant
+    and, if they are few (at most :data:`MAX_GROUP_LINES`), per combination of the other swept
+    fields (else mean over seeds and the other fields); a categorical field is drawn as
+    categories (markers side by side)."""
     metrics = _drawn_metrics(table, view)
     fig, axes = _metric_axes(len(metrics))
     numeric, order, xpos = _param_axis(list(pd.unique(table[param])))
     variants = _variant_order(table)[:MAX_VARIANT_LINES]
-    palette = colors(len(variants))
-    width = 0.7 / max(len(variants), 1)
+    others = [p for p in params if p != param and p not in partners and table[p].astype(str).nunique() > 1]
+    combos = table[others].astype(str).agg(" ".join, axis=1) if others else pd.Series("", index=table.index)
+    grouped = bool(others) and not random and 1 < combos.nunique() <= MAX_GROUP_LINES
+    keys = list(pd.unique(combos)) if grouped else [None]
+    lines = [(v, k) for v in variants for k in keys][:MAX_VARIANT_LINES]
+    palette = colors(len(lines))
+    width = 0.7 / max(len(lines), 1)
     kinds: set = set()
     for ax, metric in zip(axes, metrics):
-        for vi, v in enumerate(variants):
-            sub = table[table["variant"] == v]
-            dodge = 0.0 if numeric else (vi - (len(variants) - 1) / 2) * width
+        for li, (v, key) in enumerate(lines):
+            sub = table[(table["variant"] == v) & ((combos == key) if key is not None else True)]
+            if sub.empty:
+                continue
+            label = v if key is None else (f"{v}: " if len(variants) > 1 else "") + point_label(
+                sub.iloc[0].to_dict(), others)
+            dodge = 0.0 if numeric else (li - (len(lines) - 1) / 2) * width
             xs, vals = _values_along(sub, param, order, xpos, numeric, dodge, metric)
-            drawn = spread_errorbar(ax, xs, vals, metric, palette[vi], v, connect=numeric and not random)
+            drawn = spread_errorbar(ax, xs, vals, metric, palette[li], label, connect=numeric and not random)
             kinds |= {d["kind"] for d in drawn}
-        _style_param_axis(ax, param, numeric, order, random)
+        _style_param_axis(ax, param, numeric, order, random, partners)
         _style_metric(ax, metric, target)
     handles, labels = axes[0].get_legend_handles_labels() if axes else ([], [])
-    ncol = max(min(len(labels), 6), 1)
+    ncol = max(min(len(labels), 6 if not grouped else 3), 1)
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
-    others = [p for p in params if p != param]
-    spread = "seeds" + (" and the other swept fields" if others else "")
+    spread = "seeds" + (" and the other swept fields" if others and not grouped else "")
     more = f" (first {MAX_VARIANT_LINES} variants)" if len(_variant_order(table)) > MAX_VARIANT_LINES else ""
     _suptitle(fig, f"{short_label(param)}: mean over {spread}{more}; error bars: {spread_note(kinds)}", fontsize=9)
     fig.tight_layout(rect=(0, (0.25 + 0.18 * math.ceil(len(labels) / ncol)) / fig.get_size_inches()[1], 1, 1))
@@ -1207,13 +1218,17 @@ def _experiment_sections(data: ReportData, out: Path, fw: FigureWriter, target: 
         + (" and over all points" if pooled else "") + f"; error bars: {spread_note(kinds)}.",
         _names("variants", fw)))
     figs = []
+    followers = {p for g in data.zip_groups for p in g[1:]}  # drawn on the first field's figure
     for i, p in enumerate(data.params):
-        if runs[p].nunique() < 2:
+        if runs[p].nunique() < 2 or p in followers:
             continue
+        partners = next((tuple(g[1:]) for g in data.zip_groups if g[0] == p), ())
         stem = f"variants_vs_{i:02d}_{p.replace('.', '_')}"
-        png, kinds = fig_variants_vs_field(table, view, p, data.params, chosen, p in data.random_params, fw, stem)
+        png, kinds = fig_variants_vs_field(table, view, p, data.params, chosen, p in data.random_params, fw, stem,
+                                           partners)
         figs.append(_figure(png, f"metrics per variant against {p}",
-                            f"Each metric against {_caption_label(runs, p)}, a line per variant; error bars: "
+                            f"Each metric against {_caption_label(runs, p)}, a line per variant and, when they are "
+                            f"few, per combination of the other swept fields; error bars: "
                             f"{spread_note(kinds)}.", _names(stem, fw)))
     if figs:
         sections.append("<h2>Metrics per variant against each swept field</h2>" + "".join(figs))

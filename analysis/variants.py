@@ -58,7 +58,8 @@ VIEWS = {
                                      "variant", None,
                                      ("final_accuracy", "time_to_target_s", "peak_device_memory_bytes", "uplink_bytes",
                                       "downlink_bytes", "energy_per_device_j", "device_flops_per_step",
-                                      "energy_to_target_j", "edge_utilisation", "edge_mean_queue_delay_s")),
+                                      "energy_to_target_j", "sim_time_s", "edge_utilisation",
+                                      "edge_mean_queue_delay_s", "edge_mean_batch_size")),
 }
 """The experiments with several variants per run."""
 
