@@ -187,25 +187,26 @@ def plot_accuracy(events: pd.DataFrame, path: Path, title: str, target: Optional
     plt.close(fig)
 
 
-COST_PANELS = (("peak_device_memory_bytes", "peak device memory [MB]", 1e-6),
-               ("uplink_bytes", "uplink, all devices [MB]", 1e-6),
-               ("downlink_bytes", "downlink, all devices [MB]", 1e-6),
-               ("energy_per_device_j", "energy per device [J]", 1.0),
-               ("device_flops_per_step", "device GFLOP per local step", 1e-9))
+COST_PANELS = (("peak_device_memory_bytes", "peak device memory [MB]", 1e-6, False),
+               ("uplink_bytes", "uplink, all devices [MB] (log)", 1e-6, True),
+               ("downlink_bytes", "downlink, all devices [MB] (log)", 1e-6, True),
+               ("energy_per_device_j", "energy per device [J]", 1.0, False),
+               ("device_flops_per_step", "device GFLOP per local step", 1e-9, False))
+"""(metric, panel title, scale, log axis): bytes differ by orders of magnitude between variants."""
 
 
 def plot_costs(summary: dict, path: Path, title: str) -> None:
-    """One bar per variant in each panel: memory, bytes up and down, energy, device FLOPs per
-    step (log axes: the variants differ by orders of magnitude)."""
+    """One bar per variant in each panel: memory, bytes up and down (log axes), energy, device
+    FLOPs per step."""
     plt = _pyplot()
     names = summary["variant_order"]
     fig, axes = plt.subplots(1, len(COST_PANELS), figsize=(3.0 * len(COST_PANELS), 3.4))
-    for ax, (metric, label, scale) in zip(axes, COST_PANELS):
+    for ax, (metric, label, scale, log) in zip(axes, COST_PANELS):
         values = [summary["variants"][n][metric] * scale for n in names]
-        ax.bar(range(len(names)), [max(v, 1e-12) for v in values], color=[f"C{i}" for i in range(len(names))])
+        ax.bar(range(len(names)), values, color=[f"C{i}" for i in range(len(names))])
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(label, fontsize=9)
-        if all(v > 0 for v in values):
+        if log and all(v > 0 for v in values):
             ax.set_yscale("log")
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(title, fontsize=9)
