@@ -1228,7 +1228,7 @@ def _experiment_sections(data: ReportData, out: Path, fw: FigureWriter, target: 
                                            partners)
         figs.append(_figure(png, f"metrics per variant against {p}",
                             f"Each metric against {_caption_label(runs, p)}, a line per variant and, when they are "
-                            f"few, per combination of the other swept fields; error bars: "
+                            "few, per combination of the other swept fields; error bars: "
                             f"{spread_note(kinds)}.", _names(stem, fw)))
     if figs:
         sections.append("<h2>Metrics per variant against each swept field</h2>" + "".join(figs))

@@ -52,11 +52,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fomo import emulator as femulator
 from fomo import models, profiling
-from fomo.trainer import EVAL_BATCH_SIZE, PeftTrainer
+from fomo.trainer import PeftTrainer
 from netsim.interfaces import EvalResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -180,30 +179,21 @@ class EmulatorTrainer(PeftTrainer):
         femulator.load_adapter_state(
             self.full_model, {self.emulator.full_name(n): t for n, t in self._global.items()}
         )
-        self.full_model.eval()
-        correct, loss_sum, flops = 0, 0.0, 0.0
-        with torch.no_grad():
-            for start in range(0, len(self._test_examples), EVAL_BATCH_SIZE):
-                examples = self._test_examples[start:start + EVAL_BATCH_SIZE]
-                input_ids, mask, labels = self._tokens.batch(examples)
-                logits = profiling.classification_logits(self.full_model, input_ids, mask)
-                flops += self._full_forward_flops(input_ids, mask)
-                loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-                correct += int((logits.argmax(dim=-1) == labels).sum())
-        n = len(self._test_examples)
-        return EvalResult(accuracy=correct / n, loss=loss_sum / n, flops=flops, num_examples=n)
+        return self._evaluate_with(self.full_model, self._full_forward)
 
     def evaluate_emulator(self) -> EvalResult:
         """The emulator's own accuracy and loss with the global PEFT state
         (:meth:`PeftTrainer.evaluate` on the emulator, its FLOPs the emulator's)."""
         return super().evaluate()
 
-    def _full_forward_flops(self, input_ids: torch.Tensor, mask: torch.Tensor) -> float:
-        """Counted forward FLOPs of the full model on a batch of this shape (once per shape)."""
+    def _full_forward(self, input_ids: torch.Tensor, mask: torch.Tensor,
+                      examples: np.ndarray) -> tuple[torch.Tensor, float]:
+        """Logits of the full model and its counted forward FLOPs on a batch of this shape
+        (counted once per shape)."""
         shape = (int(input_ids.shape[0]), int(input_ids.shape[1]))
         if shape not in self._full_eval_flops:
             self._full_eval_flops[shape] = profiling.counted_forward(self.full_model, input_ids, mask)[1]
-        return self._full_eval_flops[shape]
+        return profiling.classification_logits(self.full_model, input_ids, mask), self._full_eval_flops[shape]
 
     # ---------------------------------------------------------------- comparison figures
     def full_step_flops(self, examples: np.ndarray) -> float:

@@ -70,13 +70,12 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fomo import data as fdata
 from fomo import models, profiling
 from fomo.split import SplitModel, SplitStepProfile
-from fomo.trainer import EVAL_BATCH_SIZE, PeftState, PeftTrainer
-from netsim.interfaces import EvalResult, LocalJob, LocalResult, PlannedJob, RoundTripCost, SplitJobCost
+from fomo.trainer import PeftState, PeftTrainer, local_result
+from netsim.interfaces import LocalJob, LocalResult, PlannedJob, RoundTripCost, SplitJobCost
 
 if TYPE_CHECKING:  # pragma: no cover
     from netsim.scenario import Scenario
@@ -262,42 +261,18 @@ class SplitTrainer(PeftTrainer):
         losses = [self.model.split_step(device_optimizer, self._tokens.batch(examples), edge_optimizer).loss
                   for examples in plan.inputs]
         update = {n: p.detach() - plan.base[n] for n, p in self._trainable}
-        cost = plan.cost
-        return LocalResult(
-            device_id=job.device_id,
-            update=update,
-            num_examples=cost.num_examples,
-            loss=float(np.mean(losses)) if losses else float("nan"),
-            flops=cost.flops,
-            peak_memory_bytes=cost.peak_memory_bytes,
-            update_bytes=cost.update_bytes,
-        )
+        return local_result(plan, update, float(np.mean(losses)) if losses else float("nan"))
 
-    def evaluate(self) -> EvalResult:
-        """Accuracy and mean cross-entropy of the global prompted split model, run at the edge
-        on the first ``data.max_test_examples`` test examples (batches of 64, forward FLOPs of
-        both parts counted once per shape)."""
-        self._load_state(self._global)
-        self.model.eval()
-        correct, loss_sum, flops = 0, 0.0, 0.0
-        try:
-            with torch.no_grad():
-                for start in range(0, len(self._test_examples), EVAL_BATCH_SIZE):
-                    examples = self._test_examples[start:start + EVAL_BATCH_SIZE]
-                    input_ids, mask, labels = self._tokens.batch(examples)
-                    shape = (int(input_ids.shape[0]), int(input_ids.shape[1]))
-                    if shape not in self._eval_flops:
-                        with profiling.flop_counter() as counter:
-                            self.model.logits(input_ids, mask)
-                        self._eval_flops[shape] = float(counter.get_total_flops())
-                    flops += self._eval_flops[shape]
-                    logits = self.model.logits(input_ids, mask)
-                    loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-                    correct += int((logits.argmax(dim=-1) == labels).sum())
-        finally:
-            self.model.train()
-        n = len(self._test_examples)
-        return EvalResult(accuracy=correct / n, loss=loss_sum / n, flops=flops, num_examples=n)
+    def _eval_forward(self, input_ids: torch.Tensor, mask: torch.Tensor,
+                      examples: np.ndarray) -> tuple[torch.Tensor, float]:
+        """Logits of the whole prompted split model (the edge evaluates: it holds both parts)
+        and their forward FLOPs, counted once per shape; used by :meth:`PeftTrainer.evaluate`."""
+        shape = (int(input_ids.shape[0]), int(input_ids.shape[1]))
+        if shape not in self._eval_flops:
+            with profiling.flop_counter() as counter:
+                self.model.logits(input_ids, mask)
+            self._eval_flops[shape] = float(counter.get_total_flops())
+        return self.model.logits(input_ids, mask), self._eval_flops[shape]
 
     # ---------------------------------------------------------------- internals
     def _shape_cost(self, examples: np.ndarray) -> SplitShapeCost:

@@ -365,19 +365,25 @@ class PeftTrainer:
         ``data.max_test_examples`` test examples (batches of 64, forward FLOPs counted once per
         shape)."""
         self._load_state(self._global)
-        self.model.eval()
+        return self._evaluate_with(self.model, self._eval_forward)
+
+    def _evaluate_with(self, model: torch.nn.Module, forward) -> EvalResult:
+        """Accuracy and mean cross-entropy on the test examples, in batches of 64, with
+        ``forward(input_ids, mask, examples) -> (logits, forward FLOPs)``; ``model`` is in eval
+        mode meanwhile."""
+        model.eval()
         correct, loss_sum, flops = 0, 0.0, 0.0
         try:
             with torch.no_grad():
                 for start in range(0, len(self._test_examples), EVAL_BATCH_SIZE):
                     examples = self._test_examples[start:start + EVAL_BATCH_SIZE]
                     input_ids, mask, labels = self._tokens.batch(examples)
-                    logits, batch_flops = self._eval_forward(input_ids, mask, examples)
+                    logits, batch_flops = forward(input_ids, mask, examples)
                     flops += batch_flops
                     loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
                     correct += int((logits.argmax(dim=-1) == labels).sum())
         finally:
-            self.model.train()
+            model.train()
         n = len(self._test_examples)
         return EvalResult(accuracy=correct / n, loss=loss_sum / n, flops=flops, num_examples=n)
 
@@ -393,16 +399,7 @@ class PeftTrainer:
         return self._result(plan, update, losses)
 
     def _result(self, plan: PlannedJob, update: PeftState, losses: list[torch.Tensor]) -> LocalResult:
-        cost = plan.cost
-        return LocalResult(
-            device_id=plan.job.device_id,
-            update=update,
-            num_examples=cost.num_examples,
-            loss=float(torch.stack(losses).mean()) if losses else float("nan"),
-            flops=cost.flops,
-            peak_memory_bytes=cost.peak_memory_bytes,
-            update_bytes=cost.update_bytes,
-        )
+        return local_result(plan, update, float(torch.stack(losses).mean()) if losses else float("nan"))
 
     def _train_step(self, optimizer: torch.optim.Optimizer, examples: np.ndarray, base: PeftState,
                     prox_mu: float = 0.0) -> torch.Tensor:
@@ -551,3 +548,10 @@ class PeftTrainer:
             self._optimizer_name,
             profile.saved_activation_bytes,
         )
+
+
+def local_result(plan: PlannedJob, update, loss: float) -> LocalResult:
+    """The result of a planned job: its update and mean loss, its planned cost."""
+    cost = plan.cost
+    return LocalResult(device_id=plan.job.device_id, update=update, num_examples=cost.num_examples, loss=loss,
+                       flops=cost.flops, peak_memory_bytes=cost.peak_memory_bytes, update_bytes=cost.update_bytes)

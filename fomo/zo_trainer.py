@@ -90,7 +90,7 @@ import torch.nn.functional as F
 from fomo import data as fdata
 from fomo import profiling
 from fomo import zeroth_order as zo
-from fomo.trainer import PeftState, PeftTrainer
+from fomo.trainer import PeftState, PeftTrainer, local_result
 from netsim.interfaces import JobCost, LocalJob, LocalResult, PlannedJob
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -290,16 +290,7 @@ class ZerothOrderTrainer(PeftTrainer):
                              self.weight_decay, self.exact_restore)
             update[int(index)] += g
             step_losses.append(0.5 * (recorded[0] + recorded[1]))
-        cost = plan.cost
-        result = LocalResult(
-            device_id=job.device_id,
-            update=update,
-            num_examples=cost.num_examples,
-            loss=float(np.mean(step_losses)) if step_losses else float("nan"),
-            flops=cost.flops,
-            peak_memory_bytes=cost.peak_memory_bytes,
-            update_bytes=cost.update_bytes,
-        )
+        result = local_result(plan, update, float(np.mean(step_losses)) if step_losses else float("nan"))
         return result, {n: p.detach().clone() for n, p in self._trainable}
 
     def _loss_fn(self, examples: np.ndarray, params: list[torch.Tensor], base: list[torch.Tensor],
