@@ -105,9 +105,9 @@ BAD = {
     "unknown_variant": (
         ["federated_deft.variants=[lora,offsite]"],
         ["federated_deft.variants.1", "'offsite'", "'lora'", "'emulator'", "'split'", "'zeroth_order'"]),
-    "asynchronous_mode": (   # the plain FedAvg rule fires first: asynchronous needs fedbuff
+    "asynchronous_mode": (   # the experiment's own rule fires first, before asynchronous-needs-fedbuff
         ["training.mode=asynchronous"],
-        ["training.mode=asynchronous", "'fedbuff'"]),
+        ["experiment=federated_deft", "training.mode", "'synchronous'", "not 'asynchronous'"]),
     "asynchronous_mode_with_fedbuff": (
         ["training.mode=asynchronous", "strategies.aggregation.name=fedbuff"],
         ["experiment=federated_deft", "training.mode", "'synchronous'", "not 'asynchronous'"]),
