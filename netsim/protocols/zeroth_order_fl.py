@@ -120,7 +120,10 @@ class _SeedPools:
     def _aggregate(self, r: int, results, *args, **kwargs):
         """FedAvg of the pools (or their over-the-air sum), then the edge replays the new pool
         into its copy of the model (``replay``)."""
+        before = int(self.counters["server_steps"])
         yield from super()._aggregate(r, results, *args, **kwargs)
+        if int(self.counters["server_steps"]) == before:   # nothing was aggregated (no device scheduled)
+            return
         flops = self._replay_flops(1)
         duration = self._edge_time_s(flops)
         self.recorder.emit("replay", t_s=self.env.now, duration_s=duration, node=self._edge_name, round=r, flops=flops)

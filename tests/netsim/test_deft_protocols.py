@@ -240,3 +240,19 @@ def test_variant_overrides_apply_to_its_own_training_only():
     assert variant_scenario(sc, "zeroth_order").training.local_steps == 40
     assert variant_scenario(sc, "lora").training.local_steps == 3
     assert variant_scenario(sc, "emulator").training.local_steps == 3
+
+
+def test_zeroth_order_over_the_air_aggregates_and_replays_each_round():
+    sc = variant_scenario(deft_scenario(devices=[{"count": 4, "compute_flops_per_s": 1e12}],
+                                        training={"rounds": 3, "local_steps": 2},
+                                        zeroth_order={"candidate_seeds": 64, "uplink_access": "aircomp"},
+                                        fake={"adapter_bytes": 256}), "zeroth_order")
+    sim = deft_simulation("zeroth_order", sc, 0, FakeSeedTrainer(sc, 0))
+    out = sim.run()
+    ev = sim.recorder.to_frame()
+    assert out.rounds_completed == 3 and sim.counters["server_steps"] == 3
+    up = ev[ev.kind == "uplink"]
+    assert len(up) == 12 and (up.bytes == 256).all()
+    # one over-the-air slot per round: every device's uplink of a round starts and ends together
+    assert up.groupby("round").t_s.nunique().eq(1).all()
+    assert len(ev[(ev.kind == "replay") & (ev.node == "edge0")]) == 3
