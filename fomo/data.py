@@ -273,7 +273,15 @@ def load_texts(data_spec: "DataSpec") -> tuple[list[str], np.ndarray, list[str]]
     texts : list[str]
     labels : np.ndarray of int64, class index of each text
     class_names : list[str], ``class_names[label]`` is the name of a class
+
+    ``data.task`` set: the registered task of :mod:`fomo.tasks` (ValueError naming
+    ``data.task`` if it is unknown or its source is not installed); null: ``data.dataset``.
     """
+    task = getattr(data_spec, "task", None)
+    if task is not None:
+        from fomo.tasks import load_task
+
+        return load_task(task)
     if data_spec.dataset == "bbc_news":
         return load_bbc_news()
     if data_spec.dataset == "csv":

