@@ -160,6 +160,33 @@ def task_summary(name: str) -> dict:
     return {"task": name, "examples": len(texts), "classes": dict(zip(class_names, counts))}
 
 
+def task_provenance(name: str) -> dict:
+    """What a run of task ``name`` read, for its provenance record: ``{"task", "source",
+    "version"}`` with the installed version of the source (the PyPI package's, or the Debian
+    package's from dpkg's status file; None if unknown)."""
+    task = get_task(name)
+    return {"task": name, "source": task.source, "version": _source_version(task.source)}
+
+
+def _source_version(source: str) -> Optional[str]:
+    if source == "fortunes":
+        try:
+            status = Path("/var/lib/dpkg/status").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+        for block in status.split("\n\n"):
+            fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and line[0] != " ")
+            if fields.get("Package") == "fortunes":
+                return fields.get("Version")
+        return None
+    from importlib import metadata
+
+    try:
+        return metadata.version(source)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 # --------------------------------------------------------------------------------------------
 # Shared helpers
 # --------------------------------------------------------------------------------------------

