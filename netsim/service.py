@@ -36,6 +36,7 @@ process whose expected count exceeds it, or that has neither a horizon nor a cou
 from __future__ import annotations
 
 import heapq
+import inspect
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Generator, Mapping, Optional, Sequence
@@ -201,7 +202,8 @@ class _ArrivalSource:
 
     def __init__(self, env: simpy.Environment, on_arrival: Callable[[Request], Any], horizon_s, max_count):
         if not callable(on_arrival):
-            raise ValueError(f"{type(self).__name__}: on_arrival = {on_arrival!r}; allowed: a callable on_arrival(request)")
+            raise ValueError(f"{type(self).__name__}: on_arrival = {on_arrival!r}; allowed: a callable "
+                             f"on_arrival(request)")
         self.env = env
         self.on_arrival = on_arrival
         self.horizon_s = None if horizon_s is None else float(horizon_s)
@@ -564,6 +566,24 @@ def all_of(*policies: AdmissionPolicy) -> AdmissionPolicy:
     return admit
 
 
+ADMISSION_POLICIES = ("always", "memory_fits", "deadline_feasible", "memory_and_deadline")
+
+
+def admission_policy(name: str, estimate_service_s: Optional[Callable[[Request], float]] = None) -> AdmissionPolicy:
+    """The built-in policy called ``name`` (one of :data:`ADMISSION_POLICIES`; the deadline
+    policies need ``estimate_service_s``); ``memory_and_deadline`` checks memory first."""
+    if name not in ADMISSION_POLICIES:
+        raise ValueError(f"admission = {name!r}; allowed: {list(ADMISSION_POLICIES)}")
+    if name == "always":
+        return always
+    if name == "memory_fits":
+        return memory_fits
+    if estimate_service_s is None:
+        raise ValueError(f"admission = {name!r} needs estimate_service_s (a service-time estimator)")
+    deadline = DeadlineFeasible(estimate_service_s)
+    return deadline if name == "deadline_feasible" else all_of(memory_fits, deadline)
+
+
 # ------------------------------------------------------------------------------------------------
 # executors: serve(request, slot) -> generator (a SimPy process body)
 # ------------------------------------------------------------------------------------------------
@@ -695,7 +715,7 @@ class ServiceEdge:
             record = RequestRecord(request, "blocked", reason="capacity")
         else:
             ok, reason = self.admission(request, now, self.state)
-            record = RequestRecord(request, "admitted") if ok else RequestRecord(request, "rejected", reason=str(reason))
+            record = RequestRecord(request, "admitted" if ok else "rejected", reason="" if ok else str(reason))
         self.records.append(record)
         if record.outcome == "admitted":
             key = discipline_key(self.discipline, request, self._seq)
@@ -718,7 +738,11 @@ class ServiceEdge:
         self._in_service[slot] = (request, record.start_s)
         self._busy.change(self.env.now, +1)
         self._log("request_wait", request, request.arrival_s, duration_s=record.wait_s)
-        record.result = yield self.env.process(self.serve(request, Slot(slot, self.slot_memory_bytes)))
+        body = self.serve(request, Slot(slot, self.slot_memory_bytes))
+        if not inspect.isgenerator(body):
+            raise ValueError(f"ServiceEdge: serve(request {request.request_id}, slot {slot}) returned {body!r}; "
+                             f"allowed: a generator (a SimPy process body that yields events)")
+        record.result = yield from body   # the executor runs inside this request's process
         record.end_s = self.env.now
         del self._in_service[slot]
         heapq.heappush(self._free_slots, slot)

@@ -10,16 +10,18 @@ this tolerance is tight enough (10 %, 20 % for the slowest-mixing queues, of the
 the test to be able to fail.
 """
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import simpy
 
 from netsim.records import Recorder
-from netsim.service import (MAX_REQUESTS, DeadlineFeasible, PoissonArrivals, Request, ServiceEdge, TraceArrivals,
-                            UserClass, all_of, deadline_feasible, erlang_c, md1_mean_wait_s, memory_fits,
-                            mm1_mean_wait_s, mm1k_blocking_probability, mm1k_mean_in_system, mmc_mean_wait_s,
-                            priority_mean_waits_s, surrogate_service)
+from netsim.service import (DeadlineFeasible, MAX_REQUESTS, PoissonArrivals, Request, ServiceEdge, TraceArrivals,
+                            UserClass, admission_policy, all_of, deadline_feasible, erlang_c, md1_mean_wait_s,
+                            memory_fits, mm1_mean_wait_s, mm1k_blocking_probability, mm1k_mean_in_system,
+                            mmc_mean_wait_s, priority_mean_waits_s, surrogate_service)
 
 BATCHES = 50
 
@@ -55,8 +57,8 @@ def run_trace(trace, **edge_kwargs):
 
 
 def column(edge, attribute, user_class=None):
-    return np.array([getattr(r, attribute) for r in edge.records
-                     if getattr(r, attribute) is not None and (user_class is None or r.request.user_class == user_class)])
+    return np.array([getattr(r, attribute) for r in edge.records if getattr(r, attribute) is not None
+                     and (user_class is None or r.request.user_class == user_class)])
 
 
 def assert_matches(measured_samples, theory, label, max_relative_tolerance=0.1):
@@ -91,7 +93,8 @@ def test_erlang_c_equals_its_closed_form():
 # ----------------------------------------------------------------------------------------------
 
 def test_mm1_mean_wait_and_sojourn():
-    """M/M/1, lambda = 0.5/s, mu = 1/s: W_q = rho / (mu - lambda) = 1 s, W = 1 / (mu - lambda) = 2 s."""
+    """M/M/1, lambda = 0.5/s, mu = 1/s: W_q = rho / (mu - lambda) = 1 s, W = 1 / (mu - lambda) = 2 s
+    (Kleinrock 1975, section 3.2)."""
     lam, mu = 0.5, 1.0
     edge = run_poisson([UserClass("u", lam, work=exponential(1 / mu))], 100_000)
     assert_matches(column(edge, "wait_s"), mm1_mean_wait_s(lam, mu), "M/M/1 wait")
@@ -99,6 +102,12 @@ def test_mm1_mean_wait_and_sojourn():
     s = edge.summary()
     assert s["arrived"] == s["admitted"] == s["completed"] == 100_000 and s["in_system"] == 0
     assert s["mean_wait_s"] == pytest.approx(column(edge, "wait_s").mean(), rel=1e-12)
+    # p95 of the wait: P(W_q > t) = rho exp(-(mu - lambda) t), so t_95 = ln(rho / 0.05) / (mu - lambda);
+    # its standard error from the p95s of the batches
+    t95 = math.log((lam / mu) / 0.05) / (mu - lam)
+    batch_p95 = np.quantile(column(edge, "wait_s").reshape(BATCHES, -1), 0.95, axis=1)
+    se = batch_p95.std(ddof=1) / math.sqrt(BATCHES)
+    assert 5 * se < 0.1 * t95 and abs(s["p95_wait_s"] - t95) < 5 * se, (s["p95_wait_s"], t95, se)
 
 
 def test_md1_mean_wait_is_pollaczek_khinchine():
@@ -132,7 +141,7 @@ def test_mm1k_blocking_and_littles_law():
     in system L equals lambda_eff W up to the end effect, L T - lambda_eff W T =
     sum over open requests (T - a_i) - n_open W; and W matches L_K / (lambda (1 - P_K))."""
     lam, mu, K = 0.9, 1.0, 5
-    horizon = 120_000.0
+    horizon = 100_000.0
     edge = run_poisson([UserClass("u", lam, work=exponential(1 / mu))], None, capacity=K, horizon_s=horizon)
     blocked = np.array([r.outcome == "blocked" for r in edge.records], dtype=float)
     p_k = mm1k_blocking_probability(lam / mu, K)
@@ -172,7 +181,8 @@ def test_priority_classes_follow_cobham():
     fcfs = run_poisson(classes, 40_000, discipline="fcfs")
     for name in ("urgent", "normal"):   # FCFS ignores the class: both wait M/M/1's W_q
         assert_matches(column(fcfs, "wait_s", name), mm1_mean_wait_s(2 * lam, 1 / mean_s), f"FCFS {name}", 0.2)
-    assert column(edge, "wait_s", "urgent").mean() < column(fcfs, "wait_s").mean() < column(edge, "wait_s", "normal").mean()
+    urgent, normal = column(edge, "wait_s", "urgent").mean(), column(edge, "wait_s", "normal").mean()
+    assert urgent < column(fcfs, "wait_s").mean() < normal
 
 
 SMALL_TRACE = [(0.0, {"user_class": "A", "work": 1.0, "priority": 5}),
@@ -254,6 +264,16 @@ def test_memory_check_and_policy_composition():
     edge = run_trace(trace[2:], admission=all_of(deadline_feasible(lambda r: r.work), memory_fits),
                      slot_memory_bytes=1000)
     assert edge.records[0].reason == "deadline_infeasible"   # the first refusal's reason
+    # the same policies by name (for a scenario section)
+    for name, reasons in [("always", ["", "", ""]), ("memory_fits", ["", "memory_exceeded", "memory_exceeded"]),
+                          ("deadline_feasible", ["", "", "deadline_infeasible"]),
+                          ("memory_and_deadline", ["", "memory_exceeded", "memory_exceeded"])]:
+        edge = run_trace(trace, slot_memory_bytes=1000, admission=admission_policy(name, lambda r: r.work))
+        assert [r.reason for r in edge.records] == reasons, name
+    with pytest.raises(ValueError, match=r"admission = 'fifo'; allowed: \['always', 'memory_fits'"):
+        admission_policy("fifo")
+    with pytest.raises(ValueError, match=r"admission = 'deadline_feasible' needs estimate_service_s"):
+        admission_policy("deadline_feasible")
 
 
 def test_capacity_blocks_arrivals_beyond_k():
@@ -307,6 +327,26 @@ def test_trace_arrivals_replay_times_and_fields():
     env.run()
     assert [(r.request_id, r.arrival_s, r.user_class) for r in got] == [(0, 0.5, "trace"), (1, 0.5, "trace")]
     assert (got[0].task, got[0].owner_device, got[0].deadline_s, got[0].target_accuracy) == ("bbc", 3, 4.0, 0.8)
+
+
+def test_executor_gets_the_lowest_free_slot_and_its_result_is_kept():
+    """The executor is the request's service: it sees its slot (index, memory) and what it
+    returns (e.g. the accuracy a fine-tuning reached) becomes the record's result."""
+    env = simpy.Environment()
+    seen = []
+
+    def serve(request, slot):
+        seen.append((request.request_id, slot.index, slot.memory_bytes, env.now))
+        yield env.timeout(request.work)
+        return {"tuned": request.task, "slot": slot.index}
+
+    edge = ServiceEdge(env, serve, slots=2, slot_memory_bytes=4096)
+    TraceArrivals(env, [(0.0, {"work": 3.0, "task": "a"}), (0.0, {"work": 1.0, "task": "b"}),
+                        (0.5, {"work": 1.0, "task": "c"}), (2.5, {"work": 1.0, "task": "d"})], edge.submit)
+    env.run()
+    assert seen == [(0, 0, 4096, 0.0), (1, 1, 4096, 0.0), (2, 1, 4096, 1.0), (3, 1, 4096, 2.5)]
+    assert [r.result for r in edge.records] == [{"tuned": t, "slot": i} for t, i in zip("abcd", (0, 1, 1, 1))]
+    assert [r.end_s for r in edge.records] == [3.0, 1.0, 2.0, 3.5]
 
 
 def test_event_log_rows():
@@ -385,6 +425,11 @@ def test_bad_run_time_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"request 1: work = 'long'; allowed: a finite service time >= 0 s"):
         env.run()
     env = simpy.Environment()
+    edge = ServiceEdge(env, lambda request, slot: None)
+    edge.submit(Request(0, "u", 0.0))
+    with pytest.raises(ValueError, match=r"serve\(request 0, slot 0\) returned None; allowed: a generator"):
+        env.run()
+    env = simpy.Environment()
     edge = ServiceEdge(env, surrogate_service(env))
     edge.submit(Request(0, "u", 0.0, work=5.0))
     env.run(until=2.0)
@@ -393,3 +438,13 @@ def test_bad_run_time_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"horizon_s = 9.0 at simulated time 2.0 s with 1 request\(s\) in the system"):
         edge.summary(9.0)
     assert edge.summary(2.0)["utilisation"] == 1.0
+
+
+def test_service_module_imports_without_torch():
+    code = ("import sys\n"
+            "for name in ('torch', 'transformers', 'peft', 'fomo'):\n"
+            "    sys.modules[name] = None\n"
+            "import netsim.service\n"
+            "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
