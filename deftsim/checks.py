@@ -75,6 +75,10 @@ def check_scenario_resources(scenario: Scenario) -> None:
     trainer: an availability trace (readable, names only devices of the scenario) and, for the
     fake trainer, a round deadline no round can meet (the real trainer's job FLOPs are only
     known once the model is loaded: ``deftsim run`` checks it then)."""
+    if scenario.data.task is not None:   # the name, for every trainer (the real one also loads it below)
+        from fomo.tasks import get_task
+
+        get_task(scenario.data.task)
     _check_dynamics(scenario)
     if scenario.trainer != "real":
         return
@@ -177,7 +181,10 @@ def _data_warnings(s: Scenario) -> Iterator[str]:
     if s.data.partition == "iid":
         yield from _ignored("data", s.data, ("dirichlet_alpha",), "used with data.partition 'dirichlet' only, "
                             "and data.partition is 'iid'")
-    if s.data.dataset == "bbc_news":
+    if s.data.task is not None:
+        yield from _ignored("data", s.data, ("path", "text_column", "label_column"),
+                            "used with data.dataset 'csv' only, and data.task is set")
+    elif s.data.dataset == "bbc_news":
         yield from _ignored("data", s.data, ("path", "text_column", "label_column"),
                             "used with data.dataset 'csv' only, and data.dataset is 'bbc_news'")
     if s.experiment == "neural_aircomp":

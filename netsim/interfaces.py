@@ -157,12 +157,14 @@ class LocalResult:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Evaluation of the global model on the held-out test set."""
+    """Evaluation of the global model on the held-out test set. ``balanced_accuracy``: the
+    mean per-class recall over the classes present (NaN where the trainer does not compute it)."""
 
     accuracy: float
     loss: float
     flops: float
     num_examples: int
+    balanced_accuracy: float = float("nan")
 
 
 class Trainer(Protocol):

@@ -13,7 +13,11 @@ fading of uplink of device i   (0, 2, i)
 fading of downlink of dev i    (0, 3, i)
 device selection per round     (0, 4)
 sidelink (i, j) fading         (0, 5, i, j)
+service arrivals of class k    (40, k)   (netsim.service)
+service request attributes     (41, k)   (netsim.service)
 =============================  ===========================
+
+Other modules name their own streams beside their code (``grep -rn SPAWN_KEY``).
 """
 from __future__ import annotations
 

@@ -34,6 +34,7 @@ def fedavg(scenario: Scenario, on_round=None) -> ExperimentResult:
                         target_accuracy=scenario.stop.target_accuracy,
                         devices=[d.name for d in sim.network.devices])
     summary["protocol"] = protocol_name(scenario)
+    summary["final_balanced_accuracy"] = final_balanced_accuracy(sim)
     summary.update(sim.dynamics_summary())
     if isinstance(sim, AirCompFedAvgSimulation):
         summary["aircomp"] = aircomp_summary(sim.aircomp_log)
@@ -42,3 +43,11 @@ def fedavg(scenario: Scenario, on_round=None) -> ExperimentResult:
                                                                       chance=summary["chance_accuracy"])}
     return ExperimentResult(events, summary, build.topology_record(sim.network), figures,
                             {"setup_wall_s": setup_s, "simulation_wall_s": time.perf_counter() - t0 - setup_s})
+
+
+def final_balanced_accuracy(sim) -> float | None:
+    """The last evaluation's balanced accuracy (mean per-class recall), None where the trainer
+    does not compute it."""
+    ev = sim.last_evaluation
+    value = getattr(ev, "balanced_accuracy", float("nan")) if ev is not None else float("nan")
+    return None if value != value else float(value)

@@ -45,6 +45,7 @@ from netsim.scenario import Scenario
 from .. import build
 from ..config import ScenarioError
 from .base import ExperimentResult, register
+from .fedavg import final_balanced_accuracy
 
 LABELS = {"lora": "LoRA (whole model)", "emulator": "emulator (Offsite-Tuning)", "split": "split (SplitFed)",
           "zeroth_order": "zeroth-order (FedKSeed)"}
@@ -136,6 +137,7 @@ def federated_deft(scenario: Scenario, on_round=None) -> ExperimentResult:
                         target_accuracy=target, devices=[d.name for d in sim.network.devices])
         metrics = variant_metrics(events, run, trainer, sc, target)
         metrics.update(_extras(variant, sim, trainer, events, sc))
+        metrics["final_balanced_accuracy"] = final_balanced_accuracy(sim)
         metrics["engine"] = sim.engine.stats()
         variants[variant] = metrics
         frames.append(events.assign(variant=variant))

@@ -107,6 +107,7 @@ class FedAvgSimulation:
         self.engine = Engine(trainer)
         self.counters: Counter = Counter()
         self.outcome: Optional[RunOutcome] = None
+        self.last_evaluation = None   # the latest EvalResult (balanced accuracy is not in the event log)
         self._upload_end_s: dict[int, float] = {}
         self._last_compute_s: dict[int, float] = {}
         self._phase_rows: dict[int, int] = {}   # device -> row of its transfer or compute in progress
@@ -539,7 +540,7 @@ class FedAvgSimulation:
         self.trainer.aggregate_flat(self.aggregator.server_step(delta))
 
     def _evaluate(self, r: int):
-        ev = self.trainer.evaluate()
+        ev = self.last_evaluation = self.trainer.evaluate()
         duration = self._edge_time_s(ev.flops)
         self.recorder.emit("evaluate", t_s=self.env.now, duration_s=duration, node=self._edge_name, round=r,
                            flops=ev.flops, loss=ev.loss, accuracy=ev.accuracy)
