@@ -4,6 +4,8 @@ tuning, mixed prompts, and bad input."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -207,6 +209,12 @@ def test_mixed_prompt_one_hot_is_exact_and_uniform_is_the_mean() -> None:
     torch.testing.assert_close(mixed["prompt"], 0.25 * states[0]["prompt"] + 0.75 * states[1]["prompt"])
 
 
+def test_the_numpy_part_does_not_import_torch() -> None:
+    code = ("import sys, fomo.prompt_ensemble as pe; pe.Hedge(3).update([0, 1, 0.5]); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 # ------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("call,match", [
     (lambda: pe.mixed_prompt([], []), "no entries"),
@@ -247,7 +255,7 @@ BATCH, TOKENS, ENTRIES_REAL = 4, 16, 3
 
 
 @pytest.fixture(scope="module")
-def library() -> tuple[Any, list[dict[str, torch.Tensor]], torch.Tensor, torch.Tensor]:
+def library() -> tuple[Any, list[dict[str, torch.Tensor]], torch.Tensor, torch.Tensor, np.ndarray]:
     """A small prompt-tuning trainer on BBC News and 3 entries: its initial state and that state
     after one AdamW step (lr 1e-2) on device 0's and on device 1's data."""
     from fomo import build_trainer
@@ -264,9 +272,9 @@ def library() -> tuple[Any, list[dict[str, torch.Tensor]], torch.Tensor, torch.T
     start = trainer.global_state()
     results = trainer.local_train([LocalJob(device_id=d, round=1, steps=1, batch_size=BATCH) for d in (0, 1)])
     states = [start] + [{n: start[n] + r.update[n] for n in start} for r in results]
-    input_ids, mask, _ = trainer._tokens.batch(trainer._test_examples[:BATCH])
+    input_ids, mask, labels = trainer._tokens.batch(trainer._test_examples[:BATCH])
     assert tuple(input_ids.shape) == (BATCH, TOKENS)
-    return trainer, states, input_ids, mask
+    return trainer, states, input_ids, mask, labels.numpy()
 
 
 def separate_logits(model: torch.nn.Module, state: dict[str, torch.Tensor], input_ids: torch.Tensor,
@@ -287,7 +295,7 @@ def separate_logits(model: torch.nn.Module, state: dict[str, torch.Tensor], inpu
 
 @pytest.mark.slow
 def test_library_forward_equals_separate_forwards(library: Any) -> None:
-    trainer, states, input_ids, mask = library
+    trainer, states, input_ids, mask, labels = library
     model = trainer.model
     assert any("prompt" in n for n in states[0]) and any("classifier" in n for n in states[0])
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -298,6 +306,8 @@ def test_library_forward_equals_separate_forwards(library: Any) -> None:
     probs, flops_p = pe.library_predictions(trainer, states, input_ids, mask)
     assert probs.shape == (ENTRIES_REAL, BATCH, trainer.num_classes) and probs.dtype == np.float64
     assert flops_p == flops
+    trace = pe.prequential(pe.Hedge(ENTRIES_REAL, horizon=BATCH), probs, labels)
+    assert trace.weights.shape == (BATCH, ENTRIES_REAL) and trace.correct.shape == (BATCH,)
     chunked, chunked_flops = pe.library_logits(trainer, states, input_ids, mask, max_entries_per_pass=2)
     assert chunked_flops == flops
     separate = [separate_logits(model, st, input_ids, mask) for st in states]
