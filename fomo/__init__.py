@@ -32,6 +32,14 @@ zeroth_order  MeZO SPSA steps and FedKSeed seed pools and replay on PEFT paramet
               step-memory formulas.
 emulator_trainer, split_trainer, zo_trainer
               the trainers of the three variants (:func:`build_trainer` with ``variant``).
+
+Fine-tuning as a service:
+
+tasks            the registry of related text-classification tasks (``data.task``) and balanced
+                 accuracy (torch-free).
+prompt_ensemble  a library of tuned prompts on one batch in one batched forward, online ensemble
+                 weights (Hedge, exponentiated gradient) and the mixed prompt (a building block:
+                 no scenario reaches it yet).
 """
 from __future__ import annotations
 
