@@ -1,7 +1,7 @@
 """Run every benchmark under bench/ and collect their ``RESULT`` lines.
 
 Each benchmark runs as its own Python process (so one's memory or threads cannot affect the
-next), in this order: network_only, engine_overhead, quickstart_overhead, contention,
+next), in this order: network_only, split_edge_queue, engine_overhead, quickstart_overhead, contention,
 batched_vs_sequential, activation_cache, memory_per_device, overhead_vs_bare_torch,
 flower_vs_deftsim. ``--quick`` runs them at reduced size (under 10 minutes on a quiet 2-core
 CPU); without it, at full size.
@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 # name -> (quick arguments, full arguments)
 BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "network_only": (["--quick"], []),
+    "split_edge_queue": (["--quick"], []),
     "engine_overhead": (["--quick"], []),
     "quickstart_overhead": (["--rounds", "2"], []),
     "contention": (["--quick"], []),
