@@ -26,13 +26,28 @@ from typing import TYPE_CHECKING, Literal, Optional
 
 from pydantic import Field, field_validator
 
-from .spec_base import Float, Spec
+from .spec_base import Float, Int, PositiveFloat, Spec
 
 if TYPE_CHECKING:  # netsim.scenario imports this module: no import of it at run time
     from .scenario import Scenario
 
 Variant = Literal["lora", "emulator", "split", "zeroth_order"]
 VARIANTS: tuple[str, ...] = ("lora", "emulator", "split", "zeroth_order")
+
+
+class StepOverrides(Spec):
+    """The ``training`` fields a variant's section may override (null: the shared value)."""
+
+    rounds: Optional[Int] = Field(None, ge=1, le=1_000_000, description="overrides training.rounds")
+    local_steps: Optional[Int] = Field(None, ge=1, le=1_000_000, description="overrides training.local_steps")
+    learning_rate: Optional[PositiveFloat] = Field(None, ge=1e-12, le=100, description="overrides "
+                                                   "training.learning_rate")
+
+
+class OptimizerOverride(StepOverrides):
+    """:class:`StepOverrides` and ``training.optimizer``."""
+
+    optimizer: Optional[Literal["adamw", "sgd"]] = Field(None, description="overrides training.optimizer")
 
 
 class FederatedDeftSpec(Spec):
@@ -64,7 +79,7 @@ def variant_scenario(scenario: "Scenario", variant: str) -> "Scenario":
     data["name"] = f"{scenario.name}-{variant}"
     section = getattr(scenario, variant, None) if variant != "lora" else None
     if section is not None:
-        for name in ("rounds", "local_steps", "learning_rate", "optimizer"):
+        for name in OptimizerOverride.model_fields:
             value = getattr(section, name, None)
             if value is not None:
                 data["training"][name] = value

@@ -25,12 +25,12 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from ..budgets import energy_j
-from ..spec_base import Int, PositiveFloat, Spec
+from ..federated_deft import OptimizerOverride
+from ..spec_base import Int, PositiveFloat
 from .fedavg import FedAvgSimulation
 
 
-class EmulatorSpec(Spec):
+class EmulatorSpec(OptimizerOverride):
     """Variant ``emulator`` of experiment ``federated_deft`` (Offsite-Tuning)."""
 
     adapter_layers: Int = Field(1, ge=1, le=1024, description="blocks kept whole and trained at the bottom and at "
@@ -45,11 +45,6 @@ class EmulatorSpec(Spec):
     distill_learning_rate: PositiveFloat = Field(1e-4, le=1.0)
     distill_texts: Int = Field(256, ge=1, le=10_000_000, description="unlabelled texts the edge distils on (taken "
                                "from the training split; a stand-in for the edge's own public text)")
-    rounds: Optional[Int] = Field(None, ge=1, le=1_000_000, description="overrides training.rounds")
-    local_steps: Optional[Int] = Field(None, ge=1, le=1_000_000, description="overrides training.local_steps")
-    learning_rate: Optional[PositiveFloat] = Field(None, ge=1e-12, le=100, description="overrides "
-                                                   "training.learning_rate")
-    optimizer: Optional[Literal["adamw", "sgd"]] = Field(None, description="overrides training.optimizer")
 
 
 class EmulatorFedAvgSimulation(FedAvgSimulation):
@@ -69,24 +64,7 @@ class EmulatorFedAvgSimulation(FedAvgSimulation):
             self.recorder.emit("distill", t_s=self.env.now, duration_s=duration, node=self._edge_name, round=0,
                                flops=flops)
             yield self.env.timeout(duration)
-        size_bytes = int(self.trainer.emulator_download_bytes())
-        bandwidth_hz = self.scenario.channel.downlink_bandwidth_hz
-        t0 = self.env.now
-        longest_all = 0.0
-        for server in self.network.servers:
-            members = [d for d in self.network.devices if d.server == server.index]
-            if not members:
-                continue
-            longest = 0.0
-            for d in members:
-                t = d.downlink.transfer_duration_s(8 * size_bytes, t0, bandwidth_hz)
-                longest = max(longest, t)
-                self.recorder.emit("downlink", t_s=t0, duration_s=t, node=d.name, peer=server.name, round=0,
-                                   bytes=size_bytes, energy_j=energy_j(d.group.rx_power_w, t), **self._tags(d))
-            self.recorder.emit("emulator_broadcast", t_s=t0, duration_s=longest, node=server.name, round=0,
-                               bytes=size_bytes, energy_j=energy_j(server.spec.tx_power_w, longest))
-            longest_all = max(longest_all, longest)
-        yield self.env.timeout(longest_all)
+        yield from self._multicast_once("emulator_broadcast", int(self.trainer.emulator_download_bytes()))
 
     def _evaluate(self, r: int):
         """The plug-in's accuracy (the full model with the aggregated adapter; what the run

@@ -328,14 +328,40 @@ class FedAvgSimulation:
         """Log the ``compute`` event of ``job`` (its loss filled in once it has run) and wait
         for it; False if the device goes offline first."""
         t_compute, e_compute = self._compute(device, job.cost.flops)
-        t_eff = min(t_compute, max(t_off - self.env.now, 0.0))
-        row = self.recorder.emit("compute", t_s=self.env.now, duration_s=t_eff, node=device.name, round=r,
-                                 flops=job.cost.flops, memory_bytes=job.cost.peak_memory_bytes,
-                                 energy_j=e_compute * (t_eff / t_compute if t_compute > 0 else 1.0),
-                                 **self._tags(device))
-        self._phase_rows[device.index] = row
+        row = self._log_compute("compute", device, r, t_compute, e_compute, t_off, flops=job.cost.flops,
+                                memory_bytes=job.cost.peak_memory_bytes)
         job.when_done(lambda res: self.recorder.fill(row, loss=res.loss))
         return (yield from self._until(t_compute, t_off))
+
+    def _log_compute(self, kind: str, device: Device, r: int, t: float, e: float, t_off: float, **fields) -> int:
+        """Log a device's compute phase of ``t`` [s] and ``e`` [J] starting now as the phase in
+        progress, cut at ``t_off`` if the device goes offline first (energy in proportion);
+        returns its row. The caller waits with :meth:`_until`."""
+        t_eff = min(t, max(t_off - self.env.now, 0.0))
+        row = self.recorder.emit(kind, t_s=self.env.now, duration_s=t_eff, node=device.name, round=r,
+                                 energy_j=e * (t_eff / t if t > 0 else 1.0), **fields, **self._tags(device))
+        self._phase_rows[device.index] = row
+        return row
+
+    def _multicast_once(self, kind: str, size_bytes: int):
+        """Send ``size_bytes`` once to every device, before the first round: each server
+        multicasts with rateless coding (a device decodes at its own per-block rate; a
+        ``downlink`` event of round 0 each, the server's event ``kind``) and the run goes on
+        when the last device has decoded it, whatever the devices' availability."""
+        bandwidth_hz = self.scenario.channel.downlink_bandwidth_hz
+        t0, longest_all = self.env.now, 0.0
+        for server in self.network.servers:
+            members = [d for d in self.network.devices if d.server == server.index]
+            if not members:
+                continue
+            times = [d.downlink.transfer_duration_s(8 * size_bytes, t0, bandwidth_hz) for d in members]
+            for d, t in zip(members, times):
+                self.recorder.emit("downlink", t_s=t0, duration_s=t, node=d.name, peer=server.name, round=0,
+                                   bytes=size_bytes, energy_j=energy_j(d.group.rx_power_w, t), **self._tags(d))
+            self.recorder.emit(kind, t_s=t0, duration_s=max(times), node=server.name, round=0, bytes=size_bytes,
+                               energy_j=energy_j(server.spec.tx_power_w, max(times)))
+            longest_all = max(longest_all, max(times))
+        yield self.env.timeout(longest_all)
 
     def _stop_phase(self, device_index: int) -> None:
         """Cut the device's transfer or compute in progress at the current time."""

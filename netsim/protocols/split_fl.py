@@ -33,7 +33,7 @@ text.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import TYPE_CHECKING, Optional
 
 import simpy
 from pydantic import Field, model_validator
@@ -41,9 +41,10 @@ from pydantic import Field, model_validator
 from ..budgets import energy_j
 from ..dynamics import compute_time_energy
 from ..edge_queue import EdgeBatchServer
+from ..federated_deft import OptimizerOverride
 from ..interfaces import Trainer
 from ..network import Device
-from ..spec_base import Bool, Int, NonNegFloat, PositiveFloat, Spec
+from ..spec_base import Bool, Int, NonNegFloat
 from .fedavg import FedAvgSimulation, RoundCallback
 
 if TYPE_CHECKING:  # netsim.scenario imports SplitSpec: no import of it at run time
@@ -51,7 +52,7 @@ if TYPE_CHECKING:  # netsim.scenario imports SplitSpec: no import of it at run t
     from ..scenario import Scenario
 
 
-class SplitSpec(Spec):
+class SplitSpec(OptimizerOverride):
     """Variant ``split`` of experiment ``federated_deft`` (SplitFed with a soft prompt)."""
 
     cut_layer: Int = Field(1, ge=0, le=1024, description="transformer blocks on the device (0: embeddings only)")
@@ -63,11 +64,6 @@ class SplitSpec(Spec):
     edge_max_batch: Int = Field(8, ge=1, le=65_536, description="requests the edge serves together in one pass")
     edge_batch_overhead_s: NonNegFloat = Field(1e-3, le=1e6, description="fixed time of one edge pass (kernel "
                                                "launch, scheduling) [s]; batching amortises it")
-    rounds: Optional[Int] = Field(None, ge=1, le=1_000_000, description="overrides training.rounds")
-    local_steps: Optional[Int] = Field(None, ge=1, le=1_000_000, description="overrides training.local_steps")
-    learning_rate: Optional[PositiveFloat] = Field(None, ge=1e-12, le=100, description="overrides "
-                                                   "training.learning_rate")
-    optimizer: Optional[Literal["adamw", "sgd"]] = Field(None, description="overrides training.optimizer")
 
     @model_validator(mode="after")
     def _prompt_only_needs_cut_0(self) -> "SplitSpec":
@@ -136,10 +132,7 @@ class SplitFedSimulation(FedAvgSimulation):
         t, e = compute_time_energy(device.group, flops)
         factor = self._job_factor[device.index]
         t, e = t * factor, e * factor
-        t_eff = min(t, max(t_off - self.env.now, 0.0))
-        self._phase_rows[device.index] = self.recorder.emit(
-            "compute", t_s=self.env.now, duration_s=t_eff, node=device.name, round=r, flops=flops,
-            memory_bytes=job.cost.peak_memory_bytes, energy_j=e * (t_eff / t if t > 0 else 1.0), **self._tags(device))
+        self._log_compute("compute", device, r, t, e, t_off, flops=flops, memory_bytes=job.cost.peak_memory_bytes)
         return (yield from self._until(t, t_off))
 
     def _transfer(self, kind: str, device: Device, r: int, size_bytes: int, t_off: float):

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Literal, Optional
 import numpy as np
 from pydantic import Field
 
-from ..budgets import energy_j
 from ..dynamics import compute_time_energy
+from ..federated_deft import StepOverrides
 from ..network import Device
-from ..spec_base import Int, NonNegFloat, PositiveFloat, Spec
+from ..spec_base import Int, NonNegFloat, PositiveFloat
 from .aircomp_fedavg import AirCompFedAvgSimulation
 from .fedavg import FedAvgSimulation
 
@@ -39,18 +39,15 @@ if TYPE_CHECKING:  # netsim.scenario imports ZerothOrderSpec: no import of it at
     from ..engine import PendingJob
 
 
-class ZerothOrderSpec(Spec):
-    """Variant ``zeroth_order`` of experiment ``federated_deft`` (MeZO steps, FedKSeed seeds)."""
+class ZerothOrderSpec(StepOverrides):
+    """Variant ``zeroth_order`` of experiment ``federated_deft`` (MeZO steps, FedKSeed seeds);
+    its ``learning_rate`` is the plain SGD step of the zeroth-order update."""
 
     candidate_seeds: Int = Field(1024, ge=1, le=2**24, description="K shared candidate seeds (FedKSeed)")
     eps: PositiveFloat = Field(1e-3, le=1.0, description="SPSA perturbation scale epsilon")
     weight_decay: NonNegFloat = Field(0.0, le=1.0)
     uplink_access: Optional[Literal["ofdma", "aircomp"]] = Field(
         None, description="how the K accumulated scalars go up (null: channel.uplink_access)")
-    rounds: Optional[Int] = Field(None, ge=1, le=1_000_000, description="overrides training.rounds")
-    local_steps: Optional[Int] = Field(None, ge=1, le=1_000_000, description="overrides training.local_steps")
-    learning_rate: Optional[PositiveFloat] = Field(None, ge=1e-12, le=100, description="overrides "
-                                                   "training.learning_rate (the SGD step of the ZO update)")
 
 
 class _SeedPools:
@@ -62,20 +59,7 @@ class _SeedPools:
         size_bytes = 4 * k   # K uint32 seeds
         self._synced = np.zeros(len(self.network.devices), dtype=np.int64)
         self._missed_at_submit: dict[int, int] = {}
-        bandwidth_hz = self.scenario.channel.downlink_bandwidth_hz
-        t0, longest_all = self.env.now, 0.0
-        for server in self.network.servers:
-            members = [d for d in self.network.devices if d.server == server.index]
-            if not members:
-                continue
-            times = [d.downlink.transfer_duration_s(8 * size_bytes, t0, bandwidth_hz) for d in members]
-            for d, t in zip(members, times):
-                self.recorder.emit("downlink", t_s=t0, duration_s=t, node=d.name, peer=server.name, round=0,
-                                   bytes=size_bytes, energy_j=energy_j(d.group.rx_power_w, t), **self._tags(d))
-            self.recorder.emit("seed_broadcast", t_s=t0, duration_s=max(times), node=server.name, round=0,
-                               bytes=size_bytes, energy_j=energy_j(server.spec.tx_power_w, max(times)))
-            longest_all = max(longest_all, max(times))
-        yield self.env.timeout(longest_all)
+        yield from self._multicast_once("seed_broadcast", size_bytes)
 
     def _download_bytes(self, device: Device) -> int:
         """The K aggregated scalars of every server step the device has not replayed yet,
@@ -109,10 +93,7 @@ class _SeedPools:
         flops = self._replay_flops(self._missed_at_submit.pop(device.index, 0))
         if flops > 0:
             t, e = compute_time_energy(device.group, flops)
-            t_eff = min(t, max(t_off - self.env.now, 0.0))
-            self._phase_rows[device.index] = self.recorder.emit(
-                "replay", t_s=self.env.now, duration_s=t_eff, node=device.name, round=r, flops=flops,
-                energy_j=e * (t_eff / t if t > 0 else 1.0), **self._tags(device))
+            self._log_compute("replay", device, r, t, e, t_off, flops=flops)
             if not (yield from self._until(t, t_off)):
                 return False
         return (yield from super()._local_steps(device, r, job, t_off))
