@@ -91,6 +91,9 @@ def check_scenario_resources(scenario: Scenario) -> None:
     check_rank_per_layer(scenario.peft.rank_per_layer, depth)
     if scenario.experiment == "federated_deft":
         check_deft_depth(scenario, depth)
+    if scenario.experiment == "prompt_service":
+        check_service_tasks(scenario)
+        return
     uses_lora = scenario.experiment in LORA_EXPERIMENTS and scenario.peft.method == "lora"
     if uses_lora:
         check_target_modules(info, list(scenario.peft.target_modules))
@@ -99,6 +102,37 @@ def check_scenario_resources(scenario: Scenario) -> None:
     num_classes = check_data_fits(scenario)
     if scenario.experiment in LORA_EXPERIMENTS:
         check_head_fits(info, num_classes)
+
+
+def check_service_tasks(scenario: Scenario) -> None:
+    """The ``prompt_service`` tasks without torch: every task is registered and installed, all
+    share one label set, and each holds enough labelled examples besides its test set for a
+    request (``examples_per_request``) and, for a library task, its entry (``library.examples``)."""
+    from fomo.tasks import load_task
+
+    spec = scenario.prompt_service
+    library = set(spec.library.tasks)
+    reference = None
+    for name in spec.all_tasks():
+        where = "prompt_service.library.tasks" if name in library else "prompt_service.user_classes.*.tasks"
+        try:
+            texts, _, classes = load_task(name)
+        except ValueError as err:
+            raise ValueError(f"{where}: {str(err).replace('data.task=', 'task ')}") from None
+        if reference is None:
+            reference = (name, classes)
+        elif classes != reference[1]:
+            raise ValueError(f"{where}: task {name!r} has classes {classes}, task {reference[0]!r} has "
+                             f"{reference[1]}; allowed: tasks with one label set (one classification head serves "
+                             f"every request)")
+        pool = len(texts) - min(spec.test_examples, len(texts) // 5)
+        needs = [("prompt_service.examples_per_request", spec.examples_per_request)]
+        if name in library:
+            needs.append(("prompt_service.library.examples", spec.library.examples))
+        for field, count in needs:
+            if count > pool:
+                raise ValueError(f"{field}={count}: task {name!r} has {pool} labelled examples besides its "
+                                 f"{len(texts) - pool} test examples; allowed: 1..{pool}")
 
 
 def check_deft_depth(scenario: Scenario, depth: int) -> None:
@@ -216,6 +250,11 @@ def _experiment_warnings(s: Scenario) -> Iterator[str]:
     if s.experiment != "neural_aircomp" and explicit_fields(s.neural_aircomp):
         yield f"neural_aircomp={_short(s.neural_aircomp)} has no effect: used by experiment 'neural_aircomp' only, " \
               f"and experiment is {s.experiment!r}"
+    if s.experiment != "prompt_service" and explicit_fields(s.prompt_service):
+        yield f"prompt_service={_short(s.prompt_service)} has no effect: used by experiment 'prompt_service' only, " \
+              f"and experiment is {s.experiment!r}"
+    if s.experiment == "prompt_service":
+        yield from _ignored("data", s.data, None, "experiment 'prompt_service' reads its tasks from prompt_service")
     for name in ("federated_deft", "emulator", "split", "zeroth_order"):
         section = getattr(s, name)
         if explicit_fields(section) and (s.experiment != "federated_deft" or (

@@ -79,8 +79,41 @@ def print_deft(summary: dict, out_dir: str) -> None:
     click.echo(_files(out_dir))
 
 
+def print_service(summary: dict, out_dir: str) -> None:
+    """Console tables of experiment ``prompt_service``: the queue of each variant, then accuracy
+    and time to target."""
+    def seconds(t):
+        return "never" if t is None else f"{t:.3f} s"
+
+    click.echo("")
+    click.echo(f"  {'variant':<12} {'arrived':>7} {'admitted':>8} {'completed':>9} {'met dl':>6}  {'mean wait':>10}  "
+               f"{'mean sojourn':>12}  {'utilisation':>11}")
+    for name in summary["variant_order"]:
+        v = summary["variants"][name]
+        r = v["requests"]
+        click.echo(f"  {name:<12} {r['arrived']:>7} {r['admitted']:>8} {r['completed']:>9} {r['met_deadline']:>6}  "
+                   f"{v['mean_wait_s']:>8.3f} s  {v['mean_sojourn_s']:>10.3f} s  {v['utilisation']:>11.3f}")
+    click.echo("")
+    click.echo(f"  {'variant':<12} {'first answer':>12} {'final acc':>9} {'reached':>7}  {'to target':>10}  "
+               f"{'in service':>10}  {'examples':>8}  {'steps':>5}")
+    for name in summary["variant_order"]:
+        v = summary["variants"][name]
+        examples = v.get("examples_to_target")
+        click.echo(f"  {name:<12} {_num(v['initial_accuracy']):>12} {_num(v['final_accuracy']):>9} "
+                   f"{_num(v['target_hit_ratio'], '.0%'):>7}  {seconds(v['time_to_target_accuracy_s']):>10}  "
+                   f"{seconds(v['service_time_to_target_s']):>10}  "
+                   f"{'never' if examples is None else f'{examples:.0f}':>8}  {_num(v['tuning_steps_per_request'], '.1f'):>5}")
+    click.echo(f"  (means over the served requests; times to target are medians from arrival and from service start; "
+               f"top-level queue metrics: {summary.get('served_with')})")
+    click.echo(_files(out_dir))
+
+
+def _num(value, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
 PRINTERS = {"aircomp_vs_ofdma": print_comparison, "lola_compare": print_lola, "neural_aircomp": print_neural,
-            "federated_deft": print_deft}
+            "federated_deft": print_deft, "prompt_service": print_service}
 """Experiment name -> console printer; experiments not listed (``fedavg``) use :func:`print_fedavg`."""
 
 

@@ -31,7 +31,8 @@ one protocol or component reads is defined in that module and imported here)::
     ├── federated_deft: FederatedDeftSpec      netsim/federated_deft.py
     ├── emulator: EmulatorSpec                 netsim/protocols/emulator_fl.py
     ├── split: SplitSpec                       netsim/protocols/split_fl.py
-    └── zeroth_order: ZerothOrderSpec          netsim/protocols/zeroth_order_fl.py
+    ├── zeroth_order: ZerothOrderSpec          netsim/protocols/zeroth_order_fl.py
+    └── prompt_service: PromptServiceSpec      netsim/protocols/prompt_service.py
 
 The owning modules import nothing of this module at run time (only under ``if TYPE_CHECKING:``),
 so there is no import circle; the section classes are re-exported here
@@ -52,6 +53,7 @@ from .protocols.async_fl import AsyncFLSpec
 from .protocols.emulator_fl import EmulatorSpec
 from .protocols.lola import LolaAlgorithm, LolaAnalyticModelSpec, LolaSpec  # noqa: F401 (re-exported)
 from .protocols.neural_aircomp import NeuralAirCompSpec
+from .protocols.prompt_service import PromptServiceSpec
 from .protocols.split_fl import SplitSpec
 from .protocols.zeroth_order_fl import ZerothOrderSpec
 from .spec_base import Bool, Float, Int, NonNegFloat, PositiveFloat, Spec  # noqa: F401 (re-exported)
@@ -383,7 +385,8 @@ class Scenario(Spec):
         None, ge=0, le=2**63 - 1, description="seed of the training noise: data split and partition, batch sampling, PEFT "
         "initialisation and device selection (null: seed)",
     )
-    experiment: Literal["fedavg", "aircomp_vs_ofdma", "lola_compare", "neural_aircomp", "federated_deft"] = Field(
+    experiment: Literal["fedavg", "aircomp_vs_ofdma", "lola_compare", "neural_aircomp", "federated_deft",
+                        "prompt_service"] = Field(
         "fedavg", description="what `deftsim run` does with the scenario (deftsim/experiments/)"
     )
     trainer: Literal["real", "fake"] = "real"
@@ -417,6 +420,8 @@ class Scenario(Spec):
     split: SplitSpec = Field(default_factory=SplitSpec, description="federated_deft variant split (SplitFed)")
     zeroth_order: ZerothOrderSpec = Field(default_factory=ZerothOrderSpec, description="federated_deft variant "
                                           "zeroth_order (MeZO + FedKSeed)")
+    prompt_service: PromptServiceSpec = Field(default_factory=PromptServiceSpec, description="experiment "
+                                              "prompt_service: fine-tuning requests served at the edge")
 
     @model_validator(mode="after")
     def _lola_checks(self) -> "Scenario":
@@ -474,6 +479,8 @@ class Scenario(Spec):
         tr, st = self.training, self.strategies
         if self.experiment == "federated_deft":
             self._federated_deft_checks()
+        if self.experiment == "prompt_service":
+            self._prompt_service_checks()
         if tr.mode == "asynchronous" and st.aggregation.name != "fedbuff":
             raise ValueError(f"training.mode=asynchronous aggregates buffered updates: strategies.aggregation.name "
                              f"must be 'fedbuff' (buffer_size 1 is FedAsync), not {st.aggregation.name!r}")
@@ -500,6 +507,21 @@ class Scenario(Spec):
                              "training.deadline_s too")
         if tr.over_selection > 1.0 and tr.devices_per_round is None:
             raise ValueError(f"training.over_selection={tr.over_selection} needs training.devices_per_round (K)")
+
+    def _prompt_service_checks(self) -> None:
+        """What experiment ``prompt_service`` needs of the shared sections."""
+        if self.trainer != "real":
+            raise ValueError(f"experiment=prompt_service needs trainer: real, not {self.trainer!r} (requests tune the "
+                             "real model)")
+        if len(self.edge_servers) != 1:
+            raise ValueError(f"experiment=prompt_service serves requests on one edge server; edge_servers has "
+                             f"{len(self.edge_servers)} (allowed: 1)")
+        n = self.num_devices
+        for c in self.prompt_service.user_classes:
+            bad = [o for o in (c.owners or []) if o >= n]
+            if bad:
+                raise ValueError(f"prompt_service.user_classes {c.name!r}: owners {bad} are not devices of the "
+                                 f"scenario; allowed: device indices 0..{n - 1}")
 
     def _federated_deft_checks(self) -> None:
         """What experiment ``federated_deft`` needs of the shared sections."""

@@ -143,7 +143,8 @@ class UserClass:
     Each request of the class gets ``task``, ``target_accuracy``, ``priority``,
     ``memory_bytes``, the deadline ``arrival_s + relative_deadline_s`` (None: no deadline), an
     owner device drawn uniformly from ``owner_devices`` and the work ``work(rng)`` (None: no
-    work), both drawn from the class's attribute stream.
+    work), both drawn from the class's attribute stream. With ``tasks`` (a non-empty
+    sequence), the task is drawn uniformly from it first, and ``task`` is ignored.
     """
 
     name: str
@@ -155,6 +156,7 @@ class UserClass:
     priority: int = 0
     memory_bytes: int = 0
     work: Optional[Callable[[np.random.Generator], Any]] = None
+    tasks: Sequence[str] = ()
 
     def __post_init__(self):
         where = f"UserClass {self.name!r}"
@@ -174,12 +176,18 @@ class UserClass:
         _check_request_attributes(where, self.target_accuracy, self.priority, self.memory_bytes)
 
     def make(self, request_id: int, arrival_s: float, rng: np.random.Generator) -> Request:
-        """The class's request arriving at ``arrival_s``; draws the owner device, then the work."""
+        """The class's request arriving at ``arrival_s``; draws the task (if ``tasks`` has
+        several), the owner device, then the work."""
+        task = self.task
+        if len(self.tasks) == 1:
+            task = self.tasks[0]
+        elif len(self.tasks) > 1:
+            task = self.tasks[int(rng.integers(len(self.tasks)))]
         owners = self.owner_devices
         owner = owners[int(rng.integers(len(owners)))] if len(owners) > 1 else owners[0]
         work = self.work(rng) if self.work is not None else None
         deadline = None if self.relative_deadline_s is None else arrival_s + self.relative_deadline_s
-        return Request(request_id, self.name, arrival_s, task=self.task, owner_device=owner,
+        return Request(request_id, self.name, arrival_s, task=task, owner_device=owner,
                        target_accuracy=self.target_accuracy, deadline_s=deadline, priority=self.priority, work=work,
                        memory_bytes=self.memory_bytes)
 

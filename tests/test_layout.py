@@ -70,7 +70,8 @@ def test_one_module_per_protocol():
 
     folder = Path(protocols.__file__).parent
     assert sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__") == [
-        "aircomp_fedavg", "async_fl", "emulator_fl", "fedavg", "lola", "neural_aircomp", "split_fl", "zeroth_order_fl"]
+        "aircomp_fedavg", "async_fl", "emulator_fl", "fedavg", "lola", "neural_aircomp", "prompt_service", "split_fl",
+        "zeroth_order_fl"]
     for name, cls in protocols.PROTOCOLS.items():   # registered under the name of its module
         assert cls.__module__ == f"netsim.protocols.{name}"
     graph = import_graph("netsim")
@@ -93,6 +94,7 @@ OWNED_SECTIONS = {  # Scenario field: (owning module, section class)
     "emulator": ("netsim.protocols.emulator_fl", "EmulatorSpec"),
     "split": ("netsim.protocols.split_fl", "SplitSpec"),
     "zeroth_order": ("netsim.protocols.zeroth_order_fl", "ZerothOrderSpec"),
+    "prompt_service": ("netsim.protocols.prompt_service", "PromptServiceSpec"),
 }
 
 

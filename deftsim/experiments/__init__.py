@@ -8,6 +8,7 @@ One module per experiment, each registering its function with :func:`base.regist
 ``lola_compare``       LoLa block-allocation algorithms on one network (``lola_compare.py``)
 ``neural_aircomp``     split fine-tuning with a neural connection over the air (``neural_aircomp.py``)
 ``federated_deft``     federated LoRA vs emulator, split and zeroth-order fine-tuning (``federated_deft.py``)
+``prompt_service``     fine-tuning requests served at the edge, with a library of prompts (``prompt_service.py``)
 =====================  ==========================================================
 
 An experiment is a function ``(scenario, on_round) -> ExperimentResult``; the runner writes
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 
 from netsim.scenario import Scenario
 
-from . import aircomp_vs_ofdma, federated_deft, fedavg, lola_compare, neural_aircomp  # noqa: F401  (registration)
+from . import (aircomp_vs_ofdma, federated_deft, fedavg, lola_compare, neural_aircomp,  # noqa: F401  (registration)
+               prompt_service)
 from .base import EXPERIMENTS, Experiment, ExperimentResult, register
 
 __all__ = ["EXPERIMENTS", "Experiment", "ExperimentResult", "PlannedWork", "get_experiment", "planned_work",
@@ -38,6 +40,8 @@ def progress_total(scenario: Scenario) -> Optional[int]:
         from netsim.federated_deft import variant_scenario
 
         return sum(variant_scenario(scenario, v).training.rounds for v in scenario.federated_deft.variants)
+    if scenario.experiment == "prompt_service":
+        return len(scenario.prompt_service.variants)
     return None
 
 
@@ -110,6 +114,17 @@ def planned_work(scenario: Scenario) -> PlannedWork:
         spec, v = scenario.neural_aircomp, len(variants(scenario))
         return PlannedWork(v * spec.steps * n, v * _evaluations_every(spec.steps, spec.eval_every_steps),
                            f"{v} variants x {spec.steps} steps x {n} devices (each runs its segment)")
+    if scenario.experiment == "prompt_service":
+        spec = scenario.prompt_service
+        lib = len(spec.library.tasks) * spec.library.steps
+        per_variant = spec.max_requests * spec.max_steps
+        probes = -(-spec.ensemble.probe_examples // scenario.training.batch_size)
+        evaluations = len(spec.library.tasks) + len(spec.variants) * spec.max_requests * (
+            2 + probes + -(-spec.max_steps // spec.eval_every_steps))
+        return PlannedWork(lib + len(spec.variants) * per_variant, evaluations,
+                           f"library: {len(spec.library.tasks)} tasks x {spec.library.steps} steps; then at most "
+                           f"{spec.max_requests} requests x {spec.max_steps} tuning steps x {len(spec.variants)} "
+                           f"variants (a request stops at its target; arrivals in [0, {spec.horizon_s:g}) s)")
     raise ValueError(f"experiment={scenario.experiment!r} has no work count")
 
 
