@@ -184,7 +184,8 @@ def test_upload_bandwidth_setting_overrides_the_share():
 @pytest.mark.parametrize("slot_flops", [None, 3e9])
 def test_compute_events_last_flops_over_slot_speed_and_service_is_their_sum_plus_upload_waits(slot_flops):
     sc = scenario(edge_servers=[{"compute_flops_per_s": 2e10}],
-                  prompt_service={"variants": ["scratch"], "slots": 2, "max_requests": 5, "slot_flops_per_s": slot_flops,
+                  prompt_service={"variants": ["scratch"], "slots": 2, "max_requests": 5,
+                                  "slot_flops_per_s": slot_flops,
                                   "user_classes": [{"name": "u", "rate_per_s": 20.0, "tasks": ["fake/a"],
                                                     "target_accuracy": 0.99}]})
     speed = 1e10 if slot_flops is None else slot_flops       # null: edge compute_flops_per_s / slots
