@@ -14,6 +14,10 @@ experiment             a variant is                metrics per variant (``summar
 ``federated_deft``     a way to fine-tune: lora,   final accuracy, time to target, peak device
                        emulator, split,            memory, bytes up and down, energy per device,
                        zeroth_order                device FLOPs per local step
+``prompt_service``     where a request's tuning    the queue (mean sojourn and wait, acceptance,
+                       starts: scratch,            deadline hits, utilisation), first and final
+                       best_single, oracle,        accuracy of the served requests, median time
+                       ensemble                    to target from arrival and from service start
 =====================  ==========================  ==============================================
 
 :func:`variant_rows` turns one ``summary.json`` into one row per variant; :func:`variant_curves`
@@ -60,6 +64,11 @@ VIEWS = {
                                       "downlink_bytes", "energy_per_device_j", "device_flops_per_step",
                                       "energy_to_target_j", "sim_time_s", "edge_utilisation",
                                       "edge_mean_queue_delay_s", "edge_mean_batch_size")),
+    "prompt_service": ExperimentView("prompt_service", "start of a request's tuning (scratch, library, ensemble)",
+                                     "variant", None,
+                                     ("mean_sojourn_s", "acceptance_ratio", "mean_wait_s", "utilisation",
+                                      "deadline_hit_ratio", "initial_accuracy", "final_accuracy",
+                                      "time_to_target_accuracy_s", "service_time_to_target_s", "target_hit_ratio")),
 }
 """The experiments with several variants per run."""
 
@@ -156,8 +165,29 @@ def _deft_rows(summary: dict, where: str) -> list[dict]:
     return rows
 
 
+SERVICE_METRICS = ("mean_sojourn_s", "mean_wait_s", "p95_wait_s", "acceptance_ratio", "blocking_ratio",
+                   "deadline_hit_ratio", "utilisation", "goodput_per_s", "throughput_per_s", "initial_accuracy",
+                   "final_accuracy", "final_balanced_accuracy", "time_to_target_accuracy_s",
+                   "service_time_to_target_s", "examples_to_target", "target_hit_ratio", "mean_service_s",
+                   "tuning_steps_per_request", "edge_flops_per_request")
+
+
+def _service_rows(summary: dict, where: str) -> list[dict]:
+    variants = _mapping(summary, "variants", where)
+    order = summary.get("variant_order") if isinstance(summary.get("variant_order"), list) else []
+    names = [n for n in order if n in variants] + [n for n in variants if n not in order]
+    rows = []
+    for name in names:
+        run = variants[name] if isinstance(variants[name], dict) else {}
+        requests = run.get("requests") if isinstance(run.get("requests"), dict) else {}
+        rows.append({"variant": str(name), **{m: _num(run.get(m)) for m in SERVICE_METRICS},
+                     **{f"requests_{k}": _num(requests.get(k)) for k in ("arrived", "admitted", "completed",
+                                                                          "met_deadline")}})
+    return rows
+
+
 _ROWS = {"lola_compare": _lola_rows, "aircomp_vs_ofdma": _aircomp_rows, "neural_aircomp": _neural_rows,
-         "federated_deft": _deft_rows}
+         "federated_deft": _deft_rows, "prompt_service": _service_rows}
 
 
 def variant_rows(summary: dict, where: str = "summary.json") -> list[dict]:
@@ -184,6 +214,9 @@ def variant_curves(summary: dict, events: pd.DataFrame) -> dict[str, tuple[pd.Da
     elif experiment in ("neural_aircomp", "federated_deft") and "variant" in events.columns:
         for name, ev in events.groupby("variant", sort=False):
             out[str(name)] = (accuracy_curve(ev)[["t_s", "accuracy"]].reset_index(drop=True), ev)
+    elif experiment == "prompt_service" and "variant" in events.columns:
+        for name, ev in events.groupby("variant", sort=False):
+            out[str(name)] = (service_curve(ev), None)
     elif experiment == "lola_compare" and isinstance(summary.get("accuracy_vs_time"), dict):
         for name, points in summary["accuracy_vs_time"].items():
             try:
@@ -193,6 +226,41 @@ def variant_curves(summary: dict, events: pd.DataFrame) -> dict[str, tuple[pd.Da
                                   "[t_s, accuracy] pairs") from None
             out[str(name)] = (frame, None)
     return out
+
+
+def mean_step_curve(per: list, points: int = 100) -> pd.DataFrame:
+    """Mean of step functions: ``per`` holds one (x, y) pair of arrays per request (x sorted);
+    each holds y[i] from x[i] until its next point and its last value after, and is undefined
+    before x[0]. Returns columns ``x``, ``y``: the mean over the functions defined there, on
+    ``points`` values from 0 to the largest x."""
+    import warnings
+
+    import numpy as np
+
+    if not per:
+        return pd.DataFrame({"x": [], "y": []})
+    grid = np.linspace(0.0, max(float(np.max(x)) for x, _ in per), points)
+    rows = []
+    for x, y in per:
+        i = np.searchsorted(np.asarray(x, dtype=float), grid, side="right") - 1
+        rows.append(np.where(i >= 0, np.asarray(y, dtype=float)[np.clip(i, 0, None)], np.nan))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # no function defined yet at small x
+        mean = np.nanmean(np.vstack(rows), axis=0)
+    keep = np.isfinite(mean)
+    return pd.DataFrame({"x": grid[keep], "y": mean[keep]})
+
+
+def service_curve(events: pd.DataFrame, points: int = 100) -> pd.DataFrame:
+    """Mean accuracy of the served requests against time since their service start (columns
+    ``t_s``, ``accuracy``; :func:`mean_step_curve`): each request's ``evaluate`` events
+    (``round`` = request id) from its start, the end of its ``request_wait``."""
+    start = events[events["kind"] == "request_wait"]
+    start = dict(zip(start["round"], start["t_s"] + start["duration_s"]))
+    ev = events[(events["kind"] == "evaluate") & events["round"].isin(list(start))]
+    per = [(g["t_s"].to_numpy() - start[r], g["accuracy"].to_numpy()) for r, g in ev.groupby("round", sort=True)]
+    curve = mean_step_curve(per, points)
+    return pd.DataFrame({"t_s": curve["x"].to_numpy(), "accuracy": curve["y"].to_numpy()})
 
 
 def curve_time_to(curve: pd.DataFrame, target: float) -> Optional[float]:

@@ -165,36 +165,25 @@ def prompt_service(scenario: Scenario, on_round=None) -> ExperimentResult:
                                                                   **timing})
 
 
-def mean_curve(results: list[ServedRequest], axis: str, grid: np.ndarray) -> np.ndarray:
-    """Mean over requests of the measured accuracy as a step function of time since service
-    start (``axis="time"``) or of labelled examples used (``"examples"``), on ``grid``; a
-    request's last value holds after its service ends."""
-    rows = []
-    for r in results:
-        x = np.array([m.t_s - r.start_s if axis == "time" else m.examples_seen for m in r.curve], dtype=float)
-        y = np.array([m.accuracy for m in r.curve])
-        index = np.searchsorted(x, grid, side="right") - 1
-        rows.append(np.where(index >= 0, y[np.clip(index, 0, None)], np.nan))
-    return np.nanmean(np.vstack(rows), axis=0) if rows else np.full(len(grid), np.nan)
-
-
 def plot_curves(sims: dict, path: Path, title: str, axis: str) -> None:
     """Mean accuracy of the served requests against time since service start, or labelled
-    examples used, one line per variant."""
+    examples used, one line per variant (:func:`analysis.variants.mean_step_curve`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = {v: [rec.result for rec in s.edge.records if rec.completed] for v, s in sims.items()}
-    ends = [(m.t_s - r.start_s if axis == "time" else m.examples_seen) for rs in results.values() for r in rs
-            for m in r.curve]
-    grid = np.linspace(0.0, max(ends) if ends else 1.0, 200)
+    from analysis.variants import mean_step_curve
+
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    for i, (variant, rs) in enumerate(results.items()):
-        if rs:
-            ax.step(grid, mean_curve(rs, axis, grid), where="post", color=f"C{i}",
-                    label=f"{LABELS.get(variant, variant)} ({len(rs)} requests)")
+    for i, (variant, sim) in enumerate(sims.items()):
+        results = [rec.result for rec in sim.edge.records if rec.completed]
+        per = [(np.array([m.t_s - r.start_s if axis == "time" else m.examples_seen for m in r.curve], dtype=float),
+                np.array([m.accuracy for m in r.curve])) for r in results]
+        curve = mean_step_curve(per, 200)
+        if len(curve):
+            ax.step(curve["x"], curve["y"], where="post", color=f"C{i}",
+                    label=f"{LABELS.get(variant, variant)} ({len(results)} requests)")
     ax.set_xlabel("simulated time since service start [s]" if axis == "time" else "labelled examples used")
     ax.set_ylabel("mean test accuracy of the served requests")
     ax.set_title(title, fontsize=9)

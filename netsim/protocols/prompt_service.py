@@ -36,8 +36,9 @@ Serving one request on a slot of speed F [FLOP/s] (``slot_flops_per_s``):
 4. measurement: the request's current answer (tuned state, or ensemble mixture) is measured on
    the task's held-out test set at service start, after every ensemble update and every
    ``eval_every_steps`` steps (``evaluate`` events, no simulated time: the user's own check);
-   the job ends as soon as the measured accuracy reaches the request's target (the same
-   stopping rule for every variant), or after ``max_steps``.
+   the job ends as soon as the measured accuracy (``target_metric``: accuracy or balanced
+   accuracy) reaches the request's target (the same stopping rule for every variant), or after
+   ``max_steps``.
 
 The variants run one after another on the same arrivals, owners and examples (common random
 numbers): requests are numbered in arrival order and request i draws its examples from
@@ -149,6 +150,9 @@ class PromptServiceSpec(Spec):
     examples_per_request: Int = Field(64, ge=1, le=1_000_000, description="labelled examples an owner holds")
     max_steps: Int = Field(40, ge=0, le=1_000_000, description="most tuning steps per request")
     eval_every_steps: Int = Field(10, ge=1, le=1_000_000)
+    target_metric: Literal["accuracy", "balanced_accuracy"] = Field(
+        "balanced_accuracy", description="what a request's target_accuracy is compared with: test accuracy, or "
+        "balanced accuracy (mean per-class recall; the tasks' label priors differ)")
     test_examples: Int = Field(100, ge=1, le=100_000, description="held-out test examples per task")
     bytes_per_token: Int = Field(2, ge=1, le=8, description="bytes of one uploaded token id")
     library: LibrarySpec = LibrarySpec()
@@ -287,7 +291,7 @@ class ServedRequest:
     task: str
     variant: str
     start_s: float
-    init: str                                   # where tuning started: fresh, entry <id> (<task>), mixed
+    init: str          # where tuning started: fresh, entry <id> (<task>), mixed; or "ensemble only"
     curve: list[Measurement] = field(default_factory=list)
     reached_s: Optional[float] = None           # first time the target was met [s]
     examples_to_target: Optional[int] = None
@@ -437,6 +441,10 @@ class PromptServiceSimulation:
             learner = tuner.online_ensemble(spec.learner, len(states), self._probe_batches() * self.batch_size,
                                             spec.loss)
             self._measure(served, request, _mix(learner.weights, test_probs), 0, "start")
+            if served.reached_s is not None:     # the uniform mixture already meets the target
+                served.weights = [float(w) for w in learner.weights]
+                served.init = "ensemble only"
+                return None, 0
         correct = np.zeros(len(states))
         seen = 0
         used = 0
@@ -453,6 +461,7 @@ class PromptServiceSimulation:
                 self._measure(served, request, _mix(learner.weights, test_probs), seen, "ensemble")
                 if served.reached_s is not None:
                     served.weights = [float(w) for w in learner.weights]
+                    served.init = "ensemble only"
                     return None, used
         if learner is None:
             best = int(np.argmax(correct))   # ties: the first (older) entry
@@ -462,6 +471,7 @@ class PromptServiceSimulation:
         weights = np.asarray(learner.weights, dtype=float)
         served.weights = [float(w) for w in weights]
         if not spec.then_tune or self.spec.max_steps == 0:
+            served.init = "ensemble only"
             return None, used
         if spec.init == "mixed_prompt":
             state = tuner.mixed_state(states, weights)
@@ -477,14 +487,16 @@ class PromptServiceSimulation:
         tuner, task, spec = self.tuner, request.task, self.spec
         job = tuner.start_job(task, state)
         n = sum(len(b) for b in batches)
+        used = sum(len(batches[i]) for i in range(offset))    # examples the probe used
         for k in range(spec.max_steps):
             j = (offset + k) % len(batches)
             yield from self._wait_upload(ready_s[j])
             yield from self._compute(request, slot, served, tuner.step_flops(task, batches[j]), "tune_step")
             job.step(batches[j])
             served.steps += 1
+            used += len(batches[j])
             if (k + 1) % spec.eval_every_steps == 0 or k + 1 == spec.max_steps:
-                seen = min(n, sum(len(batches[i % len(batches)]) for i in range(offset + k + 1)))
+                seen = min(n, used)
                 self._measure(served, request, tuner.test_probabilities([job.state()], task)[0], seen, "tune")
                 if served.reached_s is not None:
                     break
@@ -529,7 +541,8 @@ class PromptServiceSimulation:
         served.curve.append(m)
         self.recorder.emit("evaluate", t_s=m.t_s, node=self.edge_name, peer=str(request.owner_device),
                            round=request.request_id, accuracy=m.accuracy, group=phase)
-        if served.reached_s is None and m.accuracy >= request.target_accuracy:
+        value = m.balanced_accuracy if self.spec.target_metric == "balanced_accuracy" else m.accuracy
+        if served.reached_s is None and value >= request.target_accuracy:
             served.reached_s, served.examples_to_target = m.t_s, m.examples_seen
 
     # -------------------------------------------------------------------------------- library

@@ -419,10 +419,6 @@ def test_ensemble_that_meets_the_target_during_the_probe_stops_there():
     assert len(events(sim, "compute", 0, "ensemble_forward")) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="prompt_service._use_library: the ensemble's start measurement (the uniform "
-                   "mixture) can meet the target, yet the probe loop runs anyway (waits for batch 0's upload, P "
-                   "forward passes, an ensemble update) before reached_s is checked; scratch and oracle end at once "
-                   "when their start measurement meets the target")
 def test_ensemble_whose_uniform_mixture_meets_the_target_ends_at_once():
     sc = service(variants=["ensemble"], serve_with="ensemble", max_requests=1, max_steps=6,
                  user_classes=[{"name": "u", "tasks": ["fake/a"], "target_accuracy": 0.6}])
