@@ -38,8 +38,9 @@ Fine-tuning as a service:
 tasks            the registry of related text-classification tasks (``data.task``) and balanced
                  accuracy (torch-free).
 prompt_ensemble  a library of tuned prompts on one batch in one batched forward, online ensemble
-                 weights (Hedge, exponentiated gradient) and the mixed prompt (a building block:
-                 no scenario reaches it yet).
+                 weights (Hedge, exponentiated gradient) and the mixed prompt.
+service_tuner    the model behind experiment ``prompt_service``: one frozen checkpoint, every task
+                 of the service, per-request tuning jobs, batched library forwards.
 """
 from __future__ import annotations
 
