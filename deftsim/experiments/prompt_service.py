@@ -158,16 +158,18 @@ def prompt_service(scenario: Scenario, on_round=None) -> ExperimentResult:
         "variants": variants,
     }
     title = f"{scenario.name} (seed {scenario.seed})"
-    figures = {"accuracy_vs_time.png": lambda p: plot_curves(sims, p, title, "time"),
-               "accuracy_vs_examples.png": lambda p: plot_curves(sims, p, title, "examples")}
+    metric = spec.target_metric
+    figures = {"accuracy_vs_time.png": lambda p: plot_curves(sims, p, title, "time", metric),
+               "accuracy_vs_examples.png": lambda p: plot_curves(sims, p, title, "examples", metric)}
     topology = build.topology_record(Network(scenario, scenario.network_seed()))
     return ExperimentResult(events, summary, topology, figures, {"simulation_wall_s": time.perf_counter() - t0,
                                                                   **timing})
 
 
-def plot_curves(sims: dict, path: Path, title: str, axis: str) -> None:
-    """Mean accuracy of the served requests against time since service start, or labelled
-    examples used, one line per variant (:func:`analysis.variants.mean_step_curve`)."""
+def plot_curves(sims: dict, path: Path, title: str, axis: str, metric: str = "accuracy") -> None:
+    """Mean ``metric`` (``accuracy`` or ``balanced_accuracy``, the requests' target metric) of
+    the served requests against time since service start, or labelled examples used, one line
+    per variant (:func:`analysis.variants.mean_step_curve`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,13 +181,13 @@ def plot_curves(sims: dict, path: Path, title: str, axis: str) -> None:
     for i, (variant, sim) in enumerate(sims.items()):
         results = [rec.result for rec in sim.edge.records if rec.completed]
         per = [(np.array([m.t_s - r.start_s if axis == "time" else m.examples_seen for m in r.curve], dtype=float),
-                np.array([m.accuracy for m in r.curve])) for r in results]
+                np.array([getattr(m, metric) for m in r.curve])) for r in results]
         curve = mean_step_curve(per, 200)
         if len(curve):
             ax.step(curve["x"], curve["y"], where="post", color=f"C{i}",
                     label=f"{LABELS.get(variant, variant)} ({len(results)} requests)")
     ax.set_xlabel("simulated time since service start [s]" if axis == "time" else "labelled examples used")
-    ax.set_ylabel("mean test accuracy of the served requests")
+    ax.set_ylabel(f"mean test {metric.replace('_', ' ')} of the served requests")
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)

@@ -18,8 +18,8 @@ Serving one request on a slot of speed F [FLOP/s] (``slot_flops_per_s``):
    it is when service starts:
 
    * ``scratch``: the initial PEFT state (no library);
-   * ``oracle``: the library entry with the highest accuracy on the request's test set (an
-     upper bound of selection: it uses the test labels, at no cost);
+   * ``oracle``: the library entry with the highest ``target_metric`` on the request's test
+     set (an upper bound of selection: it uses the test labels, at no cost);
    * ``best_single``: every entry scores the first ``ensemble.probe_examples`` labelled
      examples as they arrive (P forward passes per batch: P x forward FLOPs / F); the entry
      with the most correct answers (ties: the older entry) starts the tuning;
@@ -418,7 +418,7 @@ class PromptServiceSimulation:
             self._measure(served, request, self._test_probabilities(("fresh",), tuner.fresh_state(), task), 0, "start")
         elif self.variant == "oracle":
             probs = self._library_test_probabilities(library, task)
-            best = int(np.argmax([_accuracy(p, labels) for p in probs]))
+            best = int(np.argmax([self._target_value(p, labels) for p in probs]))
             state, served.init = library[best].state, f"entry {library[best].entry_id} ({library[best].task})"
             self._measure(served, request, probs[best], 0, "start")
         else:
@@ -544,6 +544,12 @@ class PromptServiceSimulation:
         value = m.balanced_accuracy if self.spec.target_metric == "balanced_accuracy" else m.accuracy
         if served.reached_s is None and value >= request.target_accuracy:
             served.reached_s, served.examples_to_target = m.t_s, m.examples_seen
+
+    def _target_value(self, probabilities: np.ndarray, labels: np.ndarray) -> float:
+        """The ``target_metric`` of argmax predictions."""
+        if self.spec.target_metric == "balanced_accuracy":
+            return balanced_accuracy(probabilities, labels)
+        return _accuracy(probabilities, labels)
 
     # -------------------------------------------------------------------------------- library
     def _test_probabilities(self, key: tuple, state: Any, task: str) -> np.ndarray:
