@@ -2,7 +2,7 @@
 
 Each benchmark runs as its own Python process (so one's memory or threads cannot affect the
 next), in this order: network_only, split_edge_queue, engine_overhead, quickstart_overhead, contention,
-batched_vs_sequential, activation_cache, memory_per_device, overhead_vs_bare_torch,
+batched_vs_sequential, activation_cache, prompt_library, memory_per_device, overhead_vs_bare_torch,
 flower_vs_deftsim. ``--quick`` runs them at reduced size (under 10 minutes on a quiet 2-core
 CPU); without it, at full size.
 A benchmark that fails or is missing is reported and the others still run.
@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "contention": (["--quick"], []),
     "batched_vs_sequential": (["--quick"], []),
     "activation_cache": (["--quick"], []),
+    "prompt_library": (["--quick"], []),
     "memory_per_device": (["--quick"], []),
     "overhead_vs_bare_torch": (["--quick"], []),
     "flower_vs_deftsim": (["--quick"], []),
