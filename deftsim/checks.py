@@ -255,6 +255,11 @@ def _experiment_warnings(s: Scenario) -> Iterator[str]:
               f"and experiment is {s.experiment!r}"
     if s.experiment == "prompt_service":
         yield from _ignored("data", s.data, None, "experiment 'prompt_service' reads its tasks from prompt_service")
+        yield from _ignored("training", s.training, ("rounds", "local_steps", "devices_per_round", "mode"),
+                            "federated rounds, and experiment 'prompt_service' serves requests (see prompt_service)")
+        if s.peft.method != "prompt_tuning":
+            yield f"peft.method={s.peft.method!r}: the service's library holds {s.peft.method} states, not soft " \
+                  "prompts (set peft.method: prompt_tuning for prompt-ensemble tuning)"
     for name in ("federated_deft", "emulator", "split", "zeroth_order"):
         section = getattr(s, name)
         if explicit_fields(section) and (s.experiment != "federated_deft" or (
