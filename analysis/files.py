@@ -101,7 +101,7 @@ def read_events(run_dir: Path) -> pd.DataFrame:
             raise ReportError(f"{_name(path)}: event log column {col} must be numeric, not {frame[col].dtype}")
     for col in ("kind", "node"):
         if not (pd.api.types.is_object_dtype(frame[col]) or pd.api.types.is_string_dtype(frame[col])) \
-                or not frame[col].map(lambda v: isinstance(v, str)).all():
+                or not all(isinstance(v, str) for v in frame[col]):
             raise ReportError(f"{_name(path)}: event log column {col} must hold text")
     return frame
 

@@ -126,7 +126,8 @@ def check_service_tasks(scenario: Scenario) -> None:
                              f"{reference[1]}; allowed: tasks with one label set (one classification head serves "
                              f"every request)")
         pool = len(texts) - min(spec.test_examples, len(texts) // 5)
-        needs = [("prompt_service.examples_per_request", spec.examples_per_request)]
+        requested = {t for c in spec.user_classes for t in c.tasks}
+        needs = [("prompt_service.examples_per_request", spec.examples_per_request)] if name in requested else []
         if name in library:
             needs.append(("prompt_service.library.examples", spec.library.examples))
         for field, count in needs:

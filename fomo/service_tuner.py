@@ -21,11 +21,13 @@ request's accuracy). It serves the protocol :mod:`netsim.protocols.prompt_servic
   :meth:`TaskTuner.job_memory_bytes`.
 
 Determinism: the PEFT initialisation comes from the run seed, each task's split from
-``SeedSequence(seed, spawn_key=(43, task index))``; no other randomness is drawn here (the
+``SeedSequence(seed, spawn_key=(43, crc32(task name)))`` (so it does not depend on which other
+tasks the service holds); no other randomness is drawn here (the
 protocol chooses which examples a request holds), and base-model dropout is off.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -44,7 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from netsim.scenario import Scenario
 
 SPLIT_SPAWN_KEY = (43,)
-"""Task k's pool/test split: ``SeedSequence(seed, spawn_key=(43, k))``."""
+"""A task's pool/test split: ``SeedSequence(seed, spawn_key=(43, crc32(name)))``."""
 
 LABEL_BYTES = 1
 """Bytes of one uploaded label (a class index < 256)."""
@@ -106,12 +108,13 @@ class TaskTuner:
         self._weights_bytes = profiling.weights_bytes(self.model)
         self._weight_ptrs = profiling.storage_ptrs(self.model)
         self.tasks: dict[str, TaskSplit] = {}
-        for k, name in enumerate(names):
+        for name in names:
             texts, labels, _ = loaded[name]
             n_test = min(int(test_examples), len(texts) // 5)
             if n_test < 1:
                 raise ValueError(f"task {name!r} has {len(texts)} examples: too few to hold out a test set")
-            order = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(*SPLIT_SPAWN_KEY, k)))
+            key = zlib.crc32(name.encode())   # by name: a task's split does not depend on the other tasks
+            order = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(*SPLIT_SPAWN_KEY, key)))
             order = order.permutation(len(texts))
             self.tasks[name] = TaskSplit(name, tokenize_all(tokenizer, texts, labels, self._max_length_tokens),
                                          np.sort(order[n_test:]), np.sort(order[:n_test]))

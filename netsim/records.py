@@ -41,6 +41,7 @@ from typing import Any
 COLUMNS = ["t_s", "duration_s", "kind", "node", "peer", "round", "bytes", "memory_bytes", "flops", "energy_j", "loss",
            "accuracy", "group", "server", "model_version", "staleness"]
 STRING_COLUMNS = ("kind", "node", "peer", "group", "server")
+INT_COLUMNS = ("round", "bytes", "memory_bytes", "model_version", "staleness")
 
 
 class Recorder:
@@ -93,4 +94,7 @@ class Recorder:
         import pandas as pd
 
         frame = pd.DataFrame.from_records(self.rows, columns=COLUMNS)
+        if not self.rows:   # an empty log keeps the column types of a non-empty one
+            frame = frame.astype({c: ("int64" if c in INT_COLUMNS else "float64") for c in COLUMNS
+                                  if c not in STRING_COLUMNS})
         return frame.astype({c: "string" for c in STRING_COLUMNS})

