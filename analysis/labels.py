@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-UNITS = [("_flops_per_s", "FLOP/s"), ("_dbm_per_hz", "dBm/Hz"), ("_mps", "m/s"), ("_bps", "bit/s"), ("_hz", "Hz"),
+UNITS = [("_flops_per_s", "FLOP/s"), ("_per_s", "1/s"), ("_dbm_per_hz", "dBm/Hz"), ("_mps", "m/s"), ("_bps", "bit/s"), ("_hz", "Hz"),
          ("_db", "dB"), ("_bytes", "bytes"), ("_flops", "FLOP"), ("_w", "W"), ("_m", "m"), ("_s", "s"),
          ("_j", "J")]
 """(name suffix, unit), longest suffixes first."""
@@ -79,6 +79,13 @@ NAMES = {
     "strategies.aggregation.name": "aggregation strategy",
     "strategies.bandwidth.name": "bandwidth allocation",
     "strategies.compression.name": "update compression",
+    "prompt_service.slots": "compute slots of the edge",
+    "prompt_service.capacity": "requests the edge holds (K)",
+    "prompt_service.max_steps": "tuning steps per request, at most",
+    "prompt_service.examples_per_request": "labelled examples per request",
+    "prompt_service.discipline": "queue discipline",
+    "prompt_service.admission": "admission policy",
+    "rate_per_s": "arrival rate",
 }
 """Hand-written names, by full path or by the path inside a device group / edge server. A name
 that already holds its unit in brackets is used as it stands."""
@@ -90,7 +97,8 @@ SECTIONS = {"aircomp": "AirComp", "lola": "LoLa", "neural_aircomp": "neural AirC
 """Section prefixes of field paths; an empty one is left out (``channel.uplink_bandwidth_hz`` ->
 "uplink bandwidth [Hz]")."""
 
-LISTS = {"devices": ("device", "group"), "edge_servers": ("edge server", "server")}
+LISTS = {"devices": ("device", "group"), "edge_servers": ("edge server", "server"),
+         "prompt_service.user_classes": ("user", "class")}
 """List sections: (what the leaf belongs to, what the index names)."""
 
 WORDS = {"snr": "SNR", "psd": "PSD", "nmse": "NMSE", "mse": "MSE", "d2d": "D2D", "tx": "tx", "rx": "rx",
@@ -124,6 +132,16 @@ METRICS = {
     "stale_updates": "updates discarded as stale [-]",
     "stale_updates_mean": "mean staleness [server steps]",
     "handovers": "handovers [-]",
+    "mean_sojourn_s": "mean sojourn (arrival to answer) [s]",
+    "mean_wait_s": "mean wait for a slot [s]",
+    "p95_wait_s": "95th-percentile wait for a slot [s]",
+    "acceptance_ratio": "requests admitted [-]",
+    "deadline_hit_ratio": "completed requests on time [-]",
+    "utilisation": "slot utilisation [-]",
+    "target_hit_ratio": "served requests that met their target [-]",
+    "time_to_target_accuracy_s": "median time to target from arrival [s]",
+    "service_time_to_target_s": "median time to target in service [s]",
+    "goodput_per_s": "requests on time per second [1/s]",
 }
 """Names of the report's metrics (columns of ``runs.parquet`` and ``variants.parquet``)."""
 
@@ -165,6 +183,8 @@ def field_label(path: str) -> str:
     if path in NAMES:
         return _with_unit(NAMES[path], path)
     parts = path.split(".")
+    if len(parts) >= 4 and ".".join(parts[:2]) in LISTS and parts[2].isdigit():   # a list inside a section
+        parts = [".".join(parts[:2]), *parts[2:]]
     if len(parts) >= 3 and parts[0] in LISTS and parts[1].isdigit():
         owner, index_name = LISTS[parts[0]]
         inner = ".".join(parts[2:])
