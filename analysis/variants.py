@@ -148,13 +148,17 @@ DEFT_METRICS = ("final_accuracy", "best_accuracy", "initial_accuracy", "sim_time
                 "energy_per_device_j", "device_steps", "local_steps", "learning_rate")
 
 
-def _deft_rows(summary: dict, where: str) -> list[dict]:
+def _ordered_variants(summary: dict, where: str) -> list[tuple[str, dict]]:
+    """(name, metrics) of ``summary["variants"]`` in ``variant_order`` (names it misses last)."""
     variants = _mapping(summary, "variants", where)
     order = summary.get("variant_order") if isinstance(summary.get("variant_order"), list) else []
     names = [n for n in order if n in variants] + [n for n in variants if n not in order]
+    return [(str(n), variants[n] if isinstance(variants[n], dict) else {}) for n in names]
+
+
+def _deft_rows(summary: dict, where: str) -> list[dict]:
     rows = []
-    for name in names:
-        run = variants[name] if isinstance(variants[name], dict) else {}
+    for name, run in _ordered_variants(summary, where):
         edges = (run.get("split") or {}).get("edges") if isinstance(run.get("split"), dict) else None
         edge = next(iter(edges.values())) if isinstance(edges, dict) and edges else {}
         edge = edge if isinstance(edge, dict) else {}
@@ -173,12 +177,8 @@ SERVICE_METRICS = ("mean_sojourn_s", "mean_wait_s", "p95_wait_s", "acceptance_ra
 
 
 def _service_rows(summary: dict, where: str) -> list[dict]:
-    variants = _mapping(summary, "variants", where)
-    order = summary.get("variant_order") if isinstance(summary.get("variant_order"), list) else []
-    names = [n for n in order if n in variants] + [n for n in variants if n not in order]
     rows = []
-    for name in names:
-        run = variants[name] if isinstance(variants[name], dict) else {}
+    for name, run in _ordered_variants(summary, where):
         requests = run.get("requests") if isinstance(run.get("requests"), dict) else {}
         rows.append({"variant": str(name), **{m: _num(run.get(m)) for m in SERVICE_METRICS},
                      **{f"requests_{k}": _num(requests.get(k)) for k in ("arrived", "admitted", "completed",
