@@ -352,7 +352,7 @@ class PromptServiceSimulation:
         self.library: list[LibraryEntry] = list(seed_library.entries)
         self._next_entry_id = 1 + max(e.entry_id for e in self.library)
         self._test_cache: dict[tuple[Any, str], np.ndarray] = {}
-        self._observed_service_s: list[float] = []
+        self._served_s, self._served_count = 0.0, 0      # sum and count of completed services
         self.memory_bytes = int(tuner.job_memory_bytes(self.batch_size))
         self.edge = ServiceEdge(self.env, self._serve, slots=spec.slots, capacity=spec.capacity,
                                 discipline=spec.discipline,
@@ -388,8 +388,8 @@ class PromptServiceSimulation:
         """Service-time estimate for admission [s]: the mean of the services completed so far,
         or before the first, the budget: the probe (P forward passes per probe batch) plus
         ``max_steps`` steps at the worst-case length, at the slot's speed."""
-        if self._observed_service_s:
-            return float(np.mean(self._observed_service_s))
+        if self._served_count:
+            return self._served_s / self._served_count
         b, spec = self.batch_size, self.spec
         flops = spec.max_steps * self.tuner.worst_step_flops(b)
         if self.variant in ("best_single", "ensemble"):
@@ -427,7 +427,8 @@ class PromptServiceSimulation:
             yield from self._tune(request, slot, served, state, batches, ready_s, offset)
         if spec.library.add_served:
             self._add_to_library(request, served)
-        self._observed_service_s.append(self.env.now - served.start_s)
+        self._served_s += self.env.now - served.start_s
+        self._served_count += 1
         return served
 
     def _use_library(self, request, slot, served, library, batches, ready_s):
