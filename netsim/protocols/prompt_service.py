@@ -22,7 +22,8 @@ Serving one request on a slot of speed F [FLOP/s] (``slot_flops_per_s``):
      set (an upper bound of selection: it uses the test labels, at no cost);
    * ``best_single``: every entry scores the first ``ensemble.probe_examples`` labelled
      examples as they arrive (P forward passes per batch: P x forward FLOPs / F); the entry
-     with the most correct answers (ties: the older entry) starts the tuning;
+     with the best ``target_metric`` on them (accuracy, or balanced accuracy over the probe's
+     classes; ties: the older entry) starts the tuning;
    * ``ensemble``: the request is answered at once by the uniform mixture of the P entries'
      predictions; as labelled batches arrive the weights are learned online (Hedge or
      exponentiated gradient, :mod:`fomo.prompt_ensemble`; P forward passes per batch, no
@@ -446,7 +447,7 @@ class PromptServiceSimulation:
                 served.weights = [float(w) for w in learner.weights]
                 served.init = "ensemble only"
                 return None, 0
-        correct = np.zeros(len(states))
+        probe_probs, probe_labels = [], []
         seen = 0
         used = 0
         for j in range(self._probe_batches()):
@@ -454,7 +455,8 @@ class PromptServiceSimulation:
             probs, flops = tuner.library_probabilities(states, task, batches[j])
             yield from self._compute(request, slot, served, flops, "ensemble_forward")
             labels = tuner.labels(task, batches[j])
-            correct += (probs.argmax(axis=2) == labels[None, :]).sum(axis=1)
+            probe_probs.append(probs)
+            probe_labels.append(labels)
             seen += len(batches[j])
             used = j + 1
             if learner is not None:
@@ -465,7 +467,8 @@ class PromptServiceSimulation:
                     served.init = "ensemble only"
                     return None, used
         if learner is None:
-            best = int(np.argmax(correct))   # ties: the first (older) entry
+            probs, labels = np.concatenate(probe_probs, axis=1), np.concatenate(probe_labels)
+            best = int(np.argmax([self._target_value(p, labels) for p in probs]))   # ties: the older entry
             served.init = f"entry {library[best].entry_id} ({library[best].task})"
             self._measure(served, request, test_probs[best], seen, "start")
             return library[best].state, used
