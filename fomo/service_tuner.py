@@ -317,8 +317,8 @@ class TuningJob:
 class OnlineEnsemble:
     """Ensemble weights over P library entries learned from labelled batches, test then train
     (:func:`fomo.prompt_ensemble.prequential`): ``hedge`` (anytime learning rate, bounded
-    per-entry ``loss``) or ``exponentiated_gradient`` (the mixture's log loss, learning rate
-    tuned to ``horizon`` examples)."""
+    per-entry ``loss`` per example, or ``balanced_error`` per batch) or ``exponentiated_gradient``
+    (the mixture's log loss, learning rate tuned to ``horizon`` examples)."""
 
     def __init__(self, learner: str, num_entries: int, num_classes: int, horizon: int, loss: str = "log") -> None:
         self.loss = loss
@@ -337,5 +337,13 @@ class OnlineEnsemble:
 
     def observe(self, probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Predict each example of the (P, B, C) batch with the current weights, then learn its
-        label; returns whether the mixture was right, (B,)."""
-        return pe.prequential(self.learner, probabilities, labels, loss=self.loss).correct
+        label (loss ``balanced_error``: learn the batch as one round, entry i's loss
+        1 - its balanced accuracy on the batch, in [0, 1]); returns whether the mixture was
+        right, (B,)."""
+        if self.loss != "balanced_error":
+            return pe.prequential(self.learner, probabilities, labels, loss=self.loss).correct
+        p = pe.check_predictions(probabilities)
+        y = pe.check_labels(labels, p.shape[1], p.shape[2])
+        correct = pe.mixture(self.learner.weights, p).argmax(axis=1) == y
+        self.learner.update([1.0 - balanced_accuracy(y, entry.argmax(axis=1), p.shape[2]) for entry in p])
+        return correct

@@ -116,13 +116,23 @@ class EnsembleSpec(Spec):
     """How variants ``ensemble`` and ``best_single`` use the library."""
 
     learner: Literal["hedge", "exponentiated_gradient"] = "hedge"
-    loss: Literal["zero_one", "log"] = Field("log", description="hedge: the bounded per-entry loss")
+    loss: Literal["zero_one", "log", "balanced_error"] = Field(
+        "log", description="hedge: the bounded loss of an entry, per example (zero_one, log: the clipped log loss) "
+        "or per probe batch (balanced_error: 1 - the entry's balanced accuracy on the batch, for targets in "
+        "balanced accuracy)")
     probe_examples: Int = Field(32, ge=1, le=1_000_000, description="labelled examples scored by the library before "
                                 "tuning starts (rounded up to whole batches)")
     then_tune: Bool = Field(True, description="ensemble: tune after the probe if the target is not met")
     init: Literal["mixed_prompt", "top_entry"] = Field(
         "mixed_prompt", description="ensemble: tuning starts from the weighted average of the entries' tensors, or "
         "from the entry of largest weight")
+
+    @model_validator(mode="after")
+    def _loss_fits_learner(self) -> "EnsembleSpec":
+        if self.loss != "log" and self.learner == "exponentiated_gradient":
+            raise ValueError(f"prompt_service.ensemble.loss={self.loss!r} is a Hedge loss; learner "
+                             "exponentiated_gradient learns the mixture's log loss (allowed: loss 'log')")
+        return self
 
 
 class PromptServiceSpec(Spec):

@@ -325,6 +325,27 @@ def test_hedge_moves_to_the_entry_that_is_always_right(tuner, loss) -> None:
     assert w[1] / w[0] == pytest.approx(math.exp(-eta * 32 * gap), rel=1e-9)
 
 
+def test_hedge_on_the_balanced_error_learns_one_round_per_batch() -> None:
+    """loss balanced_error: a batch is one Hedge round with entry i's loss 1 - BA_i. On a batch
+    of 6 majority and 2 minority examples, entry 0 is always right (BA 1) and entry 1 answers
+    the majority class (BA 1/2, accuracy 0.75): after 3 batches L = (0, 1.5) and the weight
+    ratio is exp(-eta 1.5), eta = sqrt(8 ln 2 / 4) (the anytime rate of round 4)."""
+    from fomo.service_tuner import OnlineEnsemble
+
+    labels = np.array([0, 0, 0, 0, 0, 0, 1, 1])
+    probs = np.full((2, 8, 2), 0.1)
+    probs[0, np.arange(8), labels] = 0.9
+    probs[1, :, 0] = 0.9
+    ensemble = OnlineEnsemble("hedge", 2, 2, horizon=24, loss="balanced_error")
+    for _ in range(3):
+        correct = ensemble.observe(probs, labels)
+        assert correct.shape == (8,)
+    assert ensemble.learner.t == 3
+    assert ensemble.learner.cumulative_losses.tolist() == [0.0, 1.5]
+    w = ensemble.weights
+    assert w[1] / w[0] == pytest.approx(math.exp(-math.sqrt(8 * math.log(2) / 4) * 1.5), rel=1e-12)
+
+
 @pytest.mark.slow
 def test_exponentiated_gradient_runs_and_moves_weight(tuner) -> None:
     labels = tuner.test_labels(TASK_B)[:8]

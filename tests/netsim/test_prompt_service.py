@@ -645,6 +645,8 @@ def test_memory_admission_uses_the_tuners_job_memory():
     ({"edge_servers": [{"name": "e0"}, {"name": "e1"}]}, ["edge_servers has 2", "allowed: 1"]),
     ({"trainer": "fake"}, ["trainer: real", "'fake'"]),
     ({"prompt_service": {"user_classes": [{"tasks": ["NoSlash"]}]}}, ["user_classes.0.tasks.0"]),
+    ({"prompt_service": {"ensemble": {"learner": "exponentiated_gradient", "loss": "balanced_error"}}},
+     ["ensemble.loss='balanced_error'", "exponentiated_gradient"]),
 ])
 def test_bad_settings_are_refused_naming_the_field(override, words):
     with pytest.raises(ValidationError) as info:       # (_merge replaces lists whole)
