@@ -25,7 +25,8 @@ worst cases at L = MAX_TOKENS; uploaded bytes = bytes_per_token x sum L(e) + 1 p
 
 The online ensemble is exact Hedge with a fixed learning rate ``eta``: after cumulative
 per-entry losses L_j, w_j = exp(-eta L_j) / sum_i exp(-eta L_i) (zero-one loss: argmax !=
-label; log loss: -ln p[label] / -ln(1 - C_MAX) in [0, 1]).
+label; log loss: -ln p[label] / -ln(1 - C_MAX) in [0, 1]; balanced_error: one round per
+batch, 1 - the entry's balanced accuracy on it).
 """
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ class FakeHedge:
     """Exact Hedge with a fixed learning rate over ``num_entries`` experts."""
 
     def __init__(self, num_entries: int, eta: float, loss: str):
-        if loss not in ("zero_one", "log"):
+        if loss not in ("zero_one", "log", "balanced_error"):
             raise ValueError(f"loss={loss!r}")
         self.eta, self.loss = float(eta), loss
         self.cumulative = np.zeros(int(num_entries))
@@ -102,6 +103,11 @@ class FakeHedge:
         mixture = np.einsum("p,pbc->bc", self.weights, probabilities)
         correct = mixture.argmax(axis=1) == labels
         picked = probabilities[:, np.arange(len(labels)), labels]          # (P, B)
+        if self.loss == "balanced_error":   # one round per batch: 1 - each entry's balanced accuracy
+            predicted = probabilities.argmax(axis=2)
+            recalls = [(predicted[:, labels == c] == c).mean(axis=1) for c in np.unique(labels)]
+            self.cumulative += 1.0 - np.mean(recalls, axis=0)
+            return correct
         if self.loss == "zero_one":
             losses = (probabilities.argmax(axis=2) != labels[None, :]).astype(float)
         else:

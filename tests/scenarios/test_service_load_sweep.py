@@ -1,5 +1,5 @@
-"""scenarios/sweep_service_load.yaml: it plans what it says (both classes' arrival rates x 1, 2,
-4, 8 on one slot with K = 4 and deadline admission, scratch and ensemble), every point
+"""scenarios/sweep_service_load.yaml: it plans what it says (both classes' arrival rates x 1, 4,
+16, 64 on one slot with K = 4 and deadline admission, scratch and ensemble), every point
 validates against the installed tasks, and (torch-free, a stand-in model with the real
 model's per-step FLOPs) the load does what the sweep is for: sojourn grows with the arrival
 rate and the busiest point turns requests away."""
@@ -55,7 +55,7 @@ def test_sweep_plans_the_arrival_rates_on_a_bounded_deadline_aware_edge(plan):
     assert plan.params == [RATE0, RATE1]
     assert all(run.valid for run in plan.runs), [run.error for run in plan.runs if not run.valid]
     rates = sorted((r.params[RATE0], r.params[RATE1]) for r in plan.runs)
-    assert rates == [(0.3, 0.2), (0.6, 0.4), (1.2, 0.8), (2.4, 1.6)]
+    assert rates == [(0.3, 0.2), (1.2, 0.8), (4.8, 3.2), (19.2, 12.8)]
     for run in plan.runs:
         ps = run.scenario["prompt_service"]
         assert run.scenario["experiment"] == "prompt_service"
