@@ -191,9 +191,11 @@ def pathloss_db_array(spec: "PathLossSpec", distance_3d_m: np.ndarray, carrier_h
 
 
 def build_d2d_graph(scenario: Scenario, devices: list[Device], seed: int) -> nx.Graph:
-    """Device-to-device graph. Nodes are device indices (attribute ``pos_m``); every edge has
-    ``distance_m``, a sidelink :class:`Link` (``link``) with its own Rayleigh block fading, and
-    ``mean_snr_db`` over ``d2d.bandwidth_hz``."""
+    """Device-to-device graph. Nodes are device indices (attribute ``pos_m``); every edge (i, j),
+    i < j, has ``distance_m``, the sidelink :class:`Link` from i to j (``link``, i's transmit
+    power) and from j to i (``link_ba``, j's transmit power) sharing one Rayleigh block fading
+    (a reciprocal, time-division channel), and ``mean_snr_db`` of i -> j over
+    ``d2d.bandwidth_hz``."""
     spec = scenario.d2d
     ch = scenario.channel
     graph = nx.Graph()
@@ -218,7 +220,8 @@ def build_d2d_graph(scenario: Scenario, devices: list[Device], seed: int) -> nx.
         a, b = devices[i], devices[j]
         d = distance_3d_m(a.position_m, b.position_m, a.group.antenna_height_m, b.group.antenna_height_m)
         gain = db_to_linear(-pathloss_db(ch.pathloss, d, ch.carrier_hz, a.group.antenna_height_m))
-        link = Link(gain, a.group.tx_power_w, BlockFading(ch.fading, ch.coherence_time_s, child_rng(seed, 0, 5, i, j)), ch,
-                    name=f"sidelink dev{i}-dev{j}")
-        graph.add_edge(i, j, distance_m=d, link=link, mean_snr_db=link.mean_snr_db(spec.bandwidth_hz))
+        fading = BlockFading(ch.fading, ch.coherence_time_s, child_rng(seed, 0, 5, i, j))
+        link = Link(gain, a.group.tx_power_w, fading, ch, name=f"sidelink dev{i}->dev{j}")
+        back = Link(gain, b.group.tx_power_w, fading, ch, name=f"sidelink dev{j}->dev{i}")
+        graph.add_edge(i, j, distance_m=d, link=link, link_ba=back, mean_snr_db=link.mean_snr_db(spec.bandwidth_hz))
     return graph

@@ -54,15 +54,19 @@ def _check_size_and_bandwidth(size_bits: float, bandwidth_hz: float) -> None:
 
 
 def sidelink(graph: nx.Graph, a, b) -> Link:
-    """The sidelink :class:`Link` of edge ``(a, b)``. ValueError when either device is not in
-    the graph or the two are not D2D neighbours."""
+    """The sidelink :class:`Link` from ``a`` to ``b``: the edge's ``link`` (from the lower device
+    index to the higher) or, from the higher to the lower, ``link_ba`` where the graph has one
+    (:func:`netsim.network.build_d2d_graph` does; the two share the fading and differ in the
+    sender's transmit power). ValueError when either device is not in the graph or the two are
+    not D2D neighbours."""
     _check_node(graph, a, "a")
     _check_node(graph, b, "b")
     if not graph.has_edge(a, b):
         raise ValueError(f"devices {_name(a)} and {_name(b)} are not D2D neighbours (no sidelink between them); "
                          f"allowed: one of {_name(a)}'s {graph.degree(a)} neighbours "
                          f"{sorted(graph.adj[a])[:10]}{' ...' if graph.degree(a) > 10 else ''}")
-    link = graph.edges[a, b].get("link")
+    data = graph.edges[a, b]
+    link = data.get("link_ba") if a > b and "link_ba" in data else data.get("link")   # the sender's power
     if not isinstance(link, Link):
         raise ValueError(f"edge {_name(a)}-{_name(b)} of the D2D graph has no 'link' attribute "
                          f"(a netsim.channel.Link), got {link!r}")

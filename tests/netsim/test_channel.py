@@ -162,7 +162,8 @@ def test_network_links_are_named():
     assert net.devices[2].uplink.name == "uplink dev2->edge0"
     assert net.devices[2].downlink.name == "downlink edge0->dev2"
     i, j = next(iter(net.d2d.edges))
-    assert net.d2d.edges[i, j]["link"].name == f"sidelink dev{min(i, j)}-dev{max(i, j)}"
+    assert net.d2d.edges[i, j]["link"].name == f"sidelink dev{min(i, j)}->dev{max(i, j)}"
+    assert net.d2d.edges[i, j]["link_ba"].name == f"sidelink dev{max(i, j)}->dev{min(i, j)}"
 
 
 def test_mean_snr_of_a_dead_link_is_minus_infinity_not_a_math_error():

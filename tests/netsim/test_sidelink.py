@@ -67,6 +67,26 @@ def test_hop_over_rayleigh_fading_spans_blocks_at_each_blocks_rate():
         expected_hop_s(net.d2d, a, b, size, B), rel=1e-3)
 
 
+def test_each_direction_sends_at_its_senders_power_over_one_shared_fading():
+    """Two groups (0.2 W and 0.05 W): on an edge between them each direction's SNR is its sender's
+    power x the same gain |h_b|^2 (a reciprocal channel), so the rates differ by the power ratio
+    inside log2(1 + SNR), and the radiated energy is the sender's power x the hop's time."""
+    sc = Scenario.model_validate({"trainer": "fake", "devices": [{"name": "hi", "count": 3, "tx_power_w": 0.2},
+                                                                 {"name": "lo", "count": 3, "tx_power_w": 0.05}],
+                                  "channel": {"fading": "rayleigh", "rate_mode": "shannon"},
+                                  "d2d": {"kind": "knn", "k": 2, "bandwidth_hz": B}})
+    net = Network(sc, 3)
+    a, b = next((i, j) for i, j in sorted(net.d2d.edges) if i < 3 <= j)   # a in 'hi', b in 'lo'
+    up, back = net.d2d.edges[a, b]["link"], net.d2d.edges[a, b]["link_ba"]
+    for block in range(5):
+        assert back.snr(block, B) == pytest.approx(up.snr(block, B) * 0.05 / 0.2, rel=1e-12)
+    size = 2e6
+    t_ab, t_ba = hop_duration_s(net.d2d, a, b, size, 0.0, B), hop_duration_s(net.d2d, b, a, size, 0.0, B)
+    assert t_ab == up.transfer_duration_s(size, 0.0, B) and t_ba == back.transfer_duration_s(size, 0.0, B)
+    assert t_ba > t_ab
+    assert transfer(net.d2d, [b, a], size, 0.0, B).tx_energy_j == pytest.approx(0.05 * t_ba, rel=1e-12)
+
+
 def test_hop_between_non_neighbours_is_an_error_naming_both():
     net = d2d_network("none")
     a, b = next((u, v) for u, v in itertools.combinations(sorted(net.d2d.nodes), 2) if not net.d2d.has_edge(u, v))
