@@ -60,8 +60,7 @@ from pydantic import Field, model_validator
 
 from ..network import Network, child_rng
 from ..records import Recorder
-from ..service import (ADMISSION_POLICIES, DISCIPLINES, PoissonArrivals, Request, RequestRecord, ServiceEdge, Slot,
-                       UserClass, admission_policy)
+from ..service import PoissonArrivals, Request, RequestRecord, ServiceEdge, Slot, UserClass, admission_policy
 from ..spec_base import Bool, Float, Int, PositiveFloat, Spec
 
 if TYPE_CHECKING:  # netsim.scenario imports PromptServiceSpec: no import of it at run time
