@@ -425,7 +425,7 @@ class PromptServiceSimulation:
         state, offset = None, 0
         if self.variant == "scratch":
             state = tuner.fresh_state()
-            self._measure(served, request, self._test_probabilities(("fresh",), tuner.fresh_state(), task), 0, "start")
+            self._measure(served, request, self._test_probabilities(("fresh",), state, task), 0, "start")
         elif self.variant == "oracle":
             probs = self._library_test_probabilities(library, task)
             best = int(np.argmax([self._target_value(p, labels) for p in probs]))
