@@ -32,7 +32,10 @@ one protocol or component reads is defined in that module and imported here)::
     ├── emulator: EmulatorSpec                 netsim/protocols/emulator_fl.py
     ├── split: SplitSpec                       netsim/protocols/split_fl.py
     ├── zeroth_order: ZerothOrderSpec          netsim/protocols/zeroth_order_fl.py
-    └── prompt_service: PromptServiceSpec      netsim/protocols/prompt_service.py
+    ├── hierarchical: HierarchicalSpec         netsim/protocols/hierarchical_fl.py
+    ├── gossip: GossipSpec                     netsim/protocols/gossip_fl.py
+    ├── prompt_service: PromptServiceSpec      netsim/protocols/prompt_service.py
+    └── d2d_prompt_transfer: D2DPromptTransferSpec  netsim/protocols/d2d_prompt_transfer.py
 
 The owning modules import nothing of this module at run time (only under ``if TYPE_CHECKING:``),
 so there is no import circle; the section classes are re-exported here
@@ -50,7 +53,10 @@ from .fake_trainer import FakeTrainerSpec
 from .federated_deft import FederatedDeftSpec
 from .protocols.aircomp_fedavg import AirCompSpec
 from .protocols.async_fl import AsyncFLSpec
+from .protocols.d2d_prompt_transfer import D2DPromptTransferSpec
 from .protocols.emulator_fl import EmulatorSpec
+from .protocols.gossip_fl import GossipSpec
+from .protocols.hierarchical_fl import HierarchicalSpec
 from .protocols.lola import LolaAlgorithm, LolaAnalyticModelSpec, LolaSpec  # noqa: F401 (re-exported)
 from .protocols.neural_aircomp import NeuralAirCompSpec
 from .protocols.prompt_service import PromptServiceSpec
@@ -321,6 +327,10 @@ class TrainingSpec(Spec):
     over_selection: Float = Field(
         1.0, ge=1.0, le=100.0, description="synchronous: select ceil(over_selection x devices_per_round) devices and "
         "keep the first devices_per_round updates to arrive")
+    topology: Literal["star", "hierarchical", "gossip"] = Field(
+        "star", description="how updates are aggregated: 'star' (every device uploads to the edge), 'hierarchical' "
+        "(cluster heads aggregate their D2D neighbours' updates first, see the hierarchical section), 'gossip' "
+        "(devices average with their D2D neighbours, no server; see the gossip section)")
 
 
 class ExecutionSpec(Spec):
@@ -420,8 +430,15 @@ class Scenario(Spec):
     split: SplitSpec = Field(default_factory=SplitSpec, description="federated_deft variant split (SplitFed)")
     zeroth_order: ZerothOrderSpec = Field(default_factory=ZerothOrderSpec, description="federated_deft variant "
                                           "zeroth_order (MeZO + FedKSeed)")
+    hierarchical: HierarchicalSpec = Field(default_factory=HierarchicalSpec, description="training.topology "
+                                           "hierarchical: cluster heads aggregate over sidelinks")
+    gossip: GossipSpec = Field(default_factory=GossipSpec, description="training.topology gossip: decentralised "
+                               "averaging over the D2D graph")
     prompt_service: PromptServiceSpec = Field(default_factory=PromptServiceSpec, description="experiment "
                                               "prompt_service: fine-tuning requests served at the edge")
+    d2d_prompt_transfer: D2DPromptTransferSpec = Field(
+        default_factory=D2DPromptTransferSpec, description="experiment d2d_prompt_transfer: devices fetch tuned "
+        "prompts from their D2D neighbours")
 
     @model_validator(mode="after")
     def _lola_checks(self) -> "Scenario":
@@ -481,6 +498,10 @@ class Scenario(Spec):
             self._federated_deft_checks()
         if self.experiment == "prompt_service":
             self._prompt_service_checks()
+        if tr.topology == "hierarchical":
+            self.hierarchical.check(self)
+        if tr.topology == "gossip":
+            self.gossip.check(self)
         if tr.mode == "asynchronous" and st.aggregation.name != "fedbuff":
             raise ValueError(f"training.mode=asynchronous aggregates buffered updates: strategies.aggregation.name "
                              f"must be 'fedbuff' (buffer_size 1 is FedAsync), not {st.aggregation.name!r}")

@@ -70,8 +70,8 @@ def test_one_module_per_protocol():
 
     folder = Path(protocols.__file__).parent
     assert sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__") == [
-        "aircomp_fedavg", "async_fl", "emulator_fl", "fedavg", "lola", "neural_aircomp", "prompt_service", "split_fl",
-        "zeroth_order_fl"]
+        "aircomp_fedavg", "async_fl", "d2d_prompt_transfer", "emulator_fl", "fedavg", "gossip_fl", "hierarchical_fl",
+        "lola", "neural_aircomp", "prompt_service", "split_fl", "zeroth_order_fl"]
     for name, cls in protocols.PROTOCOLS.items():   # registered under the name of its module
         assert cls.__module__ == f"netsim.protocols.{name}"
     graph = import_graph("netsim")
@@ -95,6 +95,9 @@ OWNED_SECTIONS = {  # Scenario field: (owning module, section class)
     "split": ("netsim.protocols.split_fl", "SplitSpec"),
     "zeroth_order": ("netsim.protocols.zeroth_order_fl", "ZerothOrderSpec"),
     "prompt_service": ("netsim.protocols.prompt_service", "PromptServiceSpec"),
+    "hierarchical": ("netsim.protocols.hierarchical_fl", "HierarchicalSpec"),
+    "gossip": ("netsim.protocols.gossip_fl", "GossipSpec"),
+    "d2d_prompt_transfer": ("netsim.protocols.d2d_prompt_transfer", "D2DPromptTransferSpec"),
 }
 
 
