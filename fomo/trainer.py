@@ -368,6 +368,41 @@ class PeftTrainer:
         self._load_state(self._global)
         return self._evaluate_with(self.model, self._eval_forward)
 
+    # ------------------------------------------------ per-device states (gossip FL)
+    # netsim.interfaces.StateTrainer: a state is a dict name -> tensor like snapshot(); none of
+    # these change the global state.
+    def trained_state(self, base: PeftState, result: LocalResult) -> PeftState:
+        """base + the job's update, as new tensors."""
+        return {n: base[n] + result.update[n] for n in self._global}
+
+    def state_vector(self, state: PeftState) -> np.ndarray:
+        """A state as one float64 vector, tensors in global-state order."""
+        return np.concatenate([state[n].detach().reshape(-1).double().numpy() for n in self._global])
+
+    def state_from_vector(self, vector: np.ndarray) -> PeftState:
+        """A new state from a float64 vector (:meth:`state_vector`'s layout), cast to the
+        global state's dtypes."""
+        flat = torch.as_tensor(np.asarray(vector, dtype=np.float64))
+        total = sum(t.numel() for t in self._global.values())
+        if flat.ndim != 1 or flat.numel() != total:
+            raise ValueError(f"state vector has shape {tuple(flat.shape)}; allowed: ({total},), the PEFT state's values")
+        state: PeftState = {}
+        offset = 0
+        for name, tensor in self._global.items():
+            n = tensor.numel()
+            state[name] = flat[offset:offset + n].reshape(tensor.shape).to(tensor.dtype).clone()
+            offset += n
+        return state
+
+    def evaluate_state(self, state: PeftState) -> EvalResult:
+        """Evaluate a given state like :meth:`evaluate`; the model holds the global state
+        again afterwards."""
+        self._load_state(state)
+        try:
+            return self._evaluate_with(self.model, self._eval_forward)
+        finally:
+            self._load_state(self._global)
+
     def _evaluate_with(self, model: torch.nn.Module, forward) -> EvalResult:
         """Accuracy and mean cross-entropy on the test examples, in batches of 64, with
         ``forward(input_ids, mask, examples) -> (logits, forward FLOPs)``; ``model`` is in eval

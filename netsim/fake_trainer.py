@@ -102,6 +102,26 @@ class FakeTrainer:
         self.progress = min(max(self.progress + float(np.mean(vector)), 0.0), 0.999999)
 
     def evaluate(self) -> EvalResult:
+        return self.evaluate_state(self.progress)
+
+    # Per-device states (netsim.interfaces.StateTrainer, for gossip FL): a state is a progress
+    # value p, its vector the one number [p].
+    def trained_state(self, base: float, result: LocalResult) -> float:
+        """p + Delta, capped below 1 as :meth:`aggregate` caps the global progress."""
+        return min(max(float(base) + float(result.update), 0.0), 0.999999)
+
+    def state_vector(self, state: float) -> np.ndarray:
+        return np.array([float(state)], dtype=np.float64)
+
+    def state_from_vector(self, vector: np.ndarray) -> float:
+        v = np.asarray(vector, dtype=np.float64).reshape(-1)
+        if v.size != 1:
+            raise ValueError(f"fake trainer state vector has {v.size} values; allowed: 1 (the progress)")
+        return min(max(float(v[0]), 0.0), 0.999999)
+
+    def evaluate_state(self, state: float) -> EvalResult:
+        """Accuracy chance + (0.95 - chance) p of a progress value p."""
+        p = float(state)
         chance = 1.0 / self.num_classes
-        acc = chance + (0.95 - chance) * self.progress
-        return EvalResult(acc, math.log(self.num_classes) * (1.0 - self.progress), 1e9, 256)
+        acc = chance + (0.95 - chance) * p
+        return EvalResult(acc, math.log(self.num_classes) * (1.0 - p), 1e9, 256)

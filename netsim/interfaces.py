@@ -206,3 +206,24 @@ class Trainer(Protocol):
 
     def evaluate(self) -> EvalResult:
         """Evaluate the global model on the held-out test set."""
+
+
+class StateTrainer(Trainer, Protocol):
+    """A trainer that also handles per-device PEFT states, for protocols without one global
+    model (decentralised / gossip FL, :mod:`netsim.protocols.gossip_fl`). A *state* is what
+    :meth:`Trainer.snapshot` returns; a job planned on any state trains from it
+    (:meth:`Trainer.plan`). Only additions: the :class:`Trainer` methods are unchanged."""
+
+    def trained_state(self, base: Any, result: LocalResult) -> Any:
+        """The state after a job: ``base`` + the job's update (a new handle; ``base`` is
+        unchanged)."""
+
+    def state_vector(self, state: Any) -> Any:
+        """The state as one float64 numpy vector (tensors in global-state order)."""
+
+    def state_from_vector(self, vector: Any) -> Any:
+        """A new state holding ``vector`` (the inverse of :meth:`state_vector`, at the
+        trainer's precision)."""
+
+    def evaluate_state(self, state: Any) -> EvalResult:
+        """Evaluate ``state`` on the held-out test set (the global state is unchanged)."""

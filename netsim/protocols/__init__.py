@@ -12,7 +12,11 @@ network, one module each, registered by name in :data:`PROTOCOLS`.
 - ``emulator_fl``: FedAvg of the adapter on an Offsite-Tuning emulator, after its one-off
   download;
 - ``split_fl``: SplitFed: every local step a round trip through a shared, batching edge;
-- ``zeroth_order_fl``: FedKSeed: MeZO steps whose rounds exchange K scalars per device.
+- ``zeroth_order_fl``: FedKSeed: MeZO steps whose rounds exchange K scalars per device;
+- ``hierarchical_fl``: FedAvg through D2D clusters: heads sum their members' updates received
+  over sidelinks and upload one partial sum each (``training.topology: hierarchical``);
+- ``gossip_fl``: decentralised FL: local steps, then Metropolis averaging with the D2D
+  neighbours over sidelinks, no server aggregation (``training.topology: gossip``).
 
 The federated ones (all but ``neural_aircomp`` and ``lola``) share :class:`~netsim.protocols.fedavg.FedAvgSimulation`'s
 constructor and run their local training through :mod:`netsim.engine`.
@@ -25,6 +29,8 @@ from .aircomp_fedavg import AirCompFedAvgSimulation
 from .async_fl import AsyncFLSimulation
 from .emulator_fl import EmulatorFedAvgSimulation
 from .fedavg import FedAvgSimulation, RoundCallback
+from .gossip_fl import GossipFLSimulation
+from .hierarchical_fl import HierarchicalFLSimulation
 from .split_fl import SplitFedSimulation
 from .zeroth_order_fl import ZerothOrderAirCompSimulation, ZerothOrderSimulation
 
@@ -39,13 +45,19 @@ PROTOCOLS: dict[str, type[FedAvgSimulation]] = {
     "emulator_fl": EmulatorFedAvgSimulation,
     "split_fl": SplitFedSimulation,
     "zeroth_order_fl": ZerothOrderSimulation,
+    "hierarchical_fl": HierarchicalFLSimulation,
+    "gossip_fl": GossipFLSimulation,
 }
 """The federated protocols by name."""
 
 
 def protocol_name(scenario: "Scenario") -> str:
-    """The federated protocol a scenario runs: ``training.mode`` other than synchronous is
+    """The federated protocol a scenario runs: ``training.topology`` hierarchical is
+    ``hierarchical_fl``, gossip ``gossip_fl``; else ``training.mode`` other than synchronous is
     ``async_fl``; otherwise ``channel.uplink_access`` says ``fedavg`` or ``aircomp_fedavg``."""
+    topology = scenario.training.topology
+    if topology != "star":
+        return {"hierarchical": "hierarchical_fl", "gossip": "gossip_fl"}[topology]
     if scenario.training.mode != "synchronous":
         return "async_fl"
     return "aircomp_fedavg" if scenario.channel.uplink_access == "aircomp" else "fedavg"
