@@ -94,6 +94,9 @@ def check_scenario_resources(scenario: Scenario) -> None:
     if scenario.experiment == "prompt_service":
         check_service_tasks(scenario)
         return
+    if scenario.experiment == "d2d_prompt_transfer":
+        check_d2d_tasks(scenario)
+        return
     uses_lora = scenario.experiment in LORA_EXPERIMENTS and scenario.peft.method == "lora"
     if uses_lora:
         check_target_modules(info, list(scenario.peft.target_modules))
@@ -108,13 +111,42 @@ def check_service_tasks(scenario: Scenario) -> None:
     """The ``prompt_service`` tasks without torch: every task is registered and installed, all
     share one label set, and each holds enough labelled examples besides its test set for a
     request (``examples_per_request``) and, for a library task, its entry (``library.examples``)."""
-    from fomo.tasks import load_task
-
     spec = scenario.prompt_service
     library = set(spec.library.tasks)
-    reference = None
+    requested = {t for c in spec.user_classes for t in c.tasks}
+    entries = []
     for name in spec.all_tasks():
+        needs = [("prompt_service.examples_per_request", spec.examples_per_request)] if name in requested else []
+        if name in library:
+            needs.append(("prompt_service.library.examples", spec.library.examples))
         where = "prompt_service.library.tasks" if name in library else "prompt_service.user_classes.*.tasks"
+        entries.append((name, where, needs))
+    _check_tasks(entries, spec.test_examples, "every request")
+
+
+def check_d2d_tasks(scenario: Scenario) -> None:
+    """The ``d2d_prompt_transfer`` tasks without torch: registered and installed, one label set,
+    enough labelled examples besides the test set for a source prompt (``source_examples``)
+    and a target (``examples_per_device``)."""
+    spec = scenario.d2d_prompt_transfer
+    zone_tasks, new = set(spec.tasks), set(spec.target_tasks or spec.tasks)
+    entries = []
+    for name in spec.all_tasks():
+        needs = [("d2d_prompt_transfer.source_examples", spec.source_examples)] if name in zone_tasks else []
+        if name in new:
+            needs.append(("d2d_prompt_transfer.examples_per_device", spec.examples_per_device))
+        where = "d2d_prompt_transfer.tasks" if name in zone_tasks else "d2d_prompt_transfer.target_tasks"
+        entries.append((name, where, needs))
+    _check_tasks(entries, spec.test_examples, "every device's prompt")
+
+
+def _check_tasks(entries: list[tuple[str, str, list[tuple[str, int]]]], test_examples: int, served: str) -> None:
+    """Each ``(task, field that names it, [(count field, count)])``: the task loads, shares the
+    first task's label set, and holds each count of labelled examples besides its test set."""
+    from fomo.tasks import load_task
+
+    reference = None
+    for name, where, needs in entries:
         try:
             texts, _, classes = load_task(name)
         except ValueError as err:
@@ -124,12 +156,8 @@ def check_service_tasks(scenario: Scenario) -> None:
         elif classes != reference[1]:
             raise ValueError(f"{where}: task {name!r} has classes {classes}, task {reference[0]!r} has "
                              f"{reference[1]}; allowed: tasks with one label set (one classification head serves "
-                             f"every request)")
-        pool = len(texts) - min(spec.test_examples, len(texts) // 5)
-        requested = {t for c in spec.user_classes for t in c.tasks}
-        needs = [("prompt_service.examples_per_request", spec.examples_per_request)] if name in requested else []
-        if name in library:
-            needs.append(("prompt_service.library.examples", spec.library.examples))
+                             f"{served})")
+        pool = len(texts) - min(test_examples, len(texts) // 5)
         for field, count in needs:
             if count > pool:
                 raise ValueError(f"{field}={count}: task {name!r} has {pool} labelled examples besides its "
@@ -261,6 +289,21 @@ def _experiment_warnings(s: Scenario) -> Iterator[str]:
         if s.peft.method != "prompt_tuning":
             yield f"peft.method={s.peft.method!r}: the service's library holds {s.peft.method} states, not soft " \
                   "prompts (set peft.method: prompt_tuning for prompt-ensemble tuning)"
+    if s.experiment != "d2d_prompt_transfer" and explicit_fields(s.d2d_prompt_transfer):
+        yield f"d2d_prompt_transfer={_short(s.d2d_prompt_transfer)} has no effect: used by experiment " \
+              f"'d2d_prompt_transfer' only, and experiment is {s.experiment!r}"
+    if s.experiment == "d2d_prompt_transfer":
+        yield from _ignored("data", s.data, None, "experiment 'd2d_prompt_transfer' reads its tasks from "
+                            "d2d_prompt_transfer")
+        yield from _ignored("training", s.training, ("rounds", "local_steps", "devices_per_round", "mode", "topology"),
+                            "federated rounds, and experiment 'd2d_prompt_transfer' tunes each target on its own")
+        if s.peft.method != "prompt_tuning":
+            yield f"peft.method={s.peft.method!r}: devices hold {s.peft.method} states, not soft prompts; their task " \
+                  "embedding is every trainable tensor flattened (set peft.method: prompt_tuning for SPoT's " \
+                  "prompt embedding)"
+        if s.dynamics.mobility.model != "none":
+            yield f"dynamics.mobility.model={s.dynamics.mobility.model!r} has no effect: experiment " \
+                  "'d2d_prompt_transfer' uses the D2D graph at t = 0"
     for name in ("federated_deft", "emulator", "split", "zeroth_order"):
         section = getattr(s, name)
         if explicit_fields(section) and (s.experiment != "federated_deft" or (

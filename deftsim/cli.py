@@ -147,8 +147,9 @@ def _print_work(scenario) -> None:
                f"{scenario.num_devices} devices): nothing was run")
     click.echo(f"  real device steps: at most {work.device_steps:,}" if work.device_steps is not None else
                "  real device steps: not known before the run")
-    examples = (scenario.prompt_service.test_examples if scenario.experiment == "prompt_service"
-                else scenario.data.max_test_examples)
+    examples = {"prompt_service": scenario.prompt_service.test_examples,
+                "d2d_prompt_transfer": scenario.d2d_prompt_transfer.test_examples}.get(
+        scenario.experiment, scenario.data.max_test_examples)
     click.echo(f"  evaluations:       at most {work.evaluations:,} (of up to {examples} test examples each)")
     click.echo(f"  ({work.detail})")
 

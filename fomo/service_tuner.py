@@ -227,6 +227,16 @@ class TaskTuner:
         """sum_i w_i state_i (:func:`fomo.prompt_ensemble.mixed_prompt`)."""
         return pe.mixed_prompt(list(states), weights)
 
+    def task_embedding(self, state: PeftState) -> np.ndarray:
+        """The task embedding of a state (float64): its soft prompt averaged over the virtual
+        tokens, e = (1/T) sum_t P_t (SPoT, Vu et al. 2022), of the model's width; for a PEFT
+        method without a soft prompt, every trainable tensor flattened and concatenated (in
+        name order)."""
+        prompts = [name for name in sorted(state) if "prompt_encoder" in name]
+        if prompts:
+            return state[prompts[0]].detach().to(torch.float64).mean(dim=0).numpy()
+        return torch.cat([state[name].detach().to(torch.float64).reshape(-1) for name in sorted(state)]).numpy()
+
     def online_ensemble(self, learner: str, num_entries: int, horizon: int, loss: str = "log") -> "OnlineEnsemble":
         """An :class:`OnlineEnsemble` over ``num_entries`` library entries."""
         return OnlineEnsemble(learner, num_entries, self.num_classes, horizon, loss)

@@ -396,7 +396,7 @@ class Scenario(Spec):
         "initialisation and device selection (null: seed)",
     )
     experiment: Literal["fedavg", "aircomp_vs_ofdma", "lola_compare", "neural_aircomp", "federated_deft",
-                        "prompt_service"] = Field(
+                        "prompt_service", "d2d_prompt_transfer"] = Field(
         "fedavg", description="what `deftsim run` does with the scenario (deftsim/experiments/)"
     )
     trainer: Literal["real", "fake"] = "real"
@@ -498,6 +498,8 @@ class Scenario(Spec):
             self._federated_deft_checks()
         if self.experiment == "prompt_service":
             self._prompt_service_checks()
+        if self.experiment == "d2d_prompt_transfer":
+            self.d2d_prompt_transfer.check(self)
         if tr.topology == "hierarchical":
             self.hierarchical.check(self)
         if tr.topology == "gossip":

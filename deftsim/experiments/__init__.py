@@ -9,6 +9,7 @@ One module per experiment, each registering its function with :func:`base.regist
 ``neural_aircomp``     split fine-tuning with a neural connection over the air (``neural_aircomp.py``)
 ``federated_deft``     federated LoRA vs emulator, split and zeroth-order fine-tuning (``federated_deft.py``)
 ``prompt_service``     fine-tuning requests served at the edge, with a library of prompts (``prompt_service.py``)
+``d2d_prompt_transfer``  devices fetch a tuned prompt from a D2D neighbour, then tune (``d2d_prompt_transfer.py``)
 =====================  ==========================================================
 
 An experiment is a function ``(scenario, on_round) -> ExperimentResult``; the runner writes
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 
 from netsim.scenario import Scenario
 
-from . import (aircomp_vs_ofdma, federated_deft, fedavg, lola_compare, neural_aircomp,  # noqa: F401  (registration)
-               prompt_service)
+from . import (aircomp_vs_ofdma, d2d_prompt_transfer, federated_deft, fedavg, lola_compare,  # noqa: F401
+               neural_aircomp, prompt_service)
 from .base import EXPERIMENTS, Experiment, ExperimentResult, register
 
 __all__ = ["EXPERIMENTS", "Experiment", "ExperimentResult", "PlannedWork", "get_experiment", "planned_work",
@@ -42,6 +43,8 @@ def progress_total(scenario: Scenario) -> Optional[int]:
         return sum(variant_scenario(scenario, v).training.rounds for v in scenario.federated_deft.variants)
     if scenario.experiment == "prompt_service":
         return len(scenario.prompt_service.variants)
+    if scenario.experiment == "d2d_prompt_transfer":
+        return len(scenario.d2d_prompt_transfer.variants)
     return None
 
 
@@ -125,6 +128,17 @@ def planned_work(scenario: Scenario) -> PlannedWork:
                            f"library: {len(spec.library.tasks)} tasks x {spec.library.steps} steps; then at most "
                            f"{spec.max_requests} requests x {spec.max_steps} tuning steps x {len(spec.variants)} "
                            f"variants (a request stops at its target; arrivals in [0, {spec.horizon_s:g}) s)")
+    if scenario.experiment == "d2d_prompt_transfer":
+        spec = scenario.d2d_prompt_transfer
+        v = len(spec.variants)
+        warm = sum(spec.warmup_steps for name in spec.variants if name in ("similarity", "edge_library"))
+        sources = len(spec.tasks) * spec.source_steps
+        evaluations = len(spec.tasks) + spec.targets * sum(
+            3 + -(-spec.max_steps // spec.eval_every_steps) for _ in spec.variants)
+        return PlannedWork(sources + spec.targets * (v * spec.max_steps + warm), evaluations,
+                           f"source prompts: {len(spec.tasks)} tasks x {spec.source_steps} steps; then {spec.targets} "
+                           f"targets x {v} variants x at most {spec.max_steps} tuning steps (+ {spec.warmup_steps} "
+                           "warm-up steps for similarity and edge_library; a target stops at its target)")
     raise ValueError(f"experiment={scenario.experiment!r} has no work count")
 
 

@@ -201,3 +201,15 @@ class FakeServiceTuner:
 
     def job_memory_bytes(self, batch_size: int) -> int:
         return self.memory_per_example_bytes * int(batch_size) + 10_000
+
+    # ---------------------------------------------------------------- D2D prompt transfer
+    adapter_size_bytes = 16_908
+
+    def adapter_bytes(self) -> int:
+        """The size of one state [bytes] (all-MiniLM-L6-v2's 8-token prompt and 3-class head)."""
+        return self.adapter_size_bytes
+
+    def task_embedding(self, state: np.ndarray) -> np.ndarray:
+        """e = the state's test skills above the fresh state's, plus 1 (T values, never zero):
+        a state tuned on task t alone points along t."""
+        return np.asarray(state[0], dtype=float) - self._fresh[0] + 1.0
