@@ -49,7 +49,8 @@ D2D-assisted FL, e.g. Lin et al. 2021 and Hosseinalipour et al. 2022):
        P_h = \\sum_{k \\in C_h} n_k \\, \\Delta_k, \\qquad N_h = \\sum_{k \\in C_h} n_k
 
    (2 |C_h| n FLOPs on the head at its compute speed, ``partial_aggregate`` event; n = the
-   adapter's float32 values) and uploads ONE update of ``update_bytes`` (P_h; N_h is one number
+   adapter's float32 values; none for a head that received nothing, which uploads its own
+   update as in the star) and uploads ONE update of ``update_bytes`` (P_h; N_h is one number
    and its few bytes are neglected) over its FDMA share of the uplink band. Only heads share
    the band (``strategies.bandwidth`` splits it among the round's heads);
 6. the edge, once every partial has arrived (or at ``training.deadline_s``, keeping the
@@ -454,14 +455,15 @@ class HierarchicalFLSimulation(FedAvgSimulation):
                 self._drop_received(r, inbox)
                 return None
             received = list(inbox.arrived)
-            n_values = self.trainer.adapter_bytes() / 4.0
-            flops = 2.0 * (len(received) + 1) * n_values
-            t_agg, e_agg = compute_time_energy(head.group, flops)
-            self._log_compute("partial_aggregate", head, r, t_agg, e_agg, t_off, flops=flops)
-            if not (yield from self._until(t_agg, t_off)):
-                self._dropped(r, head, job)
-                self._drop_received(r, inbox)
-                return None
+            if received:   # a head alone uploads its own update directly, as in the star
+                n_values = self.trainer.adapter_bytes() / 4.0
+                flops = 2.0 * (len(received) + 1) * n_values
+                t_agg, e_agg = compute_time_energy(head.group, flops)
+                self._log_compute("partial_aggregate", head, r, t_agg, e_agg, t_off, flops=flops)
+                if not (yield from self._until(t_agg, t_off)):
+                    self._dropped(r, head, job)
+                    self._drop_received(r, inbox)
+                    return None
             ok = yield from self._upload(r, head, job, share, t_off)
             if ok is False:
                 self._dropped(r, head, job)
