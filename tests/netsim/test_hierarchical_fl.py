@@ -340,3 +340,26 @@ def test_a_graph_without_edges_is_refused_at_construction():
     sc = scenario(d2d={"kind": "distance", "threshold_m": 1e-3, "bandwidth_hz": B_SL})
     with pytest.raises(ValueError, match="no edges.*d2d.threshold_m"):
         make_simulation(sc, 0, FakeTrainer(sc, 0))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_selected_update_is_aggregated_dropped_or_late_under_churn(seed):
+    """Devices going offline mid-round (Markov on/off with sojourns of the order of a round):
+    each selected device's update ends in exactly one of the aggregate, update_dropped,
+    update_late."""
+    # rounds last about 0.3 s here: the head timeout and the deadline both cut some
+    sc = scenario(devices=[{"count": 10}], training={"rounds": 6, "deadline_s": 0.25},
+                  hierarchical={"head_timeout_s": 0.1},
+                  dynamics={"availability": {"model": "markov", "mean_on_s": 2.0, "mean_off_s": 1.0}})
+    sim = Recording(sc, seed, FakeTrainer(sc, seed))
+    sim.run()
+    ev = sim.recorder.to_frame()
+    aggregated = {r: sorted(res.device_id for res in results) for r, _, _, results, _ in getattr(sim, "log", [])}
+    assert ev.kind.isin(["update_dropped"]).any() and ev.kind.isin(["update_late"]).any()
+    assert sim.counters["dropped_updates"] == (ev.kind == "update_dropped").sum()
+    assert sim.counters["late_updates"] == (ev.kind == "update_late").sum()
+    for r, clusters in enumerate(sim.cluster_log, start=1):
+        e = ev[ev["round"] == r]
+        selected = sorted(d for c in clusters for d in c.devices)
+        gone = sorted(int(n[3:]) for n in e.loc[e.kind.isin(["update_dropped", "update_late"]), "node"])
+        assert sorted(aggregated.get(r, []) + gone) == selected
