@@ -1,7 +1,9 @@
 """Experiment ``fedavg`` (the default): federated PEFT fine-tuning with FedAvg, over OFDMA or,
 with ``channel.uplink_access: aircomp``, over the air (``netsim.protocols.fedavg``,
 ``netsim.protocols.aircomp_fedavg``), or asynchronously with ``training.mode``
-(``netsim.protocols.async_fl``)."""
+(``netsim.protocols.async_fl``), or over the D2D graph with ``training.topology``
+(``netsim.protocols.hierarchical_fl``, ``netsim.protocols.gossip_fl``: their D2D traffic,
+clusters and consensus come into the summary through ``dynamics_summary``)."""
 from __future__ import annotations
 
 import time
@@ -34,6 +36,7 @@ def fedavg(scenario: Scenario, on_round=None) -> ExperimentResult:
                         target_accuracy=scenario.stop.target_accuracy,
                         devices=[d.name for d in sim.network.devices])
     summary["protocol"] = protocol_name(scenario)
+    summary["topology"] = scenario.training.topology
     summary["final_balanced_accuracy"] = final_balanced_accuracy(sim)
     summary.update(sim.dynamics_summary())
     if isinstance(sim, AirCompFedAvgSimulation):
