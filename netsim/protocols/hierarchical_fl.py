@@ -163,15 +163,10 @@ class HierarchicalSpec(Spec):
     def check(self, scenario: "Scenario") -> None:
         """What the topology needs of the other sections (ValueError naming the fields)."""
         d2d_topology_errors(scenario, "hierarchical")
-        if self.strategies_ok(scenario.strategies.aggregation.name):
-            return
-        raise ValueError(f"training.topology=hierarchical combines partial sums with FedAvg weights n_k / sum n_j: "
-                         f"strategies.aggregation.name={scenario.strategies.aggregation.name!r} is not supported; "
-                         f"allowed: {list(D2D_AGGREGATIONS)}")
-
-    @staticmethod
-    def strategies_ok(aggregation: str) -> bool:
-        return aggregation in D2D_AGGREGATIONS
+        agg = scenario.strategies.aggregation.name
+        if agg not in D2D_AGGREGATIONS:
+            raise ValueError(f"training.topology=hierarchical combines partial sums with FedAvg weights n_k / sum n_j: "
+                             f"strategies.aggregation.name={agg!r} is not supported; allowed: {list(D2D_AGGREGATIONS)}")
 
 
 # ------------------------------------------------------------------ clustering
@@ -253,8 +248,8 @@ def combine_partials(partials: Sequence[tuple[np.ndarray, int]]) -> np.ndarray:
 
 @dataclass
 class _Inbox:
-    """What a head has received from its members this round: (member, job) in arrival order,
-    and each member's process."""
+    """What a head has received from its members this round: (member, job) in arrival order;
+    ``closed`` once the head has stopped waiting (later arrivals are late)."""
 
     arrived: list = field(default_factory=list)
     closed: bool = False
