@@ -263,3 +263,19 @@ def test_consensus_distance_by_hand():
     assert consensus_distance(x) == pytest.approx(2.5, rel=1e-15)
     assert consensus_distance(x[:1]) == 0.0
     assert math.isclose(consensus_distance(np.ones((4, 3))), 0.0, abs_tol=0)
+
+
+def test_the_fedavg_experiment_reports_gossip_and_its_consensus(tmp_path):
+    import json
+
+    from deftsim.runner import run_scenario
+    run_scenario(scenario(), tmp_path)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    ev = pd.read_parquet(tmp_path / "events.parquet")
+    assert saved["protocol"] == "gossip_fl" and saved["topology"] == "gossip"
+    assert saved["d2d_bytes"] == int(ev.loc[ev.kind == "d2d_transfer", "bytes"].sum()) > 0
+    assert saved["uplink_bytes"] == 0
+    g = saved["gossip"]
+    assert len(g["consensus_distance_after"]) == 3 and g["within_bound_all_rounds"]
+    assert all(a <= f * b * (1 + 1e-12) for a, b, f in zip(g["consensus_distance_after"],
+                                                            g["consensus_distance_before"], g["bound_factor"]))

@@ -363,3 +363,19 @@ def test_every_selected_update_is_aggregated_dropped_or_late_under_churn(seed):
         selected = sorted(d for c in clusters for d in c.devices)
         gone = sorted(int(n[3:]) for n in e.loc[e.kind.isin(["update_dropped", "update_late"]), "node"])
         assert sorted(aggregated.get(r, []) + gone) == selected
+
+
+def test_the_fedavg_experiment_reports_the_d2d_traffic_from_its_event_log(tmp_path):
+    import json
+
+    from deftsim.runner import run_scenario
+    summary = run_scenario(scenario(devices=[{"count": 10}]), tmp_path)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    ev = pd.read_parquet(tmp_path / "events.parquet")
+    assert saved["protocol"] == "hierarchical_fl" and saved["topology"] == "hierarchical"
+    assert saved["d2d_bytes"] == int(ev.loc[ev.kind == "d2d_transfer", "bytes"].sum()) > 0
+    assert saved["d2d_energy_j"] == pytest.approx(ev.loc[ev.kind.isin(["d2d_transfer", "d2d_receive"]), "energy_j"]
+                                                  .sum(), rel=1e-12)
+    assert saved["uplink_bytes"] == int(ev.loc[ev.kind == "uplink", "bytes"].sum())
+    assert saved["uplink_bytes_saved_vs_star"] == (ev.kind == "d2d_transfer").sum() * 300_000
+    assert len(saved["clusters_per_round"]) == 3 and summary["clusters_per_round"] == saved["clusters_per_round"]
