@@ -90,7 +90,7 @@ DYNAMICS_METRICS = ["dropped_updates", "late_updates", "stale_updates", "stale_u
 """Summary keys of the protocols' faults, staleness and mobility (docs/async.md, docs/dynamics.md):
 shown in the runs and points tables of the runs where they apply (:func:`dynamics_metrics`)."""
 STALE = ["accuracy_vs_time", "to_accuracy_*", "dynamics_*", "latency_breakdown", "latency_per_round", "pareto", "aircomp",
-         "variants", "variants_vs_*", "variant_accuracy_vs_time"]
+         "variants", "variants_vs_*", "variant_accuracy_vs_time", "time_to_target_cdf", "gain_vs_similarity"]
 """Figure stems of an earlier report, removed before writing a new one."""
 DYNAMICS_NOTE = ("dropped_updates: updates lost because the device went offline before its upload ended; "
                  "late_updates: updates still in progress when the round closed (deadline or over-selection); "
@@ -1232,6 +1232,8 @@ def _experiment_sections(data: ReportData, out: Path, fw: FigureWriter, target: 
                             f"{spread_note(kinds)}.", _names(stem, fw)))
     if figs:
         sections.append("<h2>Metrics per variant against each swept field</h2>" + "".join(figs))
+    if data.experiment == "d2d_prompt_transfer":
+        sections += _d2d_sections(data, out, fw)
     if curves:
         chances = [float(s["chance_accuracy"]) for s in data.summaries.values()
                    if isinstance(s.get("chance_accuracy"), (int, float)) and not isinstance(s["chance_accuracy"], bool)]
@@ -1242,6 +1244,42 @@ def _experiment_sections(data: ReportData, out: Path, fw: FigureWriter, target: 
             f"Test accuracy against simulated time for each {view.variant_name} that has an accuracy curve: "
             "with several seeds the mean over seeds of each evaluation's time and accuracy and a band over seeds.",
             _names("variant_accuracy_vs_time", fw)))
+    return sections
+
+
+def _d2d_sections(data: ReportData, out: Path, fw: FigureWriter) -> list[str]:
+    """D2D prompt transfer: per-target time-to-target CDFs and gain against similarity
+    (:mod:`analysis.d2d`), with their tables ``d2d_targets`` and ``d2d_similarity``."""
+    from . import d2d
+
+    runs = data.runs
+
+    def label(point: int) -> str:
+        first = runs[runs["point"] == point].iloc[0]
+        return f"P{point}: " + point_label({p: first[p] for p in data.params}, data.params) if data.params \
+            else f"P{point}"
+
+    sections = []
+    targets = d2d.target_rows(data.summaries, runs, data.params)
+    if len(targets):
+        _write_table(targets, out, "d2d_targets")
+        png = d2d.fig_time_to_target_cdf(targets, label, fw)
+        sections.append("<h2>Time to target per target (CDF)</h2>" + _figure(
+            png, "time-to-target CDF per variant",
+            "Per point, the fraction of targets (all seeds pooled) at their target accuracy against simulated time "
+            "since they got the new task, a line per variant; a line that stays below 1 has targets that never got "
+            f"there. Up to {d2d.MAX_PANELS} points are drawn; the table d2d_targets holds every target.",
+            _names("time_to_target_cdf", fw)))
+    pairs = d2d.similarity_rows(data.summaries, runs, data.params)
+    if len(pairs):
+        _write_table(pairs, out, "d2d_similarity")
+        png = d2d.fig_gain_vs_similarity(pairs, label, fw)
+        sections.append("<h2>Gain against task similarity</h2>" + _figure(
+            png, "gain at the start against the similarity of the task embeddings",
+            "Per point, every (target, candidate source) pair of variant similarity: the candidate prompt's metric "
+            "on the target's test set minus the initial prompt's, against the cosine similarity of their task "
+            "embeddings; Spearman's rank correlation of the pooled pairs in each title.",
+            _names("gain_vs_similarity", fw)))
     return sections
 
 

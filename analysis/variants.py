@@ -18,6 +18,11 @@ experiment             a variant is                metrics per variant (``summar
                        starts: scratch,            deadline hits, utilisation), first and final
                        best_single, oracle,        accuracy of the served requests, median time
                        ensemble                    to target from arrival and from service start
+``d2d_prompt_transfer``  where a target's prompt   median time and energy to target, hit ratio,
+                       comes from: scratch,        negative-transfer rate, regret of the choice,
+                       edge_library, a neighbour   start and final metric, D2D and cellular bytes
+                       (random, best_link,
+                       similarity, oracle)
 =====================  ==========================  ==============================================
 
 :func:`variant_rows` turns one ``summary.json`` into one row per variant; :func:`variant_curves`
@@ -69,6 +74,12 @@ VIEWS = {
                                      ("mean_sojourn_s", "acceptance_ratio", "mean_wait_s", "utilisation",
                                       "deadline_hit_ratio", "initial_accuracy", "final_accuracy",
                                       "time_to_target_accuracy_s", "service_time_to_target_s", "target_hit_ratio")),
+    "d2d_prompt_transfer": ExperimentView("d2d_prompt_transfer", "source of a target's prompt (none, edge, neighbour)",
+                                          "variant", None,
+                                          ("median_time_to_target_s", "target_hit_ratio", "negative_transfer_rate",
+                                           "regret_start", "mean_start_metric", "mean_final_metric",
+                                           "median_energy_to_target_j", "d2d_bytes", "cellular_bytes",
+                                           "d2d_energy_j")),
 }
 """The experiments with several variants per run."""
 
@@ -186,8 +197,18 @@ def _service_rows(summary: dict, where: str) -> list[dict]:
     return rows
 
 
+D2D_METRICS = ("median_time_to_target_s", "median_energy_to_target_j", "target_hit_ratio", "negative_transfer_rate",
+               "regret_start", "oracle_match_rate", "mean_start_metric", "mean_final_metric", "final_accuracy",
+               "d2d_bytes", "d2d_energy_j", "cellular_bytes", "cellular_energy_j", "mean_steps", "no_source_in_reach")
+
+
+def _d2d_rows(summary: dict, where: str) -> list[dict]:
+    return [{"variant": str(name), **{m: _num(run.get(m)) for m in D2D_METRICS}}
+            for name, run in _ordered_variants(summary, where)]
+
+
 _ROWS = {"lola_compare": _lola_rows, "aircomp_vs_ofdma": _aircomp_rows, "neural_aircomp": _neural_rows,
-         "federated_deft": _deft_rows, "prompt_service": _service_rows}
+         "federated_deft": _deft_rows, "prompt_service": _service_rows, "d2d_prompt_transfer": _d2d_rows}
 
 
 def variant_rows(summary: dict, where: str = "summary.json") -> list[dict]:
@@ -217,6 +238,9 @@ def variant_curves(summary: dict, events: pd.DataFrame) -> dict[str, tuple[pd.Da
     elif experiment == "prompt_service" and "variant" in events.columns:
         for name, ev in events.groupby("variant", sort=False):
             out[str(name)] = (service_curve(ev), None)
+    elif experiment == "d2d_prompt_transfer" and "variant" in events.columns:
+        for name, ev in events.groupby("variant", sort=False):
+            out[str(name)] = (targets_curve(ev), None)
     elif experiment == "lola_compare" and isinstance(summary.get("accuracy_vs_time"), dict):
         for name, points in summary["accuracy_vs_time"].items():
             try:
@@ -259,6 +283,16 @@ def service_curve(events: pd.DataFrame, points: int = 100) -> pd.DataFrame:
     start = dict(zip(start["round"], start["t_s"] + start["duration_s"]))
     ev = events[(events["kind"] == "evaluate") & events["round"].isin(list(start))]
     per = [(g["t_s"].to_numpy() - start[r], g["accuracy"].to_numpy()) for r, g in ev.groupby("round", sort=True)]
+    curve = mean_step_curve(per, points)
+    return pd.DataFrame({"t_s": curve["x"].to_numpy(), "accuracy": curve["y"].to_numpy()})
+
+
+def targets_curve(events: pd.DataFrame, points: int = 100) -> pd.DataFrame:
+    """Mean accuracy of the D2D transfer targets against simulated time since they got their
+    task (columns ``t_s``, ``accuracy``; :func:`mean_step_curve`): each target's ``evaluate``
+    events (``round`` = the target device)."""
+    ev = events[events["kind"] == "evaluate"]
+    per = [(g["t_s"].to_numpy(), g["accuracy"].to_numpy()) for _, g in ev.groupby("round", sort=True)]
     curve = mean_step_curve(per, points)
     return pd.DataFrame({"t_s": curve["x"].to_numpy(), "accuracy": curve["y"].to_numpy()})
 

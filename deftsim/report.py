@@ -108,12 +108,37 @@ def print_service(summary: dict, out_dir: str) -> None:
     click.echo(_files(out_dir))
 
 
+def print_d2d(summary: dict, out_dir: str) -> None:
+    """Console table of experiment ``d2d_prompt_transfer``: per variant, time and energy to
+    target, the choice's quality and the bytes it moved."""
+    def seconds(t):
+        return "never" if t is None else f"{t:.3f} s"
+
+    click.echo("")
+    click.echo(f"  {'variant':<16} {'reached':>7}  {'median to target':>16}  {'energy':>9}  {'start':>5}  {'final':>5}  "
+               f"{'negative':>8}  {'regret':>6}  {'D2D bytes':>9}  {'cell bytes':>10}")
+    for name in summary["variant_order"]:
+        v = summary["variants"][name]
+        energy = v["median_energy_to_target_j"]
+        click.echo(f"  {name:<16} {_num(v['target_hit_ratio'], '.0%'):>7}  {seconds(v['median_time_to_target_s']):>16}  "
+                   f"{'never' if energy is None else f'{energy:.3f} J':>9}  {_num(v['mean_start_metric'], '.2f'):>5}  "
+                   f"{_num(v['mean_final_metric'], '.2f'):>5}  {_num(v['negative_transfer_rate'], '.0%'):>8}  "
+                   f"{_num(v['regret_start'], '.3f'):>6}  {v['d2d_bytes']:>9,}  {v['cellular_bytes']:>10,}")
+    sg = summary.get("similarity_gain") or {}
+    rho = sg.get("spearman")
+    click.echo(f"  ({len(summary['targets'])} targets; {summary['target_metric'].replace('_', ' ')} target "
+               f"{summary['target_accuracy']}; start/final: mean metric when tuning starts and at the end; negative: "
+               f"later than scratch; Spearman(similarity, gain) = {_num(rho, '.2f')} over {len(sg.get('pairs', []))} "
+               f"pairs)")
+    click.echo(_files(out_dir))
+
+
 def _num(value, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
 PRINTERS = {"aircomp_vs_ofdma": print_comparison, "lola_compare": print_lola, "neural_aircomp": print_neural,
-            "federated_deft": print_deft, "prompt_service": print_service}
+            "federated_deft": print_deft, "prompt_service": print_service, "d2d_prompt_transfer": print_d2d}
 """Experiment name -> console printer; experiments not listed (``fedavg``) use :func:`print_fedavg`."""
 
 

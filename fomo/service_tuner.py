@@ -237,6 +237,29 @@ class TaskTuner:
             return state[prompts[0]].detach().to(torch.float64).mean(dim=0).numpy()
         return torch.cat([state[name].detach().to(torch.float64).reshape(-1) for name in sorted(state)]).numpy()
 
+    def text_embedding(self, task: str, examples: np.ndarray) -> tuple[np.ndarray, float]:
+        """The centroid of ``examples``' sentence embeddings under the frozen base model (each
+        example's last hidden states averaged over its real tokens, then averaged over the
+        examples; float64), and its cost: one counted forward pass of the model per batch of 64
+        (:meth:`forward_flops`, which includes the soft prompt's virtual tokens: a slight upper
+        bound). A task embedding that needs no tuning, at the price of sharing a summary of the
+        texts."""
+        split = self._split(task)
+        classifier = self.model.get_base_model()
+        encoder = getattr(classifier, classifier.base_model_prefix)
+        examples = np.asarray(examples)
+        total, flops = None, 0.0
+        for start in range(0, len(examples), EVAL_BATCH_SIZE):
+            part = examples[start:start + EVAL_BATCH_SIZE]
+            input_ids, mask, _ = split.tokens.batch(part)
+            with torch.no_grad():
+                hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state.to(torch.float64)
+            weights = mask.unsqueeze(-1).to(torch.float64)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+            total = pooled.sum(dim=0) if total is None else total + pooled.sum(dim=0)
+            flops += self.forward_flops(task, part)
+        return (total / len(examples)).numpy(), flops
+
     def online_ensemble(self, learner: str, num_entries: int, horizon: int, loss: str = "log") -> "OnlineEnsemble":
         """An :class:`OnlineEnsemble` over ``num_entries`` library entries."""
         return OnlineEnsemble(learner, num_entries, self.num_classes, horizon, loss)

@@ -131,14 +131,15 @@ def planned_work(scenario: Scenario) -> PlannedWork:
     if scenario.experiment == "d2d_prompt_transfer":
         spec = scenario.d2d_prompt_transfer
         v = len(spec.variants)
-        warm = sum(spec.warmup_steps for name in spec.variants if name in ("similarity", "edge_library"))
+        warm = sum(spec.warmup_steps for name in spec.variants if spec.warms_up(name))
         sources = len(spec.tasks) * spec.source_steps
         evaluations = len(spec.tasks) + spec.targets * sum(
             3 + -(-spec.max_steps // spec.eval_every_steps) for _ in spec.variants)
         return PlannedWork(sources + spec.targets * (v * spec.max_steps + warm), evaluations,
                            f"source prompts: {len(spec.tasks)} tasks x {spec.source_steps} steps; then {spec.targets} "
-                           f"targets x {v} variants x at most {spec.max_steps} tuning steps (+ {spec.warmup_steps} "
-                           "warm-up steps for similarity and edge_library; a target stops at its target)")
+                           f"targets x {v} variants x at most {spec.max_steps} tuning steps"
+                           + (f" (+ {warm} warm-up steps per target for the prompt embedding)" if warm else "")
+                           + "; a target stops at its target")
     raise ValueError(f"experiment={scenario.experiment!r} has no work count")
 
 

@@ -31,18 +31,21 @@ One target k, on the timeline (all targets at once, from t = 0)
   - ``random_neighbour``: uniform (``child_rng(seed, 49, k)``);
   - ``best_link``: the least expected fetch time tau_j = sum over r_jk of
     bits / (B log2(1 + mean SNR)) (:func:`netsim.sidelink.expected_hop_s`);
-  - ``similarity``: k first tunes its own prompt from scratch for ``warmup_steps`` steps (while
-    discovery runs) and takes its embedding e_k; then
+  - ``similarity``: k takes its task embedding e_k (below) while discovery runs, then scores
     s_j = cos(e_k, e_j) - c tau_j, c = ``cost_weight_per_s`` (:func:`netsim.sidelink.rank_sources`);
   - ``oracle``: the candidate whose prompt has the best ``target_metric`` on k's test set (it
     uses the test labels, at no cost: an upper bound of the choice);
-  - ``edge_library``: no discovery; after the same warm-up, k uploads e_k to the edge over its
-    uplink, the edge picks the library entry of greatest cos(e_k, e_entry) and sends it over
-    the downlink;
+  - ``edge_library``: no discovery; k takes e_k, uploads it to the edge over its uplink, the
+    edge picks the library entry of greatest cos(e_k, e_entry) and sends it over the downlink;
   - ``scratch``: no source, tuning from the initial prompt.
 
-  The task embedding is the prompt averaged over its virtual tokens (SPoT); for a PEFT method
-  without a soft prompt, all trainable tensors flattened.
+  The task embedding (``embedding``) is either SPoT's, ``prompt``: the soft prompt averaged over
+  its virtual tokens (k first tunes its own prompt from scratch for ``warmup_steps`` steps; a
+  source's is its tuned prompt's; for a PEFT method without a soft prompt, all trainable
+  tensors flattened), or ``text_centroid``: the frozen model's sentence embeddings of the
+  device's examples, averaged (one forward pass over k's examples on its processor; a source's
+  over the examples its prompt was tuned on). The second needs no tuning but shares a summary
+  of the device's texts.
 * **Fetch**: the chosen prompt and classification head (the adapter's bytes) go along r_jk,
   store and forward: each hop at its sidelink's per-block rate from the moment the previous hop
   ended (:func:`netsim.sidelink.hop_duration_s`); a device's radio sends one message at a time
@@ -92,7 +95,7 @@ if TYPE_CHECKING:  # netsim.scenario imports D2DPromptTransferSpec: no import of
 
 VARIANTS = ("scratch", "edge_library", "random_neighbour", "best_link", "similarity", "oracle")
 FETCHES_FROM_DEVICE = ("random_neighbour", "best_link", "similarity", "oracle")
-WARMS_UP = ("similarity", "edge_library")
+NEEDS_EMBEDDING = ("similarity", "edge_library")
 TASKS_SPAWN_KEY = (45,)
 """Device d's task: ``child_rng(seed, 45, d)``."""
 TARGETS_SPAWN_KEY = (46,)
@@ -126,8 +129,12 @@ class D2DPromptTransferSpec(Spec):
     source_steps: Int = Field(100, ge=1, le=100_000, description="tuning steps of a source's prompt (before the run)")
     source_examples: Int = Field(800, ge=1, le=10_000_000, description="labelled examples a source tuned on")
     examples_per_device: Int = Field(64, ge=1, le=1_000_000, description="labelled examples a target holds")
-    warmup_steps: Int = Field(10, ge=1, le=100_000, description="similarity, edge_library: steps a target tunes its "
-                              "own prompt from scratch before it takes its task embedding")
+    embedding: Literal["prompt", "text_centroid"] = Field(
+        "text_centroid", description="the task embedding: 'prompt' (SPoT: the soft prompt averaged over its tokens; "
+        "a target tunes warmup_steps first) or 'text_centroid' (the frozen model's mean sentence embedding of the "
+        "device's examples: one forward pass over them, no tuning)")
+    warmup_steps: Int = Field(10, ge=1, le=100_000, description="embedding prompt: steps a target tunes its own "
+                              "prompt from scratch before it takes its embedding (similarity, edge_library)")
     max_steps: Int = Field(40, ge=0, le=1_000_000, description="most tuning steps after the start (or the fetch)")
     eval_every_steps: Int = Field(10, ge=1, le=1_000_000)
     target_accuracy: Float = Field(0.45, gt=0, le=1, description="the target_metric a target wants")
@@ -155,6 +162,11 @@ class D2DPromptTransferSpec(Spec):
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"d2d_prompt_transfer.tasks={self.tasks} repeats a task; allowed: distinct tasks")
         return self
+
+    def warms_up(self, variant: str) -> bool:
+        """Whether a target of ``variant`` tunes ``warmup_steps`` before choosing (the prompt
+        embedding of similarity and edge_library)."""
+        return self.embedding == "prompt" and variant in NEEDS_EMBEDDING
 
     def all_tasks(self) -> list[str]:
         """The zones' tasks, then the targets' new tasks (each once)."""
@@ -189,6 +201,7 @@ class TransferTuner(Protocol):   # pragma: no cover - an interface
     def step_flops(self, task: str, examples: np.ndarray) -> float: ...
     def adapter_bytes(self) -> int: ...
     def task_embedding(self, state: Any) -> np.ndarray: ...
+    def text_embedding(self, task: str, examples: np.ndarray) -> tuple[np.ndarray, float]: ...   # (vector, FLOPs)
 
 
 def _accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
@@ -271,7 +284,8 @@ class SourcePrompts:
 def build_source_prompts(tuner: TransferTuner, spec: D2DPromptTransferSpec, seed: int,
                          batch_size: int) -> SourcePrompts:
     """Tune one prompt per task of ``tasks`` from the initial state: ``source_steps`` steps on
-    ``source_examples`` examples (``child_rng(seed, 48, z)``), batches in order, cycling."""
+    ``source_examples`` examples (``child_rng(seed, 48, z)``), batches in order, cycling; its
+    embedding is the tuned prompt's, or the centroid of those examples' texts."""
     states, embeddings, own, flops = {}, {}, {}, 0.0
     for z, task in enumerate(spec.tasks):
         examples = tuner.draw_examples(task, spec.source_examples, child_rng(seed, *SOURCE_SPAWN_KEY, z))
@@ -282,7 +296,10 @@ def build_source_prompts(tuner: TransferTuner, spec: D2DPromptTransferSpec, seed
             flops += tuner.step_flops(task, batch)
             job.step(batch)
         states[task] = job.state()
-        embeddings[task] = np.asarray(tuner.task_embedding(states[task]), dtype=np.float64)
+        if spec.embedding == "prompt":
+            embeddings[task] = np.asarray(tuner.task_embedding(states[task]), dtype=np.float64)
+        else:
+            embeddings[task] = np.asarray(tuner.text_embedding(task, examples)[0], dtype=np.float64)
         own[task] = _accuracy(tuner.test_probabilities([states[task]], task)[0], tuner.test_labels(task))
     return SourcePrompts(states, embeddings, spec.source_steps * len(spec.tasks), flops, own)
 
@@ -461,22 +478,29 @@ class D2DTransferSimulation:
         procs = []
         if variant in FETCHES_FROM_DEVICE and res.candidates:
             procs.append(self.env.process(self._discover(k, res)))
-        warm = None
-        if variant in WARMS_UP:
+        warm = embed = None
+        if spec.warms_up(variant):
             warm = self.env.process(self._warm_up(k, res, state, batches))
             procs.append(warm)
+        elif variant in NEEDS_EMBEDDING:
+            embed = self.env.process(self._embed_texts(k, res, batches))
+            procs.append(embed)
         if procs:
             yield simpy.AllOf(self.env, procs)
+        own = None
         if warm is not None:
             state = warm.value
+            own = self.tuner.task_embedding(state)
             if res.reached_s is not None:
                 return state, False
+        if embed is not None:
+            own = embed.value
         if variant == "edge_library":
-            return (yield from self._fetch_from_edge(k, res, state)), True
+            return (yield from self._fetch_from_edge(k, res, own)), True
         if not res.candidates:
-            res.init = "warm-up (no source in reach)" if variant in WARMS_UP else "fresh (no source in reach)"
+            res.init = "warm-up (no source in reach)" if warm is not None else "fresh (no source in reach)"
             return state, False
-        chosen = self._choose(k, res, state)
+        chosen = self._choose(k, res, own)
         res.init = f"dev{chosen.device} ({chosen.task}, {chosen.hops} hop{'s' if chosen.hops != 1 else ''})"
         res.source_device, res.source_task, res.source_hops = chosen.device, chosen.task, chosen.hops
         res.fetch_start_s = self.env.now
@@ -484,7 +508,8 @@ class D2DTransferSimulation:
         res.fetch_end_s = self.env.now
         return self.sources.states[chosen.task], True
 
-    def _choose(self, k: int, res: TargetResult, state: Any) -> Candidate:
+    def _choose(self, k: int, res: TargetResult, own: Optional[np.ndarray]) -> Candidate:
+        """The candidate of the variant's rule (``own``: the target's embedding, similarity)."""
         cands = res.candidates
         if self.variant == "random_neighbour":
             return cands[int(child_rng(self.seed, *RANDOM_SPAWN_KEY, k).integers(len(cands)))]
@@ -494,7 +519,6 @@ class D2DTransferSimulation:
             value = (lambda c: c.balanced_accuracy) if self.spec.target_metric == "balanced_accuracy" else \
                 (lambda c: c.accuracy)
             return min(cands, key=lambda c: (-value(c), c.expected_fetch_s, c.device))
-        own = self.tuner.task_embedding(state)     # similarity: after the warm-up
         for c in cands:
             c.similarity = task_similarity(own, self.sources.embeddings[c.task])
         ranked = rank_sources(own, {c.device: (self.sources.embeddings[c.task], c.expected_fetch_s) for c in cands},
@@ -514,6 +538,14 @@ class D2DTransferSimulation:
         self._measure(res, warmed, "warmup")
         return warmed
 
+    def _embed_texts(self, k: int, res: TargetResult, batches: list[np.ndarray]):
+        """The target's text centroid over its examples: one forward pass over them on its
+        processor; returns the embedding."""
+        examples = np.concatenate(batches)
+        embedding, flops = self.tuner.text_embedding(res.task, examples)
+        yield from self._compute(k, res, flops, "embed")
+        return np.asarray(embedding, dtype=np.float64)
+
     def _discover(self, k: int, res: TargetResult):
         """Query every candidate along its route and wait for every reply (module docstring)."""
         exchanges = [self.env.process(self._exchange(k, res, c)) for c in res.candidates]
@@ -524,11 +556,10 @@ class D2DTransferSimulation:
         yield from self._send(k, res, list(reversed(c.path)), self.spec.query_bytes, "query")
         yield from self._send(k, res, c.path, self.embedding_bytes, "embedding")
 
-    def _fetch_from_edge(self, k: int, res: TargetResult, state: Any):
+    def _fetch_from_edge(self, k: int, res: TargetResult, own: np.ndarray):
         """edge_library: upload e_k, the edge picks the most similar entry, download it."""
         device = self.network.devices[k]
         server = self.network.servers[device.server]
-        own = self.tuner.task_embedding(state)
         up = device.uplink.transfer_duration_s(8 * self.embedding_bytes, self.env.now, self.uplink_bandwidth_hz)
         energy = device.group.tx_power_w * up
         self.recorder.emit("uplink", t_s=self.env.now, duration_s=up, node=device.name, peer=server.name, round=k,

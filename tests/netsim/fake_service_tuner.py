@@ -213,3 +213,10 @@ class FakeServiceTuner:
         """e = the state's test skills above the fresh state's, plus 1 (T values, never zero):
         a state tuned on task t alone points along t."""
         return np.asarray(state[0], dtype=float) - self._fresh[0] + 1.0
+
+    def text_embedding(self, task: str, examples: np.ndarray) -> tuple[np.ndarray, float]:
+        """Centroid of the texts: 1 + 4 on the task's own coordinate (T values), whatever the
+        examples; its cost one forward pass over them."""
+        e = np.ones(len(self.tasks))
+        e[self.task_index(task)] += 4.0
+        return e, self.forward_flops(task, examples)

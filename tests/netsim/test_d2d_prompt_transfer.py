@@ -54,7 +54,7 @@ BASE = {
     "d2d_prompt_transfer": {"tasks": TASKS, "locality": 1.0, "targets": 3, "source_steps": 20,
                             "source_examples": 40, "examples_per_device": 32, "warmup_steps": 2, "max_steps": 12,
                             "eval_every_steps": 2, "target_accuracy": 0.8, "target_metric": "accuracy",
-                            "max_hops": 2, "cost_weight_per_s": 0.0},
+                            "max_hops": 2, "cost_weight_per_s": 0.0, "embedding": "prompt"},
 }
 
 
@@ -286,6 +286,31 @@ def test_similarity_without_cost_picks_the_most_similar_and_with_cost_the_fastes
     link = run(scenario(), "best_link")
     assert {k: r.source_device for k, r in fast.results.items()} == {k: r.source_device
                                                                      for k, r in link.results.items()}
+
+
+def test_text_centroid_needs_no_warm_up_and_costs_one_forward_pass():
+    """The fake centroid of task t is 1 + 4 on t: the same-task source is the most similar;
+    the target's embed compute lasts its forward FLOPs / speed, then it fetches."""
+    sim = run(spec_over(embedding="text_centroid"), "similarity")
+    tuner = FakeServiceTuner(TASKS)
+    for k, r in sim.results.items():
+        assert "warmup" not in [m.phase for m in r.curve]
+        embed = events(sim, "compute", "embed")
+        embed = embed[embed["round"] == k].iloc[0]
+        examples = tuner.draw_examples(r.task, 32, child_rng(0, 47, k))
+        assert embed["flops"] == tuner.forward_flops(r.task, examples)
+        assert embed["duration_s"] == pytest.approx(embed["flops"] / SPEED, rel=REL)
+        own = np.ones(4)
+        own[TASKS.index(r.task)] += 4
+        for c in r.candidates:
+            e = np.ones(4)
+            e[TASKS.index(c.task)] += 4
+            assert c.similarity == pytest.approx(own @ e / (own @ own), rel=1e-12)
+        if any(c.task == r.task for c in r.candidates):
+            assert r.source_task == r.task
+        assert r.fetch_start_s >= embed["duration_s"] and r.fetch_start_s >= r.discovery_end_s
+    lib = run(spec_over(embedding="text_centroid"), "edge_library")
+    assert all(r.source_task == r.task and r.steps == 0 for r in lib.results.values())
 
 
 def test_random_neighbour_is_seeded_per_target():
