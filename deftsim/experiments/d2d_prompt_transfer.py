@@ -86,18 +86,6 @@ def _metric(m, name: str) -> float:
     return m.balanced_accuracy if name == "balanced_accuracy" else m.accuracy
 
 
-def spearman(x, y) -> Optional[float]:
-    """Spearman's rank correlation: the Pearson correlation of the average ranks (ties share
-    their mean rank); None for fewer than 3 pairs or a constant series."""
-    if len(x) < 3:
-        return None
-    rx = pd.Series(np.asarray(x, dtype=float)).rank(method="average").to_numpy()
-    ry = pd.Series(np.asarray(y, dtype=float)).rank(method="average").to_numpy()
-    if rx.std() == 0 or ry.std() == 0:
-        return None
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
 def negative_transfer(result: TargetResult, scratch: TargetResult, metric: str) -> bool:
     """True when ``result`` did worse than ``scratch`` for the same target: it reached the
     target later (never = infinitely late) or, neither reaching it, ended lower."""
@@ -165,7 +153,10 @@ def similarity_gain(sim: D2DTransferSimulation) -> dict:
             if c.similarity is not None:
                 pairs.append({"target": k, "target_task": r.task, "source": c.device, "source_task": c.task,
                               "hops": c.hops, "similarity": c.similarity, "gain": _metric(c, metric) - fresh})
-    return {"spearman": spearman([p["similarity"] for p in pairs], [p["gain"] for p in pairs]), "pairs": pairs}
+    from analysis.d2d import spearman
+
+    rho = spearman([p["similarity"] for p in pairs], [p["gain"] for p in pairs])
+    return {"spearman": None if math.isnan(rho) else rho, "pairs": pairs}
 
 
 def graph_stats(graph: nx.Graph) -> dict:
