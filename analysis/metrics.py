@@ -9,6 +9,9 @@ import numpy as np
 import pandas as pd
 
 DEVICE_KINDS = ("compute", "uplink", "downlink")
+D2D_KINDS = ("d2d_transfer", "d2d_receive")
+"""Device time on sidelinks (sending, receiving): counted in ``device_d2d_s`` and the
+communication share, not in the per-round breakdowns (whose D2D time falls in ``waiting``)."""
 
 
 def accuracy_curve(events: pd.DataFrame) -> pd.DataFrame:
@@ -86,8 +89,9 @@ def summarize(events: pd.DataFrame, *, num_classes: int, stop_reason: str, targe
     energy = energy_per_device_j(events, devices)
     dev = events[events["kind"].isin(DEVICE_KINDS)]
     seconds = dev.groupby("kind")["duration_s"].sum().reindex(list(DEVICE_KINDS), fill_value=0.0)
-    busy_total = float(seconds.sum())
-    comm = float(seconds["uplink"] + seconds["downlink"])
+    d2d_s = float(events.loc[events["kind"].isin(D2D_KINDS), "duration_s"].sum())
+    busy_total = float(seconds.sum()) + d2d_s
+    comm = float(seconds["uplink"] + seconds["downlink"]) + d2d_s
     exceeded = sorted(set(events.loc[events["kind"] == "memory_exceeded", "node"].tolist()))
     summary = {
         "rounds_completed": int(curve["round"].iloc[-1]),
@@ -109,6 +113,7 @@ def summarize(events: pd.DataFrame, *, num_classes: int, stop_reason: str, targe
         "device_compute_s": float(seconds["compute"]),
         "device_uplink_s": float(seconds["uplink"]),
         "device_downlink_s": float(seconds["downlink"]),
+        "device_d2d_s": d2d_s,
         "compute_share": float(seconds["compute"]) / busy_total if busy_total > 0 else math.nan,
         "communication_share": comm / busy_total if busy_total > 0 else math.nan,
         "total_flops": float(events["flops"].sum()),
