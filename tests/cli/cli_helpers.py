@@ -25,8 +25,9 @@ runpy.run_module("deftsim", run_name="__main__", alter_sys=True)
 """
 
 
-def deftsim(*args, timeout: float = 300, forbid_imports: Sequence[str] = ()) -> subprocess.CompletedProcess:
-    """``python -m deftsim ARGS`` (each argument through ``str``), text output captured.
+def deftsim(*args, timeout: float = 300, forbid_imports: Sequence[str] = (), cwd=None) -> subprocess.CompletedProcess:
+    """``python -m deftsim ARGS`` (each argument through ``str``) in folder ``cwd`` (None: this
+    process's), text output captured.
 
     ``forbid_imports``: module names (a package forbids its submodules) the command must not
     import; importing one raises ImportError ("this test forbids importing NAME")."""
@@ -35,7 +36,7 @@ def deftsim(*args, timeout: float = 300, forbid_imports: Sequence[str] = ()) -> 
         command = [sys.executable, "-c", _FORBIDDING_MAIN, ",".join(forbid_imports), *argv]
     else:
         command = [sys.executable, "-m", "deftsim", *argv]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def sets(assignments: Iterable[str]) -> list[str]:
