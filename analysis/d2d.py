@@ -153,6 +153,8 @@ def fig_gain_vs_similarity(pairs: pd.DataFrame, label: Callable[[int], str], fw:
                      f"({len(sub)} pairs)", fontsize=8)
         ax.set_xlabel("cosine similarity of the task embeddings")
         ax.set_ylabel("gain at the start")
+        ax.ticklabel_format(axis="both", useOffset=False)
+        ax.locator_params(axis="x", nbins=5)
         ax.grid(alpha=0.3)
         if len(sub):
             ax.legend(fontsize=7)

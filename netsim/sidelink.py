@@ -23,7 +23,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
-from typing import Hashable, Mapping, NamedTuple, Sequence
+from typing import Hashable, Mapping, NamedTuple, Optional, Sequence
 
 import networkx as nx
 import numpy as np
@@ -132,7 +132,7 @@ def expected_hop_s(graph: nx.Graph, a, b, size_bits: float, bandwidth_hz: float)
 
 
 def route(graph: nx.Graph, src, dst, size_bits: float, bandwidth_hz: float,
-          metric: str = "expected_time") -> list:
+          metric: str = "expected_time", max_hops: Optional[int] = None) -> list:
     """The D2D path from ``src`` to ``dst`` (a list of devices, both ends included).
 
     ``metric="expected_time"`` minimises the sum of :func:`expected_hop_s` (store-and-forward,
@@ -142,6 +142,10 @@ def route(graph: nx.Graph, src, dst, size_bits: float, bandwidth_hz: float,
     which nodes or edges were added (Dijkstra on keys (cost, tie-break, path); the weights
     are >= 0, so a path's key only grows when it is extended).
 
+    ``max_hops``: only paths of at most that many hops (Dijkstra over the states (device, hops
+    used), so the best path of at most ``max_hops`` hops is found even when a longer one would
+    be faster); None: any length.
+
     ``src == dst`` gives ``[src]``. ValueError naming both devices when there is no usable path.
     """
     if metric not in METRICS:
@@ -149,6 +153,9 @@ def route(graph: nx.Graph, src, dst, size_bits: float, bandwidth_hz: float,
     _check_node(graph, src, "src")
     _check_node(graph, dst, "dst")
     _check_size_and_bandwidth(size_bits, bandwidth_hz)
+    if max_hops is not None and not (isinstance(max_hops, (int, np.integer)) and not isinstance(max_hops, bool)
+                                     and max_hops >= 1):
+        raise ValueError(f"max_hops={max_hops!r}; allowed: an integer >= 1, or None (any length)")
     if src == dst:
         return [src]
     by_time = metric == "expected_time"
@@ -157,20 +164,27 @@ def route(graph: nx.Graph, src, dst, size_bits: float, bandwidth_hz: float,
     while heap:
         first, second, path = heapq.heappop(heap)
         node = path[-1]
-        if node in done:
+        state = node if max_hops is None else (node, len(path) - 1)
+        if state in done:
             continue
-        done.add(node)
+        done.add(state)
         if node == dst:
             return list(path)
+        if max_hops is not None and len(path) - 1 >= max_hops:
+            continue
         for nxt in graph.adj[node]:
-            if nxt in done:
+            if max_hops is None and nxt in done:
+                continue
+            if nxt in path:
                 continue
             t = expected_hop_s(graph, node, nxt, size_bits, bandwidth_hz)
             if t == math.inf:
                 continue
             key = (first + t, second + 1) if by_time else (first + 1, second + t)
             heapq.heappush(heap, (*key, path + (nxt,)))
-    if nx.has_path(graph, src, dst):
+    if max_hops is not None and nx.has_path(graph, src, dst) and nx.shortest_path_length(graph, src, dst) > max_hops:
+        why = (f"they are {nx.shortest_path_length(graph, src, dst)} hops apart, more than max_hops={max_hops}")
+    elif nx.has_path(graph, src, dst):
         why = "every path between them crosses a sidelink whose expected rate is 0 (mean SNR 0 or certain outage)"
     else:
         k = nx.number_connected_components(graph)

@@ -133,7 +133,8 @@ def planned_work(scenario: Scenario) -> PlannedWork:
         v = len(spec.variants)
         warm = sum(spec.warmup_steps for name in spec.variants if spec.warms_up(name))
         sources = len(spec.tasks) * spec.source_steps
-        evaluations = len(spec.tasks) + spec.targets * sum(
+        pairs = len(spec.tasks) * len(set(spec.target_tasks or spec.tasks))   # each prompt on each new task
+        evaluations = len(spec.tasks) + pairs + spec.targets * sum(
             3 + -(-spec.max_steps // spec.eval_every_steps) for _ in spec.variants)
         return PlannedWork(sources + spec.targets * (v * spec.max_steps + warm), evaluations,
                            f"source prompts: {len(spec.tasks)} tasks x {spec.source_steps} steps; then {spec.targets} "

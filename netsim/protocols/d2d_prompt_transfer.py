@@ -23,7 +23,7 @@ One target k, on the timeline (all targets at once, from t = 0)
 ----------------------------------------------------------------
 * **Discovery** (every variant that fetches from a device): k's query (``query_bytes``) goes
   to each source j within ``max_hops`` hops along the route r_jk (:func:`netsim.sidelink.route`
-  by ``route_metric``, for the prompt's size), and j replies with its task embedding e_j
+  by ``route_metric``, for the prompt's size, among the paths of at most ``max_hops`` hops), and j replies with its task embedding e_j
   (D x ``embedding_bytes_per_value`` bytes, D the embedding's length) along r_jk. Discovery
   ends when the last reply has arrived.
 * **Choice of a source** among the candidates:
@@ -435,7 +435,7 @@ class D2DTransferSimulation:
 
     def candidates(self, k: int) -> list[Candidate]:
         """The sources within ``max_hops`` hops of target k, by device index, with their routes
-        (source to target) and expected fetch times of the adapter."""
+        (source to target, at most ``max_hops`` hops) and expected fetch times of the adapter."""
         spec, bits = self.spec, 8 * self.adapter_bytes
         reach = nx.single_source_shortest_path_length(self.graph, k, cutoff=spec.max_hops)
         found = []
@@ -443,7 +443,7 @@ class D2DTransferSimulation:
             if j == k or j not in self.assignment.source_task:
                 continue
             try:
-                path = route(self.graph, j, k, bits, self.d2d_bandwidth_hz, spec.route_metric)
+                path = route(self.graph, j, k, bits, self.d2d_bandwidth_hz, spec.route_metric, spec.max_hops)
             except ValueError:   # every path crosses a sidelink that carries nothing on average
                 continue
             tau = sum(expected_hop_s(self.graph, a, b, bits, self.d2d_bandwidth_hz) for a, b in zip(path, path[1:]))

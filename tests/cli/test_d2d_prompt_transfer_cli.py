@@ -408,10 +408,6 @@ def test_tiny_run_follows_from_its_event_log(tiny_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="a candidate is any source within max_hops hops by hop count, but its route "
-                   "(netsim.sidelink.route by route_metric expected_time) is not limited to max_hops hops: here a "
-                   "candidate 2 hops away is queried and fetched over a 3-hop route (source_hops/hops 3 with "
-                   "max_hops 2); see the report")
 def test_no_route_is_longer_than_max_hops(tiny_run):
     out, _ = tiny_run
     s = _summary(out)
@@ -525,10 +521,6 @@ def test_dry_run_steps_are_exact_when_no_target_stops_early(prompt_run, prompt_d
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="deftsim.experiments.planned_work does not count the candidate prompts' "
-                   "test-set evaluations (SourcePrompts.metrics, one per (source task, target task) pair): with "
-                   "no early stop and no scratch variant the run evaluates more than the dry run's 'at most'; "
-                   "see the report")
 def test_dry_run_bounds_the_evaluations_of_a_run_that_never_stops_early(prompt_run, prompt_dry_run):
     out, _ = prompt_run
     _, evaluations = dry_run_counts(prompt_dry_run.stdout)

@@ -188,6 +188,31 @@ def test_fastest_route_on_a_knn_graph_beats_every_simple_path():
         assert len(route(g, 0, dst, s, B, metric="hops")) - 1 == nx.shortest_path_length(g, 0, dst)
 
 
+def test_a_hop_limit_keeps_the_fastest_path_of_at_most_that_many_hops():
+    edges = [(0, 1, 1.0), (1, 4, 1.0), (0, 2, 15.0), (2, 3, 15.0), (3, 4, 15.0)]
+    g = _graph(edges)
+    assert route(g, 0, 4, 1e6, B, max_hops=3) == [0, 2, 3, 4]
+    assert route(g, 0, 4, 1e6, B, max_hops=2) == [0, 1, 4]     # the 3-hop path is faster, but too long
+    with pytest.raises(ValueError, match=r"2 hops apart, more than max_hops=1"):
+        route(g, 0, 4, 1e6, B, max_hops=1)
+    with pytest.raises(ValueError, match=r"max_hops=0"):
+        route(g, 0, 4, 1e6, B, max_hops=0)
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3])
+def test_hop_limited_route_beats_every_simple_path_within_the_limit(limit):
+    net = d2d_network("rayleigh", count=8, k=2, seed=3)
+    g, s = net.d2d, 4e6
+    for dst in sorted(nx.node_connected_component(g, 0))[1:]:
+        paths = list(nx.all_simple_paths(g, 0, dst, cutoff=limit))
+        if not paths:
+            continue
+        best = min(sum(expected_hop_s(g, a, b, s, B) for a, b in zip(p, p[1:])) for p in paths)
+        got = route(g, 0, dst, s, B, max_hops=limit)
+        assert len(got) - 1 <= limit
+        assert sum(expected_hop_s(g, a, b, s, B) for a, b in zip(got, got[1:])) == pytest.approx(best, rel=1e-12)
+
+
 def test_no_path_is_an_error_naming_both_devices():
     g = _graph([(0, 1, 1.0), (2, 3, 1.0)])
     with pytest.raises(ValueError, match=r"no D2D path from dev0 to dev3.*2 components"):
