@@ -180,13 +180,15 @@ def planned(spec: dict) -> tuple[int, int]:
     """Device steps and evaluations the dry run promises at most: the source prompts
     (tasks x source_steps), then per target and variant max_steps (+ warmup_steps for
     similarity and edge_library with the prompt embedding); one test-set evaluation per source
-    prompt, and per target and variant the fresh, warm-up and start measurements and one every
+    prompt, one per (zone task, new task) pair (each source prompt measured on a target's task,
+    once), and per target and variant the fresh, warm-up and start measurements and one every
     eval_every_steps."""
     warms = [v for v in spec["variants"] if spec["embedding"] == "prompt" and v in ("similarity", "edge_library")]
     steps = (len(spec["tasks"]) * spec["source_steps"]
              + spec["targets"] * (len(spec["variants"]) * spec["max_steps"] + len(warms) * spec["warmup_steps"]))
-    evaluations = len(spec["tasks"]) + spec["targets"] * len(spec["variants"]) * (
-        3 + math.ceil(spec["max_steps"] / spec["eval_every_steps"]))
+    new_tasks = set(spec.get("target_tasks") or spec["tasks"])
+    evaluations = len(spec["tasks"]) + len(spec["tasks"]) * len(new_tasks) + spec["targets"] * len(
+        spec["variants"]) * (3 + math.ceil(spec["max_steps"] / spec["eval_every_steps"]))
     return steps, evaluations
 
 
@@ -204,7 +206,7 @@ def test_dry_run_prints_the_work_and_writes_nothing(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "experiment d2d_prompt_transfer, trainer real" in res.stdout and "nothing was run" in res.stdout
     spec = {"embedding": "text_centroid", **SPEC}
-    assert dry_run_counts(res.stdout) == planned(spec) == (1360, 172)
+    assert dry_run_counts(res.stdout) == planned(spec) == (1360, 4 + 4 * 4 + 4 * 6 * (3 + 4))
     assert (f"source prompts: {len(spec['tasks'])} tasks x {spec['source_steps']} steps; then {spec['targets']} "
             f"targets x {len(spec['variants'])} variants x at most {spec['max_steps']} tuning steps") in res.stdout
     assert list(tmp_path.iterdir()) == []   # neither --out nor anything in the working folder
@@ -490,7 +492,7 @@ def test_dry_run_bounds_the_tiny_run(tiny_run, tmp_path):
     steps, evaluations = dry_run_counts(res.stdout)
     spec = {**SPEC, **{k.split(".", 1)[1]: v for k, v in TINY.items() if k.startswith("d2d_prompt_transfer.")},
             "tasks": ["tweets_sentiment/airlines", "tweets_sentiment/nfl"], "variants": ALL_VARIANTS}
-    assert (steps, evaluations) == planned(spec) == (8 + 2 * 6 * 4, 2 + 2 * 6 * (3 + 2))
+    assert (steps, evaluations) == planned(spec) == (8 + 2 * 6 * 4, 2 + 2 * 2 + 2 * 6 * (3 + 2))
     done_steps, done_evaluations = work_done(out)
     assert done_steps <= steps and done_evaluations <= evaluations
 
