@@ -88,7 +88,7 @@ from ..network import Network, child_rng
 from ..records import Recorder
 from ..sidelink import expected_hop_s, hop_duration_s, rank_sources, route, sidelink, task_similarity
 from ..spec_base import Float, Int, NonNegFloat, PositiveFloat, Spec
-from .prompt_service import TaskName, balanced_accuracy
+from .prompt_service import TaskName, _accuracy, _batches, balanced_accuracy
 
 if TYPE_CHECKING:  # netsim.scenario imports D2DPromptTransferSpec: no import of it at run time
     from ..scenario import Scenario
@@ -202,14 +202,6 @@ class TransferTuner(Protocol):   # pragma: no cover - an interface
     def adapter_bytes(self) -> int: ...
     def task_embedding(self, state: Any) -> np.ndarray: ...
     def text_embedding(self, task: str, examples: np.ndarray) -> tuple[np.ndarray, float]: ...   # (vector, FLOPs)
-
-
-def _accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(probabilities.argmax(axis=1) == labels))
-
-
-def _batches(examples: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    return [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
 
 
 # ------------------------------------------------------------------------------------------------
