@@ -96,6 +96,7 @@ def check_scenario_resources(scenario: Scenario) -> None:
         return
     if scenario.experiment == "d2d_prompt_transfer":
         check_d2d_tasks(scenario)
+        check_d2d_graph(scenario)
         return
     uses_lora = scenario.experiment in LORA_EXPERIMENTS and scenario.peft.method == "lora"
     if uses_lora:
@@ -138,6 +139,19 @@ def check_d2d_tasks(scenario: Scenario) -> None:
         where = "d2d_prompt_transfer.tasks" if name in zone_tasks else "d2d_prompt_transfer.target_tasks"
         entries.append((name, where, needs))
     _check_tasks(entries, spec.test_examples, "every device's prompt")
+
+
+def check_d2d_graph(scenario: Scenario) -> None:
+    """The drop's D2D graph has at least one sidelink (built without torch: positions and
+    links only, O(N^2) for the ``distance`` kind)."""
+    from netsim.network import Network
+
+    network = Network(scenario, scenario.network_seed(scenario.seed))
+    if network.d2d.number_of_edges() == 0:
+        raise ValueError(f"the D2D graph of this drop has no sidelink (d2d.kind={scenario.d2d.kind!r}, "
+                         f"d2d.threshold_m={scenario.d2d.threshold_m}, {len(network.devices)} devices); experiment "
+                         "d2d_prompt_transfer fetches prompts over sidelinks: raise d2d.threshold_m, or use d2d.kind "
+                         "'knn'")
 
 
 def _check_tasks(entries: list[tuple[str, str, list[tuple[str, int]]]], test_examples: int, served: str) -> None:
