@@ -24,18 +24,10 @@ import pandas as pd
 
 from .figures import FigureWriter, plt
 from .files import ReportError
+from .variants import _num
 
 MAX_PANELS = 12
 """Points drawn in the per-point figures (the tables hold them all)."""
-
-
-def _num(value) -> float:
-    if isinstance(value, bool) or value is None:
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def _list(value, where: str) -> list:
@@ -100,6 +92,15 @@ def spearman(x, y) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def ecdf_steps(times) -> tuple[np.ndarray, np.ndarray]:
+    """The empirical CDF of times to target as a step function from 0: x = [0, t_(1), ...,
+    t_(m)] over the m finite times, y = [0, 1/n, ..., m/n] over all n (a time that is NaN or
+    infinite, never reached, keeps y below 1)."""
+    times = np.asarray(times, dtype=float)
+    reached = np.sort(times[np.isfinite(times)])
+    return np.concatenate([[0.0], reached]), np.arange(len(reached) + 1) / len(times)
+
+
 def _panels(points: list):
     pyplot = plt()
     shown = points[:MAX_PANELS]
@@ -123,9 +124,7 @@ def fig_time_to_target_cdf(targets: pd.DataFrame, label: Callable[[int], str], f
             times = sub.loc[sub["variant"] == variant, "time_to_target_s"].to_numpy(dtype=float)
             if not len(times):
                 continue
-            reached = np.sort(times[np.isfinite(times)])
-            x = np.concatenate([[0.0], reached])
-            y = np.arange(len(reached) + 1) / len(times)
+            x, y = ecdf_steps(times)
             ax.step(x, y, where="post", color=f"C{i}", label=variant)
         ax.set_ylim(0, 1.05)
         ax.set_title(label(int(point)), fontsize=8)

@@ -145,13 +145,11 @@ def check_d2d_graph(scenario: Scenario) -> None:
     """The drop's D2D graph has at least one sidelink (built without torch: positions and
     links only, O(N^2) for the ``distance`` kind)."""
     from netsim.network import Network
+    from netsim.protocols.d2d_prompt_transfer import no_sidelink_error
 
-    network = Network(scenario, scenario.network_seed(scenario.seed))
-    if network.d2d.number_of_edges() == 0:
-        raise ValueError(f"the D2D graph of this drop has no sidelink (d2d.kind={scenario.d2d.kind!r}, "
-                         f"d2d.threshold_m={scenario.d2d.threshold_m}, {len(network.devices)} devices); experiment "
-                         "d2d_prompt_transfer fetches prompts over sidelinks: raise d2d.threshold_m, or use d2d.kind "
-                         "'knn'")
+    error = no_sidelink_error(scenario, Network(scenario, scenario.network_seed(scenario.seed)))
+    if error:
+        raise ValueError(error)
 
 
 def _check_tasks(entries: list[tuple[str, str, list[tuple[str, int]]]], test_examples: int, served: str) -> None:

@@ -49,7 +49,7 @@ import pandas as pd
 
 from netsim.network import Network
 from netsim.protocols.d2d_prompt_transfer import (FETCHES_FROM_DEVICE, D2DTransferSimulation, TargetResult,
-                                                  assign_tasks, build_source_prompts)
+                                                  build_source_prompts, no_sidelink_error)
 from netsim.scenario import Scenario
 
 from .. import build
@@ -172,11 +172,9 @@ def d2d_prompt_transfer(scenario: Scenario, on_round=None) -> ExperimentResult:
     t0 = time.perf_counter()
     spec = scenario.d2d_prompt_transfer
     network = Network(scenario, scenario.network_seed(scenario.seed))
-    if network.d2d.number_of_edges() == 0:   # refuse before any real work
-        raise ScenarioError(f"scenario {scenario.name!r}: the D2D graph has no sidelink (d2d.kind="
-                            f"{scenario.d2d.kind!r}, d2d.threshold_m={scenario.d2d.threshold_m}, "
-                            f"{len(network.devices)} devices); experiment d2d_prompt_transfer fetches prompts over "
-                            "sidelinks: raise d2d.threshold_m, or use d2d.kind 'knn'")
+    error = no_sidelink_error(scenario, network)
+    if error:   # refuse before any real work
+        raise ScenarioError(f"scenario {scenario.name!r}: {error}")
     tuner = make_tuner(scenario, scenario.seed)
     seed = scenario.train_seed(scenario.seed)
     with build.trainer_errors(scenario):
@@ -202,8 +200,8 @@ def d2d_prompt_transfer(scenario: Scenario, on_round=None) -> ExperimentResult:
     events["variant"] = events["variant"].astype("string")
     headline = "similarity" if "similarity" in variants else next(
         (v for v in spec.variants if v in FETCHES_FROM_DEVICE), spec.variants[0])
-    assignment = assign_tasks(network, spec, scenario.seed)
     any_sim = next(iter(sims.values()))
+    assignment = any_sim.assignment   # the same drop, targets and tasks in every variant
     summary = {
         "experiment": "d2d_prompt_transfer", "headline": headline, "variant_order": list(variants),
         "d2d_bytes": variants[headline]["d2d_bytes"], "d2d_energy_j": variants[headline]["d2d_energy_j"],
@@ -236,29 +234,34 @@ def _pyplot():
     return plt
 
 
-def plot_cdf(summary: dict, path: Path, title: str) -> None:
-    """Empirical CDF over the targets of the time-to-target, one step line per variant (a
-    target that never reached it keeps the curve below 1)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for i, (variant, m) in enumerate(summary["variants"].items()):
-        times = m["time_to_target_s"]
-        reached = np.sort([t for t in times if t is not None])
-        if not len(times):
-            continue
-        x = np.concatenate([[0.0], reached])
-        y = np.arange(len(reached) + 1) / len(times)
-        ax.step(x, y, where="post", color=f"C{i}", label=f"{LABELS.get(variant, variant)}")
-    ax.set_xlabel("simulated time to target since the new task [s]")
-    ax.set_ylabel("fraction of targets at target")
-    ax.set_ylim(0, 1.05)
+def _save(fig, ax, path: Path, title: str) -> None:
+    """Title, grid, a legend when there are lines, and the PNG at ``path``."""
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
+
+
+def plot_cdf(summary: dict, path: Path, title: str) -> None:
+    """Empirical CDF over the targets of the time-to-target, one step line per variant (a
+    target that never reached it keeps the curve below 1)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    from analysis.d2d import ecdf_steps
+
+    for i, (variant, m) in enumerate(summary["variants"].items()):
+        times = m["time_to_target_s"]
+        if not len(times):
+            continue
+        x, y = ecdf_steps([math.inf if t is None else t for t in times])
+        ax.step(x, y, where="post", color=f"C{i}", label=f"{LABELS.get(variant, variant)}")
+    ax.set_xlabel("simulated time to target since the new task [s]")
+    ax.set_ylabel("fraction of targets at target")
+    ax.set_ylim(0, 1.05)
+    _save(fig, ax, path, title)
 
 
 def plot_gain(summary: dict, path: Path, title: str) -> None:
@@ -276,13 +279,7 @@ def plot_gain(summary: dict, path: Path, title: str) -> None:
     rho = sg["spearman"]
     ax.set_xlabel("cosine similarity of the task embeddings")
     ax.set_ylabel(f"gain at the start ({summary['target_metric'].replace('_', ' ')})")
-    ax.set_title(f"{title}; Spearman rho = {'n/a' if rho is None else f'{rho:.2f}'}", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    if pairs:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path, f"{title}; Spearman rho = {'n/a' if rho is None else f'{rho:.2f}'}")
 
 
 def plot_curves(sims: dict, path: Path, title: str, metric: str) -> None:
@@ -300,10 +297,4 @@ def plot_curves(sims: dict, path: Path, title: str, metric: str) -> None:
             ax.step(curve["x"], curve["y"], where="post", color=f"C{i}", label=LABELS.get(variant, variant))
     ax.set_xlabel("simulated time since the new task [s]")
     ax.set_ylabel(f"mean test {metric.replace('_', ' ')} of the targets")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path, title)

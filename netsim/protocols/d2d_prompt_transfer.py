@@ -220,6 +220,15 @@ class Assignment:
     target_task: dict[int, str]
 
 
+def no_sidelink_error(scenario: "Scenario", network: Network) -> Optional[str]:
+    """The message refusing a drop whose D2D graph has no sidelink (None when it has one)."""
+    if network.d2d.number_of_edges():
+        return None
+    return (f"the D2D graph of this drop has no sidelink (d2d.kind={scenario.d2d.kind!r}, "
+            f"d2d.threshold_m={scenario.d2d.threshold_m}, {len(network.devices)} devices); experiment "
+            "d2d_prompt_transfer fetches prompts over sidelinks: raise d2d.threshold_m, or use d2d.kind 'knn'")
+
+
 def zone_index(position_m: Sequence[float], centre_m: Sequence[float], zones: int) -> int:
     """z = floor(phi Z / 2 pi) with phi in [0, 2 pi) the polar angle of ``position_m`` about
     ``centre_m`` (a device at the centre is in zone 0)."""
@@ -403,10 +412,9 @@ class D2DTransferSimulation:
         self.recorder = Recorder()
         self.network = Network(scenario, scenario.network_seed(seed))
         self.graph: nx.Graph = self.network.d2d
-        if self.graph.number_of_edges() == 0:
-            raise ValueError(f"the D2D graph of this drop has no sidelink (d2d.kind={scenario.d2d.kind!r}, "
-                             f"threshold_m={scenario.d2d.threshold_m}, {len(self.network.devices)} devices): no prompt "
-                             "can be fetched; allowed: a graph with edges (raise d2d.threshold_m, or use kind 'knn')")
+        error = no_sidelink_error(scenario, self.network)
+        if error:
+            raise ValueError(error)
         self.assignment = assign_tasks(self.network, spec, self.seed)
         self.d2d_bandwidth_hz = float(scenario.d2d.bandwidth_hz)
         self.uplink_bandwidth_hz = float(spec.uplink_bandwidth_hz or scenario.channel.uplink_bandwidth_hz)

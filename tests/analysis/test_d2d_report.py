@@ -82,3 +82,10 @@ def test_malformed_summaries_are_report_errors(bad, words):
 def test_malformed_pairs_are_report_errors():
     with pytest.raises(ReportError, match="similarity_gain"):
         similarity_rows({"r0": {**_summary([1.0]), "similarity_gain": {"pairs": "x"}}}, _runs(), [])
+
+
+def test_ecdf_steps_count_never_as_below_one():
+    from analysis.d2d import ecdf_steps
+
+    x, y = ecdf_steps([2.0, float("nan"), 0.5, float("inf")])
+    assert list(x) == [0.0, 0.5, 2.0] and list(y) == [0.0, 0.25, 0.5]
