@@ -110,22 +110,26 @@ class DeviceStack:
         is device k's tensor ``n``.
     """
 
-    def __init__(self, state: dict[str, torch.Tensor], num_devices: int) -> None:
+    def __init__(self, state: dict[str, torch.Tensor], num_devices: int,
+                 device: Optional[torch.device] = None) -> None:
         self.num_devices = int(num_devices)
         self.tensors: dict[str, torch.Tensor] = {
-            name: t.detach().unsqueeze(0).repeat(self.num_devices, *([1] * t.dim())).requires_grad_(True)
+            name: _on(t.detach(), device).unsqueeze(0).repeat(self.num_devices, *([1] * t.dim())).requires_grad_(True)
             for name, t in state.items()
         }
 
     @classmethod
-    def from_states(cls, states: list[dict[str, torch.Tensor]]) -> "DeviceStack":
+    def from_states(cls, states: list[dict[str, torch.Tensor]],
+                    device: Optional[torch.device] = None) -> "DeviceStack":
         """K devices starting from their own states (``states[k]``: the model version device k
-        downloaded); one shared state object is repeated as in the constructor."""
+        downloaded); one shared state object is repeated as in the constructor. ``device``:
+        where the stacked tensors live (default: where the states are; each state is moved
+        there once)."""
         if all(st is states[0] for st in states):
-            return cls(states[0], len(states))
+            return cls(states[0], len(states), device)
         stack = cls.__new__(cls)
         stack.num_devices = len(states)
-        stack.tensors = {name: torch.stack([st[name].detach() for st in states]).requires_grad_(True)
+        stack.tensors = {name: torch.stack([_on(st[name].detach(), device) for st in states]).requires_grad_(True)
                          for name in states[0]}
         return stack
 
@@ -134,15 +138,24 @@ class DeviceStack:
 
     def updates(self, state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Per-device local minus ``state`` (the global state), one dict per device."""
-        diffs = {name: (t.detach() - state[name]).unbind(0) for name, t in self.tensors.items()}
+        diffs = {name: (_on(t.detach(), state[name].device) - state[name]).unbind(0)
+                 for name, t in self.tensors.items()}
         return [{name: d[k] for name, d in diffs.items()} for k in range(self.num_devices)]
 
     def updates_from(self, states: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-        """Per-device local minus the device's own starting state ``states[k]``."""
+        """Per-device local minus the device's own starting state ``states[k]``, computed where
+        the states are (the stacked tensors are copied there once: the updates a GPU pass
+        returns are CPU tensors when the states are)."""
         if all(st is states[0] for st in states):
             return self.updates(states[0])
-        return [{name: t.detach()[k] - states[k][name] for name, t in self.tensors.items()}
+        local = {name: _on(t.detach(), states[0][name].device) for name, t in self.tensors.items()}
+        return [{name: t[k] - states[k][name] for name, t in local.items()}
                 for k in range(self.num_devices)]
+
+
+def _on(tensor: torch.Tensor, device: Optional[torch.device]) -> torch.Tensor:
+    """``tensor`` on ``device`` (itself when ``device`` is None or already its device)."""
+    return tensor if device is None else tensor.to(device)
 
 
 class StackedLinear(torch.autograd.Function):
@@ -163,6 +176,18 @@ class StackedLinear(torch.autograd.Function):
         return grad_x, grad_w
 
 
+def _autocast_inputs(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Under ``torch.autocast`` (``execution.precision: bf16``), ``x`` and ``weight`` cast to the
+    autocast dtype the way autocast casts ``F.linear``'s inputs (differentiable casts outside
+    :class:`StackedLinear`, so its backward sees one dtype and the float32 stacked weights get
+    float32 gradients); unchanged otherwise."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight
+    dtype = torch.get_autocast_dtype(device_type)
+    return x.to(dtype), weight.to(dtype)
+
+
 def _check_rows(x: torch.Tensor, rows: int) -> None:
     if x.shape[0] != rows:
         raise RuntimeError(
@@ -180,6 +205,7 @@ def _device_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     _check_rows(x, rows)
     if bias is None and x.numel() // x.shape[-1] // num_devices >= SMALL_ROWS:
         lead = x.shape[:-1]
+        x, weight = _autocast_inputs(x, weight)
         y = StackedLinear.apply(x.reshape(num_devices, -1, x.shape[-1]), weight)
         return y.reshape(*lead, weight.shape[1])
     parts = x.split(rows // num_devices)

@@ -16,6 +16,12 @@ tested in float64: losses within 1e-10 relative, gradients within 1e-8 of the la
 It is a host execution trick: the simulated device has no cache, so the trainer still reports
 the FLOPs and saved activations of the full, uncached step (profiled once per shape).
 
+Device and precision (``execution.device``/``precision``, :mod:`fomo.execution`): the rows are
+computed on the model's device, in whatever precision context the step that needs them runs
+(the trainer fills the cache inside its autocast region), and kept there; with ``bf16`` a row
+has the dtype the frozen block returns (float32 for BERT-style blocks, whose residual stream
+stays float32 under autocast).
+
 Memory is bounded by ``max_bytes`` (tensor bytes of the cached rows); the least recently used
 examples are evicted first.
 
@@ -169,12 +175,13 @@ class ActivationCache:
             raise _StopForward
 
         rows: list[torch.Tensor] = []
+        device = next(self.model.parameters()).device   # execution.device: batches go where the model is
         handle = block.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             with torch.no_grad():
                 for start in range(0, len(examples), FILL_BATCH):
                     chunk = examples[start:start + FILL_BATCH]
-                    input_ids, mask, _ = self._batch_of(chunk)
+                    input_ids, mask, _ = (t.to(device) for t in self._batch_of(chunk))
                     try:
                         self.model(input_ids=input_ids, attention_mask=mask)
                     except _StopForward:
