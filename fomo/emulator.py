@@ -38,6 +38,7 @@ from torch import nn
 
 from fomo.models import num_hidden_layers
 from fomo.prefix_cache import block_list
+from fomo.quantization import absmax_scale, symmetric_codes
 
 QUANTIZE_BITS = (8,)
 """Supported ``quantize_bits`` (besides None: no quantisation)."""
@@ -139,13 +140,8 @@ def quantize_symmetric(weight: torch.Tensor, bits: int = 8) -> QuantizedTensor:
     if bits not in QUANTIZE_BITS:
         raise ValueError(f"quantize_bits={bits}: allowed values are {list(QUANTIZE_BITS)} or null")
     levels = 2 ** (bits - 1) - 1
-    w = weight.detach().to(torch.float32)
-    scale = w.abs().max() / levels
-    if float(scale) == 0.0:
-        codes = torch.zeros_like(w, dtype=torch.int8)
-    else:
-        codes = torch.round(w / scale).clamp_(-levels, levels).to(torch.int8)
-    return QuantizedTensor(codes=codes, scale=scale.reshape(()))
+    scale = absmax_scale(weight, levels)   # the absmax code of peft.base_quantization int8, per tensor
+    return QuantizedTensor(codes=symmetric_codes(weight, scale, levels), scale=scale.reshape(()))
 
 
 # --------------------------------------------------------------------------------------------

@@ -167,10 +167,15 @@ def matches_target(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def adaptable_suffixes(model: nn.Module) -> dict[str, str]:
+def ia3_types() -> tuple[type, ...]:
+    """Module types peft's IA3 can scale: the linear ones and 2-D convolutions (no embeddings)."""
+    return (*linear_types(), nn.Conv2d)
+
+
+def adaptable_suffixes(model: nn.Module, kinds: Optional[tuple[type, ...]] = None) -> dict[str, str]:
     """Last name segment -> module type (``Linear``, ``Conv1D``, ``Embedding``, ...) of every
-    module LoRA can adapt, sorted by name."""
-    kinds = adaptable_types()
+    module of ``kinds`` (default: those LoRA can adapt), sorted by name."""
+    kinds = adaptable_types() if kinds is None else kinds
     found: dict[str, set[str]] = {}
     for name, module in model.named_modules():
         if isinstance(module, kinds):
@@ -178,11 +183,13 @@ def adaptable_suffixes(model: nn.Module) -> dict[str, str]:
     return {suffix: "/".join(sorted(types)) for suffix, types in sorted(found.items())}
 
 
-def check_target_modules(model: nn.Module, targets: list[str]) -> None:
-    """Raise ValueError naming ``peft.target_modules`` if a target matches no module name
-    (:func:`matches_target`) or only modules LoRA cannot adapt (a LayerNorm, a whole attention
-    block); the message lists the adaptable modules with their types."""
-    kinds = adaptable_types()
+def check_target_modules(model: nn.Module, targets: list[str], method: str = "lora",
+                         field: str = "peft.target_modules") -> None:
+    """Raise ValueError naming ``field`` (``peft.target_modules``) if a target matches no module
+    name (:func:`matches_target`) or only modules the method cannot adapt (a LayerNorm, a whole
+    attention block; for ``ia3`` also an embedding); the message lists the adaptable modules
+    with their types."""
+    kinds = ia3_types() if method == "ia3" else adaptable_types()
     modules = list(model.named_modules())
     missing, unsupported = [], []
     for t in targets:
@@ -194,12 +201,14 @@ def check_target_modules(model: nn.Module, targets: list[str]) -> None:
         elif not any(isinstance(m, kinds) for m in hits):
             unsupported.append(f"{t} ({type(hits[0]).__name__})")
     if missing or unsupported:
-        listing = ", ".join(f"{s} ({k})" for s, k in adaptable_suffixes(model).items())
+        listing = ", ".join(f"{s} ({k})" for s, k in adaptable_suffixes(model, kinds).items())
+        name = "IA3" if method == "ia3" else "LoRA"
         what = "; ".join(part for part in (
             f"{missing} not found in the model" if missing else "",
-            f"{unsupported} cannot take LoRA" if unsupported else "") if part)
-        raise ValueError(f"peft.target_modules={targets}: {what}. LoRA adapts linear, Conv1D, embedding and "
-                         f"Conv2d layers; this model has: {listing}")
+            f"{unsupported} cannot take {name}" if unsupported else "") if part)
+        adapts = "linear, Conv1D and Conv2d layers" if method == "ia3" else \
+            "linear, Conv1D, embedding and Conv2d layers"
+        raise ValueError(f"{field}={targets}: {what}. {name} adapts {adapts}; this model has: {listing}")
 
 
 _LAYER_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")  # peft's rule: the first numbered segment
@@ -270,12 +279,68 @@ def _lora_targets(peft_spec: "PeftSpec", layers: Optional[list[int]], model: Opt
                    if isinstance(m, linear_types()) and layer_index(name) is not None})
 
 
-def peft_config(peft_spec: "PeftSpec", model: Optional[nn.Module] = None) -> Any:
-    """The ``peft`` config object for the scenario's method (task type SEQ_CLS, so the
-    classification head is trainable and part of the adapter). ``peft.rank_per_layer`` needs
-    ``model`` (its module names become ``rank_pattern``/``alpha_pattern`` keys, see
-    :func:`rank_patterns`); its blocks of positive rank become ``layers_to_transform``."""
-    from peft import LoraConfig, PromptTuningConfig
+PEFT_LIBRARY_METHODS = ("lora", "prompt_tuning", "ia3", "prefix_tuning")
+"""``peft.method`` values built by the ``peft`` library (:func:`peft_config`)."""
+
+SEQ_CLS_HEADS = ("classifier", "score")
+"""Child modules of a sequence classifier that peft's SEQ_CLS task type trains and saves with
+the adapter (``PeftModelForSequenceClassification``'s list); BitFit trains them too."""
+
+
+def _block_module_names(model: nn.Module, targets: list[str], layers: list[int]) -> list[str]:
+    """Full names of the linear modules inside blocks ``layers`` that match ``targets``
+    (:func:`matches_target`, or every linear module for ``all-linear``): peft's IA3 has no
+    ``layers_to_transform``, so chosen blocks become exact module names."""
+    wanted = set(layers)
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, linear_types()) or layer_index(name) not in wanted:
+            continue
+        if ALL_LINEAR in targets or any(matches_target(name, t) for t in targets):
+            names.append(name)
+    return names
+
+
+def _ia3_config(peft_spec: "PeftSpec", model: Optional[nn.Module], task_type: str) -> Any:
+    """IA3 (Liu et al., "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than
+    In-Context Learning", 2022): a learned vector scales each target module's output
+    (``out_features`` entries) or, for ``peft.feedforward_modules``, its input
+    (``in_features``), initialised to 1."""
+    from peft import IA3Config
+
+    targets = list(peft_spec.target_modules)
+    feedforward = list(peft_spec.feedforward_modules or [])
+    layers = peft_spec.layers
+    if layers is not None:
+        if model is None:
+            raise ValueError("peft.layers with peft.method=ia3: peft_config needs the model to name the modules")
+        chosen = _block_module_names(model, targets, list(layers))
+        ff = set(_block_module_names(model, feedforward, list(layers))) if feedforward else set()
+        targets, feedforward = chosen, [n for n in chosen if n in ff]
+    elif ALL_LINEAR in targets:
+        targets = ALL_LINEAR
+    return IA3Config(task_type=task_type, target_modules=targets, feedforward_modules=feedforward)
+
+
+def peft_config(peft_spec: "PeftSpec", model: Optional[nn.Module] = None, task_type: str = "SEQ_CLS") -> Any:
+    """The ``peft`` config object for the scenario's method (task type SEQ_CLS by default, so
+    the classification head is trainable and part of the adapter):
+
+    * ``lora``: ``LoraConfig``. ``peft.rank_per_layer`` needs ``model`` (its module names become
+      ``rank_pattern``/``alpha_pattern`` keys, see :func:`rank_patterns`); its blocks of
+      positive rank become ``layers_to_transform``.
+    * ``prompt_tuning``: ``PromptTuningConfig`` (``num_virtual_tokens`` soft-prompt embeddings
+      before the word embeddings).
+    * ``ia3``: ``IA3Config`` on ``peft.target_modules``, scaling the input of
+      ``peft.feedforward_modules`` (see :func:`_ia3_config`; ``peft.layers`` needs ``model``).
+    * ``prefix_tuning``: ``PrefixTuningConfig`` (Li and Liang, "Prefix-Tuning", 2021):
+      ``num_virtual_tokens`` learned keys and values in every block's attention, stored as one
+      embedding of ``num_virtual_tokens x (2 x layers x hidden)`` (no reparametrisation MLP).
+
+    ``bitfit`` has no peft config (it is not a peft method): :func:`apply_peft` freezes the
+    model itself (:func:`apply_bitfit`). Only the spec and module names are read: ``model``
+    may be weightless (the meta device)."""
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig
 
     if peft_spec.method == "lora":
         layers = peft_spec.trainable_layers()
@@ -293,24 +358,97 @@ def peft_config(peft_spec: "PeftSpec", model: Optional[nn.Module] = None) -> Any
             layers_to_transform=list(layers) if layers is not None else None,
             rank_pattern=rank_pat,
             alpha_pattern=alpha_pat,
-            task_type="SEQ_CLS",
+            task_type=task_type,
         )
     if peft_spec.method == "prompt_tuning":
-        return PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=peft_spec.num_virtual_tokens)
-    raise ValueError(f"peft.method={peft_spec.method!r} is not supported")
+        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=peft_spec.num_virtual_tokens)
+    if peft_spec.method == "ia3":
+        return _ia3_config(peft_spec, model, task_type)
+    if peft_spec.method == "prefix_tuning":
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=peft_spec.num_virtual_tokens)
+    raise ValueError(f"peft.method={peft_spec.method!r} has no peft config; allowed: {list(PEFT_LIBRARY_METHODS)} "
+                     "(bitfit is applied by fomo.models.apply_peft without peft)")
 
 
-def apply_peft(model: "PreTrainedModel", peft_spec: "PeftSpec") -> nn.Module:
+def apply_bitfit(model: nn.Module, layers: Optional[list[int]] = None,
+                 heads: tuple[str, ...] = SEQ_CLS_HEADS) -> nn.Module:
+    """BitFit (Ben Zaken, Ravfogel and Goldberg, "BitFit: Simple Parameter-efficient Fine-tuning
+    for Transformer-based Masked Language-models", ACL 2022). Not a ``peft`` method (peft has
+    none; its BEFT trains *added* value-projection biases, a different method): every parameter
+    is frozen except the bias terms (every parameter named ``bias``: attention, feed-forward,
+    LayerNorm and pooler biases, as BitFit's ``all`` setting) and the classification head (the
+    child modules named in ``heads``, weight and bias). ``layers``: only the biases inside these
+    transformer blocks (peft's block rule, :func:`layer_index`) plus the head. Returns ``model``
+    (changed in place), not a PeftModel; its trainable parameter names are the model's own."""
+    head_prefixes = tuple(f"{h}." for h in heads)
+    wanted = None if layers is None else set(layers)
+    for name, p in model.named_parameters():
+        is_head = name.startswith(head_prefixes)
+        is_bias = name == "bias" or name.endswith(".bias")
+        in_layers = wanted is None or layer_index(name) in wanted
+        p.requires_grad_(is_head or (is_bias and in_layers))
+    return model
+
+
+_PAST = "past_key_values"
+
+
+def accept_past_key_values(model: nn.Module) -> None:
+    """Let peft's prefix tuning reach a model whose forward names the key/value cache ``cache``
+    (transformers 5's BERT and others; peft 0.21 looks for a ``past_key_values`` argument in
+    the forward's signature and refuses the model otherwise): the instance gets a forward that
+    takes ``past_key_values`` and passes it on as ``cache``. Models whose forward already
+    takes ``past_key_values`` are left alone. peft hands the prefix as a ``DynamicCache``
+    holding ``num_virtual_tokens`` keys and values per block; the model's attention prepends
+    them (and, as in every BERT prefix-tuning setup, the token positions start after them)."""
+    import inspect
+    import types
+
+    params = inspect.signature(type(model).forward).parameters
+    if _PAST in params or "cache" not in inspect.signature(
+            getattr(model, model.base_model_prefix, model).forward).parameters:
+        return
+    class_forward = type(model).forward
+
+    def forward(self: nn.Module, input_ids: Any = None, attention_mask: Any = None, past_key_values: Any = None,
+                **kwargs: Any) -> Any:
+        return class_forward(self, input_ids=input_ids, attention_mask=attention_mask, cache=past_key_values,
+                             **kwargs)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def apply_peft(model: "PreTrainedModel", peft_spec: "PeftSpec", task_type: str = "SEQ_CLS") -> nn.Module:
     """Wrap ``model`` with the scenario's PEFT method; only the adapter (and the
-    classification head) stays trainable. Random adapter weights come from torch's global RNG."""
+    classification head) stays trainable. Random adapter weights come from torch's global RNG.
+
+    ``peft.base_quantization`` (LoRA only): afterwards every frozen linear layer of the base is
+    stored quantised (:func:`fomo.quantization.quantize_frozen_linears`). ``bitfit``:
+    :func:`apply_bitfit` (the model itself, not a PeftModel; with ``task_type`` other than
+    SEQ_CLS no head is trained). Works on a weightless (meta-device) model too."""
     from peft import get_peft_model
 
-    if peft_spec.method == "lora":
+    method = peft_spec.method
+    if method in ("lora", "ia3"):
         check_layers(model, peft_spec.layers)
+        check_target_modules(model, list(peft_spec.target_modules), method)
+    if method == "lora":
         check_rank_per_layer(model, peft_spec)
-        check_target_modules(model, list(peft_spec.target_modules))
+    if method == "ia3" and peft_spec.feedforward_modules:
+        check_target_modules(model, list(peft_spec.feedforward_modules), method, field="peft.feedforward_modules")
+    if method == "bitfit":
+        check_layers(model, peft_spec.layers)
+        bitfit = apply_bitfit(model, peft_spec.layers, SEQ_CLS_HEADS if task_type == "SEQ_CLS" else ())
+        bitfit.train()
+        return bitfit
+    if method == "prefix_tuning":
+        accept_past_key_values(model)
     with quiet_hf():
-        peft_model = get_peft_model(model, peft_config(peft_spec, model))
+        peft_model = get_peft_model(model, peft_config(peft_spec, model, task_type))
+    if method == "lora" and peft_spec.base_quantization != "none":
+        from fomo.quantization import quantize_frozen_linears
+
+        quantize_frozen_linears(peft_model, peft_spec.base_quantization)
     peft_model.train()
     return peft_model
 

@@ -282,7 +282,13 @@ class ModelSpec(Spec):
 
 
 class PeftSpec(Spec):
-    """Parameter-efficient fine-tuning method (through the ``peft`` library)."""
+    """Parameter-efficient fine-tuning method (through the ``peft`` library; docs/peft_methods.md).
+
+    ``method``: ``lora`` (rank, alpha, dropout, target_modules, layers, rank_per_layer,
+    base_quantization), ``prompt_tuning`` and ``prefix_tuning`` (num_virtual_tokens), ``ia3``
+    (target_modules, feedforward_modules, layers), ``bitfit`` (bias terms and the head; layers).
+    ``base_quantization`` (LoRA only): the frozen base linear weights stored as per-row int8 or
+    QLoRA's nf4 (fomo.quantization)."""
 
     method: Literal["lora", "prompt_tuning", "ia3", "prefix_tuning", "bitfit"] = Field(
         "lora", description="lora, prompt_tuning, ia3 (learned scaling vectors), prefix_tuning (learned keys and "
@@ -320,6 +326,20 @@ class PeftSpec(Spec):
         (None: all blocks)."""
         ranks = self.layer_ranks()
         return sorted(ranks) if ranks is not None else (list(self.layers) if self.layers is not None else None)
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> "PeftSpec":
+        if self.base_quantization != "none" and self.method != "lora":
+            raise ValueError(f"peft.base_quantization={self.base_quantization!r} applies to LoRA only (a quantised "
+                             f"frozen base under LoRA, QLoRA-style), not peft.method={self.method!r}; allowed with "
+                             f"{self.method!r}: 'none'")
+        if self.method == "ia3" and self.feedforward_modules and "all-linear" not in self.target_modules:
+            extra = [m for m in self.feedforward_modules if m not in self.target_modules]
+            if extra:
+                raise ValueError(f"peft.feedforward_modules={self.feedforward_modules}: {extra} not in "
+                                 f"peft.target_modules={self.target_modules}; IA3 scales the input of a feedforward "
+                                 "module only among its target modules (allowed: a subset of peft.target_modules)")
+        return self
 
     @model_validator(mode="after")
     def _rank_per_layer_consistent(self) -> "PeftSpec":
@@ -629,6 +649,9 @@ class Scenario(Spec):
     def _protocol_checks(self) -> None:
         """Settings that only make sense together (each error names both fields)."""
         tr, st = self.training, self.strategies
+        self.model.check_objective(self.experiment, self.peft)
+        if self.model.cost_model is not None:
+            self._cost_model_checks()
         if self.experiment == "federated_deft":
             self._federated_deft_checks()
         if self.experiment == "prompt_service":
@@ -665,6 +688,24 @@ class Scenario(Spec):
                              "training.deadline_s too")
         if tr.over_selection > 1.0 and tr.devices_per_round is None:
             raise ValueError(f"training.over_selection={tr.over_selection} needs training.devices_per_round (K)")
+
+    def _cost_model_checks(self) -> None:
+        """Where ``model.cost_model`` applies: the trainers whose costs are one step of the model
+        trained (the star, hierarchical and gossip FL of experiment fedavg, LoLa's depth profile),
+        with digital uploads (over-the-air computation sends one analog value per trained
+        parameter, which a cost model does not have)."""
+        allowed = ("fedavg", "lola_compare")
+        if self.experiment not in allowed:
+            raise ValueError(f"model.cost_model={self.model.cost_model!r} applies to experiment {' or '.join(allowed)}, "
+                             f"not experiment={self.experiment!r} (its devices run other models than one step of the "
+                             "trained one)")
+        if self.channel.uplink_access != "ofdma":
+            raise ValueError(f"model.cost_model={self.model.cost_model!r} needs channel.uplink_access=ofdma, not "
+                             f"{self.channel.uplink_access!r} (over-the-air aggregation sends the trained model's own "
+                             "values)")
+        if self.trainer != "real":
+            raise ValueError(f"model.cost_model={self.model.cost_model!r} needs trainer: real, not {self.trainer!r} (the "
+                             "fake trainer has no module graph to count)")
 
     def _prompt_service_checks(self) -> None:
         """What experiment ``prompt_service`` needs of the shared sections."""
