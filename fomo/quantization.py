@@ -262,11 +262,17 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}"
 
 
+_HEAD_COPIES = (".original_module", ".modules_to_save.")
+
+
 def quantizable_linears(model: nn.Module) -> list[str]:
     """Names of the frozen ``nn.Linear`` modules of ``model`` (weight without ``requires_grad``):
-    the base model's linear layers, not LoRA's A/B matrices or the trainable head."""
+    the base model's linear layers, not LoRA's A/B matrices or the classification head (peft
+    keeps the trained copy and the unused original inside a ``ModulesToSaveWrapper``; both stay
+    float, as QLoRA keeps the output layer in 16 bits)."""
     return [name for name, m in model.named_modules()
-            if type(m) is nn.Linear and not m.weight.requires_grad]
+            if type(m) is nn.Linear and not m.weight.requires_grad
+            and not any(part in f".{name}." for part in _HEAD_COPIES)]
 
 
 def quantize_frozen_linears(model: nn.Module, scheme: str) -> list[str]:
