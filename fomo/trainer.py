@@ -18,6 +18,14 @@ Execution strategies (``scenario.execution``; they never change the simulated ti
 Every device still reports the FLOPs and saved activations of its own uncached step of its own
 shape, so the simulated timeline is the same for every strategy.
 
+Device and precision (``execution.device``, ``execution.precision``; :mod:`fomo.execution`):
+the one frozen model and the per-device trainable tensors live on the resolved device (CPU or a
+CUDA GPU), each step's batch is moved there once, and ``bf16`` runs every forward pass under
+``torch.autocast`` with float32 parameters, gradients and optimizer state. The global state,
+updates, losses and evaluation results stay on the CPU (float32 tensors, Python floats), and
+every step profile is taken outside autocast on a float32 CPU model (with a GPU: a CPU replica
+used only for profiling), so the timeline does not depend on either setting.
+
 Shared base, per-device state only while active: there is one model whatever the device count;
 a device's data indices are a slice of the partition, its batch-sampling generator is created
 on its first job, and its PEFT tensors and optimizer state exist only during its job (the
@@ -32,6 +40,7 @@ of :mod:`deftsim.threads`) before the trainer is built.
 """
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from dataclasses import dataclass
@@ -43,6 +52,7 @@ import torch.nn.functional as F
 
 from fomo import batched as fbatched
 from fomo import data as fdata
+from fomo import execution as fexec
 from fomo import models, profiling
 from fomo.last_block import probe_last_block, pruned
 from fomo.prefix_cache import ActivationCache, find_frozen_prefix
@@ -186,10 +196,20 @@ class PeftTrainer:
         :mod:`fomo.last_block`), if asked for and applicable.
     execution_notes : list[str]
         Why an asked-for strategy, cache or pruning does not apply (empty if everything applies).
+    placement : fomo.execution.Placement
+        Where the steps run and in what precision (``execution.device``/``precision``;
+        ``placement.record()`` for a run's record, ``placement.note`` says what ``auto`` chose).
     """
+
+    SUPPORTS_PLACEMENT = True
+    """Whether this class runs ``execution.device`` other than cpu and ``precision`` other than
+    fp32. Read from the class itself, not inherited: a subclass that trains through other code
+    paths declares it once it moves its batches and autocasts its forwards (see
+    :meth:`_resolve_placement`)."""
 
     def __init__(self, scenario: "Scenario", seed: int) -> None:
         configure_threads()
+        self.placement = self._resolve_placement(scenario)
         self.seed = int(seed)
         self._optimizer_name = scenario.training.optimizer
         self._learning_rate = float(scenario.training.learning_rate)
@@ -219,6 +239,38 @@ class PeftTrainer:
         self._step_profiles: dict[tuple[int, int], StepProfile] = {}
         self._eval_flops: dict[tuple[int, int], float] = {}
         self._configure_execution(scenario)
+        self._place_model()
+
+    def _resolve_placement(self, scenario: "Scenario") -> fexec.Placement:
+        """``scenario.execution``'s device and precision (:func:`fomo.execution.resolve`);
+        ``ValueError`` naming the field if they cannot run here or in this trainer class."""
+        placement = fexec.resolve(scenario.execution)
+        if placement.is_default or type(self).__dict__.get("SUPPORTS_PLACEMENT", False):
+            return placement
+        if placement.requested_device == "auto" and placement.precision == "fp32":
+            return fexec.Placement("auto", torch.device("cpu"), "fp32",
+                                   f"execution.device=auto resolved to cpu ({type(self).__name__} runs on cpu only)")
+        raise ValueError(
+            f"execution.device={scenario.execution.device!r}, execution.precision={scenario.execution.precision!r}: "
+            f"{type(self).__name__} runs on the CPU in float32 only; allowed: execution.device cpu (or auto), "
+            "execution.precision fp32")
+
+    def _place_model(self) -> None:
+        """Move the model to the placement's device (nothing to do on the CPU). Off the CPU the
+        step profiles need a float32 CPU model: a replica of the model is kept for them alone,
+        and the weights excluded from saved activations are the replica's."""
+        self._cpu_replica: torch.nn.Module | None = None
+        if self.placement.on_cpu:
+            return
+        self._cpu_replica = copy.deepcopy(self.model)
+        self._weight_ptrs = profiling.storage_ptrs(self._cpu_replica)
+        self.placement.place_model(self.model)
+        self._trainable = models.trainable_parameters(self.model)
+
+    def _profile_model(self) -> torch.nn.Module:
+        """The float32 CPU model that step profiles and FLOP counts run on: the model itself on
+        the CPU (profiled outside autocast), its CPU replica when the steps run on a GPU."""
+        return self.model if self._cpu_replica is None else self._cpu_replica
 
     def _training_model(self, scenario: "Scenario", base: torch.nn.Module) -> torch.nn.Module:
         """The model the devices train: the base wrapped with the ``peft`` section's method.
@@ -279,7 +331,7 @@ class PeftTrainer:
             examples = np.resize(self._train_examples, batch_size)
             input_ids, mask, labels = self._full_length_batch(examples)
             self._step_profiles[shape] = profiling.count_step_flops(
-                self.model, input_ids, mask, labels, self._weight_ptrs
+                self._profile_model(), input_ids, mask, labels, self._weight_ptrs
             )
         return self._memory_of(self._step_profiles[shape])
 
@@ -413,12 +465,12 @@ class PeftTrainer:
             with torch.no_grad():
                 for start in range(0, len(self._test_examples), EVAL_BATCH_SIZE):
                     examples = self._test_examples[start:start + EVAL_BATCH_SIZE]
-                    input_ids, mask, labels = self._tokens.batch(examples)
+                    input_ids, mask, labels = self.placement.batch(self._tokens.batch(examples))
                     logits, batch_flops = forward(input_ids, mask, examples)
                     flops += batch_flops
                     loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
                     correct += int((logits.argmax(dim=-1) == labels).sum())
-                    predicted.append(logits.argmax(dim=-1).numpy())
+                    predicted.append(fexec.to_host(logits.argmax(dim=-1)).numpy())
         finally:
             model.train()
         n = len(self._test_examples)
@@ -434,8 +486,9 @@ class PeftTrainer:
         self._load_state(plan.base)
         torch.manual_seed(fdata.job_torch_seed(self.seed, job.device_id, job.round))
         optimizer = self._make_optimizer()
-        losses = [self._train_step(optimizer, examples, plan.base, job.prox_mu) for examples in plan.inputs]
-        update = {n: p.detach() - plan.base[n] for n, p in self._trainable}
+        base = self.placement.state_to_device(plan.base) if job.prox_mu > 0 else plan.base
+        losses = [self._train_step(optimizer, examples, base, job.prox_mu) for examples in plan.inputs]
+        update = {n: fexec.to_host(p.detach()) - plan.base[n] for n, p in self._trainable}
         return self._result(plan, update, losses)
 
     def _result(self, plan: PlannedJob, update: PeftState, losses: list[torch.Tensor]) -> LocalResult:
@@ -447,7 +500,7 @@ class PeftTrainer:
         activation cache, pruned last block); returns the cross-entropy. FedProx (``prox_mu``
         > 0) adds mu/2 ||w - w_base||^2 over the trainable tensors to the minimised loss."""
         optimizer.zero_grad(set_to_none=True)
-        input_ids, mask, labels = self._tokens.batch(examples)
+        input_ids, mask, labels = self.placement.batch(self._tokens.batch(examples))
         loss = F.cross_entropy(self._logits(input_ids, mask, examples), labels)
         total = loss
         if prox_mu > 0:
@@ -485,7 +538,7 @@ class PeftTrainer:
         sum of the devices' mean losses, so each device's gradient is the one it gets alone."""
         k, steps, batch_size = len(plans), plans[0].job.steps, plans[0].job.batch_size
         bases = [plan.base for plan in plans]
-        stack = fbatched.DeviceStack.from_states(bases)
+        stack = fbatched.DeviceStack.from_states(bases, self.placement.device)
         optimizer = self._make_optimizer(stack.parameters())
         mu = float(plans[0].job.prox_mu)
         if any(plan.job.prox_mu != mu for plan in plans):
@@ -494,7 +547,7 @@ class PeftTrainer:
         losses: list[list[torch.Tensor]] = [[] for _ in range(k)]
         for step in range(steps):
             examples = np.concatenate([plan.inputs[step] for plan in plans])
-            input_ids, mask, labels = self._tokens.batch(examples)
+            input_ids, mask, labels = self.placement.batch(self._tokens.batch(examples))
             optimizer.zero_grad(set_to_none=True)
             with fbatched.per_device_modules(self.model, stack, k * batch_size):
                 logits = self._logits(input_ids, mask, examples)
@@ -518,18 +571,22 @@ class PeftTrainer:
         separate forward of the plain model)."""
         shape = (int(input_ids.shape[0]), int(input_ids.shape[1]))
         if shape not in self._eval_flops:
-            self._eval_flops[shape] = profiling.counted_forward(self.model, input_ids, mask)[1]
+            self._eval_flops[shape] = profiling.counted_forward(
+                self._profile_model(), fexec.to_host(input_ids), fexec.to_host(mask))[1]
         return self._logits(input_ids, mask, examples), self._eval_flops[shape]
 
     def _logits(self, input_ids: torch.Tensor, mask: torch.Tensor, examples: np.ndarray) -> torch.Tensor:
         """Logits of a batch of ``examples``, through the activation cache and the pruned last
-        block where they apply (profiling runs the plain model instead)."""
-        with pruned(self.pruned_block):
+        block where they apply (profiling runs the plain model instead), in the placement's
+        precision (``bf16``: under autocast); float32 whatever the precision."""
+        with self.placement.autocast(), pruned(self.pruned_block):
             if self.activation_cache is None:
-                return profiling.classification_logits(self.model, input_ids, mask)
-            hidden = self.activation_cache.hidden_states(examples, int(input_ids.shape[1]))
-            with self.activation_cache.substituted(hidden):
-                return profiling.classification_logits(self.model, input_ids, mask)
+                logits = profiling.classification_logits(self.model, input_ids, mask)
+            else:
+                hidden = self.activation_cache.hidden_states(examples, int(input_ids.shape[1]))
+                with self.activation_cache.substituted(hidden):
+                    logits = profiling.classification_logits(self.model, input_ids, mask)
+        return logits.float()
 
     def _step_profile(self, examples: np.ndarray) -> StepProfile:
         """Profile of the uncached one-device step of this batch's shape (profiled by a separate
@@ -537,7 +594,7 @@ class PeftTrainer:
         shape = (len(examples), self._tokens.seq_len(examples))
         profile = self._step_profiles.get(shape)
         if profile is None:
-            profile = profiling.count_step_flops(self.model, *self._tokens.batch(examples), self._weight_ptrs)
+            profile = profiling.count_step_flops(self._profile_model(), *self._tokens.batch(examples), self._weight_ptrs)
             self._step_profiles[shape] = profile
         return profile
 
