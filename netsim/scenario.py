@@ -491,10 +491,11 @@ class ExecutionSpec(Spec):
     """How the host runs the real PEFT steps: execution strategies, not model changes.
 
     Whatever is chosen here, the simulated timeline is the same (every device reports the
-    FLOPs and memory of its own, uncached, one-device step, so durations and energies do not
-    change), and losses and updates equal the sequential, uncached path up to float32 rounding
-    (tested in float64 against tolerances derived from the summation error; docs/performance.md).
-    Ignored by the fake trainer.
+    FLOPs and memory of its own, uncached, one-device, float32 step, so durations and energies
+    do not change), and losses and updates equal the sequential, uncached, float32 CPU path up
+    to float32 rounding (tested in float64 against tolerances derived from the summation error;
+    docs/performance.md), or with ``precision: bf16`` up to bfloat16 rounding. Ignored by the
+    fake trainer.
 
     ``strategy``
         ``sequential``: one device's local steps after another. ``batched``: the devices of a
@@ -514,6 +515,28 @@ class ExecutionSpec(Spec):
         About 14 % fewer multiply-adds per step for a 6-block model; applies to BERT-layout
         encoders whose head reads position 0 (checked on a probe batch, skipped with a warning
         otherwise).
+    ``device``
+        Where the real steps run. ``cpu`` (default); ``cuda``: the first visible CUDA GPU holds
+        the one frozen model, the devices' adapters and optimizer state, and each step's batch
+        (moved there once); updates, losses and evaluation results come back to the CPU.
+        Results equal the CPU's within float32 rounding. A scenario that asks for ``cuda`` where
+        torch sees no GPU is refused (exit 2, naming the field). ``auto``: ``cuda`` if torch
+        sees a GPU, else ``cpu``; the trainer records which (``placement.note``).
+    ``precision``
+        ``fp32`` (default): float32 throughout. ``bf16``: automatic mixed precision
+        (``torch.autocast`` to bfloat16): matrix products and attention in bfloat16 with float32
+        accumulation, while the parameters (frozen and trainable), gradients, AdamW moments,
+        LayerNorm, the residual stream and the loss stay float32, so small updates are not lost
+        to bfloat16's 8-bit significand (unit roundoff 2^-8). Fast on GPUs with bfloat16
+        (compute capability 8.0 or newer; refused on older ones) and on CPUs with AVX-512-BF16
+        or AMX (AMD Zen 4, Intel Sapphire Rapids); elsewhere emulated, and slower. Losses stay
+        within about 5 x 2 x 2^-8 = 4 % relative of float32 on a first step; the measured
+        accuracy gap and speed are in docs/gpu_precision.md.
+
+        ``device`` other than ``cpu`` and ``precision: bf16`` are supported by the plain PEFT
+        trainer (LoRA, prompt tuning; sequential or batched); trainers that do not support them
+        (the federated_deft variants) refuse them with an error naming these fields, and run
+        ``auto`` on the CPU.
     """
 
     strategy: Literal["sequential", "batched"] = Field(
@@ -531,7 +554,8 @@ class ExecutionSpec(Spec):
     device: Literal["cpu", "cuda", "auto"] = Field(
         "cpu", description="where the real steps run: cpu, cuda (error without a GPU), auto (cuda if available)")
     precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="arithmetic of the real steps: fp32, or bf16 (bfloat16 weights and activations)")
+        "fp32", description="arithmetic of the real steps: fp32, or bf16 (autocast: bfloat16 matrix products; "
+        "float32 parameters, gradients and optimizer state)")
 
 
 class StopSpec(Spec):
