@@ -40,6 +40,15 @@ that peft's ``get_prompt`` looks up once and repeats over the batch; in the comb
 device's rows get its own table's prompt, computed the way peft computes it for the device alone
 (:func:`_device_prompts`), and the prompted sequences go through the frozen base together.
 
+Device and precision (:mod:`fomo.execution`): the stacked tensors live on the model's device
+(:meth:`DeviceStack.from_states` with ``device``) and the updates come back where the devices'
+starting states are (the CPU), so a GPU pass returns what a CPU pass returns. Under
+``execution.precision: bf16`` (autocast), :class:`StackedLinear` gets its inputs cast to
+bfloat16 outside the autograd function, as autocast casts ``F.linear``'s, so each device's
+products are bfloat16 products with float32 accumulation like its own sequential step, and its
+float32 stacked weights get float32 gradients; results then agree with sequential bf16 steps to
+bfloat16 rounding (a batched kernel may round a product differently), not bitwise.
+
 Supported: LoRA without dropout (``peft.dropout = 0``: dropout masks would come from one RNG
 stream instead of each job's own seed) and prompt tuning, whose trainable tensors all live in
 ``nn.Linear`` or ``nn.Embedding`` modules. Anything else runs sequentially (see
