@@ -167,6 +167,18 @@ def _dynamics_rows(summary: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def _cost_rows(summary: dict) -> list[tuple[str, str]]:
+    """Which model's counted costs drove the timeline (``model.cost_model``), one line per model."""
+    if summary.get("costs_from") != "cost_model":
+        return []
+    rows = []
+    for key, label in (("cost_model", "timeline costs from"), ("trained_model", "accuracy from (trained)")):
+        c = summary[key]
+        rows.append((label, f"{c['name']}: {c['parameters'] / 1e9:.3g} B parameters, {c['flops_per_step'] / 1e12:.3g} TFLOP "
+                            f"and {c['peak_memory_bytes'] / 1e9:.3g} GB per step, {c['payload_bytes'] / 1e6:.3g} MB payload"))
+    return rows
+
+
 def print_fedavg(summary: dict, out_dir: str) -> None:
     """Console table of a FedAvg run."""
     energy = summary["energy_per_device_j"]
@@ -191,6 +203,7 @@ def print_fedavg(summary: dict, out_dir: str) -> None:
                      f"{air['mean_receive_snr_db']:.1f} dB / {air['mean_nmse']:.4f} / "
                      f"{100 * air['mean_truncation_ratio']:.1f}% (means over rounds)"))
     rows += _dynamics_rows(summary)
+    rows += _cost_rows(summary)
     if summary["memory_exceeded_devices"]:
         rows.append(("devices that could not hold the job", ", ".join(summary["memory_exceeded_devices"])))
     width = max(len(k) for k, _ in rows)

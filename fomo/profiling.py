@@ -8,7 +8,7 @@ are not in torch's FLOP registry, so formulas for them are added here (torch's o
 
 Saved activations are measured with ``torch.autograd.graph.saved_tensors_hooks`` during the
 forward pass: the bytes of every distinct storage autograd keeps for the backward pass
-(deduplicated by ``untyped_storage().data_ptr()``), excluding the model's own parameters and
+(deduplicated by storage: :func:`storage_key`), excluding the model's own parameters and
 buffers, which are counted with the weights.
 
 Memory of a local job [bytes] =
@@ -88,10 +88,21 @@ def flop_counter() -> FlopCounterMode:
 # --------------------------------------------------------------------------------------------
 # Saved activations
 # --------------------------------------------------------------------------------------------
+def storage_key(tensor: torch.Tensor) -> int:
+    """What tells a tensor's storage apart from every other live one: its data address, or for a
+    tensor without data (a fake or meta tensor, see :mod:`fomo.cost_model`) the address of its
+    storage object (views share both)."""
+    storage = tensor.untyped_storage()
+    if tensor.is_meta or getattr(tensor, "fake_mode", None) is not None:
+        return int(storage._cdata)
+    return int(storage.data_ptr())
+
+
 def storage_ptrs(model: nn.Module) -> frozenset[int]:
-    """Storage addresses of the model's parameters and buffers (excluded from activations)."""
+    """Storage keys (:func:`storage_key`) of the model's parameters and buffers (excluded from
+    activations)."""
     tensors = list(model.parameters()) + list(model.buffers())
-    return frozenset(t.untyped_storage().data_ptr() for t in tensors)
+    return frozenset(storage_key(t) for t in tensors)
 
 
 class SavedTensorMeter:
@@ -109,9 +120,9 @@ class SavedTensorMeter:
         """Record the tensor's storage once, then hand the tensor to autograd unchanged."""
         try:
             storage = tensor.untyped_storage()
+            ptr = storage_key(tensor)
         except (RuntimeError, NotImplementedError):  # tensors without a plain storage
             return tensor
-        ptr = storage.data_ptr()
         if ptr not in self._seen and ptr not in self._exclude:
             self._seen.add(ptr)
             self.saved_bytes += int(storage.nbytes())
@@ -149,20 +160,42 @@ def classification_loss(
     return F.cross_entropy(classification_logits(model, input_ids, attention_mask), labels)
 
 
+def causal_lm_loss(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of a causal LM over the tokens whose label is not -100
+    (transformers shifts the labels by one inside the model)."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def step_loss(objective: str) -> LossFn:
+    """The training loss of ``model.objective``: classification or causal LM."""
+    if objective == "causal_lm":
+        return causal_lm_loss
+    if objective == "classification":
+        return classification_loss
+    raise ValueError(f"model.objective={objective!r} (allowed: classification, causal_lm)")
+
+
 def profiled_forward_backward(
     model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
     exclude_ptrs: frozenset[int],
+    loss: LossFn = classification_loss,
 ) -> tuple[torch.Tensor, StepProfile]:
     """Forward + backward under the FLOP counter, with saved activations measured during the
     forward. Gradients are accumulated into ``.grad`` exactly as in an unprofiled step.
 
     Returns (detached loss, profile)."""
+    loss_fn = loss
     with flop_counter() as counter:
         with SavedTensorMeter(exclude_ptrs) as meter:
-            loss = classification_loss(model, input_ids, attention_mask, labels)
+            loss = loss_fn(model, input_ids, attention_mask, labels)
         loss.backward()
     return loss.detach(), StepProfile(float(counter.get_total_flops()), meter.saved_bytes)
 
@@ -173,13 +206,15 @@ def count_step_flops(
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
     exclude_ptrs: Optional[frozenset[int]] = None,
+    loss: LossFn = classification_loss,
 ) -> StepProfile:
     """Profile one training step (forward + backward) without changing the model: no optimizer
-    step, gradients reset to None afterwards, torch RNG state restored."""
+    step, gradients reset to None afterwards, torch RNG state restored. ``loss``: the training
+    loss (:func:`step_loss`)."""
     exclude = storage_ptrs(model) if exclude_ptrs is None else exclude_ptrs
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.random.fork_rng(devices=[]):
-        _, profile = profiled_forward_backward(model, input_ids, attention_mask, labels, exclude)
+        _, profile = profiled_forward_backward(model, input_ids, attention_mask, labels, exclude, loss)
     for p in params:
         p.grad = None
     return profile

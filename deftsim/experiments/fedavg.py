@@ -39,6 +39,8 @@ def fedavg(scenario: Scenario, on_round=None) -> ExperimentResult:
     summary["topology"] = scenario.training.topology
     summary["final_balanced_accuracy"] = final_balanced_accuracy(sim)
     summary.update(sim.dynamics_summary())
+    if hasattr(trainer, "cost_report"):   # the real trainer: which model's costs drove the timeline
+        summary.update(trainer.cost_report(scenario.training.batch_size))
     if isinstance(sim, AirCompFedAvgSimulation):
         summary["aircomp"] = aircomp_summary(sim.aircomp_log)
     title = f"{scenario.name} (seed {scenario.seed})"
