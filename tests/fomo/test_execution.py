@@ -16,6 +16,8 @@ is within ``BF16_LOSS_RTOL = 5 * 2u = 0.039`` relative of float32's.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +33,8 @@ from netsim.protocols.fedavg import FedAvgSimulation
 from netsim.scenario import Scenario
 
 pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
 
 BF16_U = 2.0**-8
 """Unit roundoff of bfloat16."""
@@ -83,6 +87,35 @@ def test_cuda_without_a_gpu_is_a_clear_error() -> None:
     text = str(err.value)
     assert "execution.device='cuda'" in text and "no CUDA GPU" in text
     assert "available here: cpu" in text and "auto" in text
+
+
+def _cli():
+    sys.path.insert(0, str(ROOT / "tests" / "cli"))
+    from cli_helpers import assert_exit_2, deftsim, sets
+
+    return assert_exit_2, deftsim, sets
+
+
+CUDA_FRAGMENTS = ("execution.device='cuda'", "no CUDA GPU", "available here: cpu")
+
+
+@no_gpu
+def test_deftsim_run_with_cuda_and_no_gpu_exits_2(tmp_path: Path) -> None:
+    assert_exit_2, deftsim, sets = _cli()
+    res = deftsim("run", ROOT / "scenarios" / "quickstart.yaml", "--out", tmp_path / "out", "--quiet",
+                  *sets(["execution.device=cuda"]), cwd=ROOT)
+    assert_exit_2(res, CUDA_FRAGMENTS, "quickstart")
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+@no_gpu
+@pytest.mark.xfail(strict=True, reason="deftsim validate does not build the trainer: needs deftsim.checks."
+                   "check_scenario_resources to call fomo.execution.check_execution(scenario.execution) "
+                   "when execution.device != 'cpu' (then remove this mark)")
+def test_deftsim_validate_with_cuda_and_no_gpu_exits_2() -> None:
+    assert_exit_2, deftsim, sets = _cli()
+    res = deftsim("validate", ROOT / "scenarios" / "quickstart.yaml", *sets(["execution.device=cuda"]), cwd=ROOT)
+    assert_exit_2(res, CUDA_FRAGMENTS, "quickstart.yaml")
 
 
 @no_gpu
