@@ -557,6 +557,29 @@ class ExecutionSpec(Spec):
         "fp32", description="arithmetic of the real steps: fp32, or bf16 (autocast: bfloat16 matrix products; "
         "float32 parameters, gradients and optimizer state)")
 
+    @staticmethod
+    def placement_experiments() -> tuple[str, ...]:
+        """Experiments whose real trainer is the plain PEFT trainer (``fomo.trainer.PeftTrainer``),
+        which runs ``device`` cuda/auto and ``precision`` bf16 (federated_deft: its ``lora``
+        variant; its other variants refuse them when their trainers are built)."""
+        return ("fedavg", "aircomp_vs_ofdma", "federated_deft")
+
+    def check_experiment(self, experiment: str) -> None:
+        """``device: cuda`` or ``precision: bf16`` with an experiment whose model runs on the CPU
+        in float32 only (prompt_service, d2d_prompt_transfer, neural_aircomp, lola_compare):
+        ValueError naming the fields, their values and what is allowed. ``device: auto`` with
+        float32 is accepted everywhere (those experiments resolve it to the CPU). Whether a GPU
+        exists is checked when the trainer is built (``fomo.execution``), not here (no torch).
+        (To be called by ``Scenario._protocol_checks``.)"""
+        if self.device in ("cpu", "auto") and self.precision == "fp32":
+            return
+        allowed = self.placement_experiments()
+        if experiment not in allowed:
+            raise ValueError(f"execution.device={self.device!r}, execution.precision={self.precision!r}: "
+                             f"experiment={experiment!r} runs its model on the CPU in float32 only; allowed "
+                             f"with it: execution.device cpu or auto, execution.precision fp32 (cuda and bf16 "
+                             f"are for experiments {', '.join(allowed)})")
+
 
 class StopSpec(Spec):
     """The run stops at whichever comes first."""
