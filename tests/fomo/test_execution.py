@@ -258,3 +258,17 @@ def test_bf16_run_has_the_float32_timeline() -> None:
         assert r[:LOSS_COL] == b[:LOSS_COL]
     losses = [(r[LOSS_COL], b[LOSS_COL]) for r, b in zip(reference, bf16_rows) if not np.isnan(r[LOSS_COL])]
     assert losses and all(abs(x - y) <= BF16_LOSS_RTOL * abs(x) for x, y in losses)
+
+
+# ------------------------------------------------------------------ experiments that run on the CPU only
+@pytest.mark.parametrize("experiment", ["prompt_service", "d2d_prompt_transfer", "neural_aircomp", "lola_compare"])
+@pytest.mark.parametrize("execution", [{"device": "cuda"}, {"precision": "bf16"}])
+def test_cpu_only_experiments_refuse_cuda_and_bf16(experiment: str, execution: dict) -> None:
+    from netsim.scenario import ExecutionSpec
+
+    spec = ExecutionSpec(**execution)
+    with pytest.raises(ValueError, match=rf"experiment='{experiment}' runs its model on the CPU in float32 only"):
+        spec.check_experiment(experiment)
+    for fine in ExecutionSpec.placement_experiments():
+        spec.check_experiment(fine)
+    ExecutionSpec(device="auto").check_experiment(experiment)
