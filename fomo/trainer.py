@@ -61,6 +61,7 @@ from fomo.profiling import StepProfile
 from netsim.interfaces import EvalResult, JobCost, LocalJob, LocalResult, PlannedJob
 
 if TYPE_CHECKING:  # pragma: no cover
+    from fomo.cost_model import CostModel
     from netsim.scenario import Scenario
     from transformers import PreTrainedTokenizerBase
 
@@ -91,6 +92,12 @@ class TokenizedTexts:
     def seq_len(self, examples: np.ndarray) -> int:
         """Tokens of the longest of ``examples`` (the dynamic-padding length of their batch)."""
         return int(self.lengths_tokens[examples].max())
+
+    def padded(self, examples: np.ndarray) -> bool:
+        """Whether the batch of ``examples`` has padding (some example is shorter than the
+        longest): its attention mask is then applied, otherwise transformers drops it."""
+        lengths = self.lengths_tokens[examples]
+        return bool(lengths.min() < lengths.max())
 
     def batch(self, examples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask, labels) of the given example indices, cut to the longest
@@ -228,6 +235,8 @@ class PeftTrainer:
 
         torch.manual_seed(fdata.torch_init_seed(self.seed))
         tokenizer, base = models.load_base(scenario.model, self.num_classes)
+        self._model_name = scenario.model.path or "all-MiniLM-L6-v2"
+        self._base_parameters = int(sum(p.numel() for p in base.parameters()))
         self.model = self._training_model(scenario, base)
         self._tokens = tokenize_all(tokenizer, texts, labels, self._max_length_tokens)
 
@@ -236,8 +245,11 @@ class PeftTrainer:
         self._adapter_bytes = models.tensor_bytes(list(self._global.values()))
         self._weights_bytes = profiling.weights_bytes(self.model)
         self._weight_ptrs = profiling.storage_ptrs(self.model)
-        self._step_profiles: dict[tuple[int, int], StepProfile] = {}
+        self._step_profiles: dict[tuple[int, int, bool], StepProfile] = {}
         self._eval_flops: dict[tuple[int, int], float] = {}
+        self.cost_model = self._cost_model(scenario)
+        if self.cost_model is not None:
+            self._adapter_bytes = self.cost_model.payload_bytes
         self._configure_execution(scenario)
         self._place_model()
 
@@ -277,6 +289,13 @@ class PeftTrainer:
         Subclasses that train something else (an emulator, a split model) override this; its
         parameters with ``requires_grad`` are the PEFT state."""
         return models.apply_peft(base, scenario.peft)
+
+    def _cost_model(self, scenario: "Scenario") -> "CostModel | None":
+        """``model.cost_model``: the architecture whose counted FLOPs, memory and payload drive
+        the timeline instead of the trained model's (:mod:`fomo.cost_model`); None when not set."""
+        from fomo.cost_model import scenario_cost_model
+
+        return scenario_cost_model(scenario, self.num_classes)
 
     def _configure_execution(self, scenario: "Scenario") -> None:
         """Choose the execution strategy and the activation cache (``scenario.execution``)."""
@@ -320,20 +339,54 @@ class PeftTrainer:
         return int(len(self._device_examples[device_id]))
 
     def adapter_bytes(self) -> int:
-        """Size of the global PEFT state (adapter + classification head) [bytes]."""
+        """Size of the global PEFT state (adapter + classification head) [bytes]; with
+        ``model.cost_model``, the cost model's (what the timeline uploads)."""
         return self._adapter_bytes
 
     def job_memory_bytes(self, batch_size: int) -> int:
         """Peak memory of a local job of this batch size at the worst-case sequence length
-        ``model.max_length_tokens`` [bytes] (profiled once per batch size, model unchanged)."""
-        shape = (int(batch_size), self._max_length_tokens)
+        ``model.max_length_tokens`` [bytes] (profiled once per batch size, model unchanged; with
+        ``model.cost_model``, the cost model's)."""
+        examples = np.resize(self._train_examples, batch_size)
+        padded = bool(self._tokens.lengths_tokens[examples].min() < self._max_length_tokens)
+        shape = (int(batch_size), self._max_length_tokens, padded)
+        if self.cost_model is not None:
+            return self.cost_model.job_memory_bytes(self.cost_model.profile(*shape))
         if shape not in self._step_profiles:
-            examples = np.resize(self._train_examples, batch_size)
             input_ids, mask, labels = self._full_length_batch(examples)
             self._step_profiles[shape] = profiling.count_step_flops(
                 self._profile_model(), input_ids, mask, labels, self._weight_ptrs
             )
         return self._memory_of(self._step_profiles[shape])
+
+    def cost_report(self, batch_size: int) -> dict:
+        """Where the timeline's costs come from, for ``summary.json``: ``costs_from`` is
+        ``trained_model`` or ``cost_model``; ``trained_model`` holds the model actually trained
+        (``name``: its folder) and, with ``model.cost_model``, ``cost_model`` the counted costs of
+        that architecture, each {name, parameters, flops_per_step, peak_memory_bytes,
+        payload_bytes} of one step of ``batch_size`` examples at ``model.max_length_tokens``
+        (padded). Accuracy always comes from the trained model."""
+        examples = np.resize(self._train_examples, batch_size)
+        input_ids, mask, labels = self._full_length_batch(examples)
+        padded = bool(self._tokens.lengths_tokens[examples].min() < self._max_length_tokens)
+        if self.cost_model is None:
+            memory = self.job_memory_bytes(batch_size)
+            step = self._step_profiles[(int(batch_size), self._max_length_tokens, padded)]
+            payload = self._adapter_bytes
+        else:
+            step = profiling.count_step_flops(self._profile_model(), input_ids, mask, labels, self._weight_ptrs)
+            payload = models.tensor_bytes(list(self._global.values()))
+            memory = profiling.job_memory_bytes(self._weights_bytes, payload, self._optimizer_name,
+                                                step.saved_activation_bytes)
+        trained = {"name": self._model_name, "parameters": self._base_parameters, "flops_per_step": step.flops,
+                   "peak_memory_bytes": int(memory), "payload_bytes": int(payload),
+                   "batch_size": int(batch_size), "seq_len": self._max_length_tokens}
+        out: dict = {"costs_from": "trained_model" if self.cost_model is None else "cost_model",
+                     "trained_model": trained}
+        if self.cost_model is not None:
+            out["cost_model"] = {**self.cost_model.summary(batch_size, self._max_length_tokens, padded).to_dict(),
+                                 "notes": list(self.cost_model.notes)}
+        return out
 
     def min_job_flops(self, steps: int, batch_size: int) -> float:
         """Fewest FLOPs a local job of ``steps`` x ``batch_size`` can count: every batch as
@@ -570,6 +623,9 @@ class PeftTrainer:
         """Logits of an evaluation batch and its forward FLOPs (counted once per shape, by a
         separate forward of the plain model)."""
         shape = (int(input_ids.shape[0]), int(input_ids.shape[1]))
+        if shape not in self._eval_flops and self.cost_model is not None:
+            padded = bool(self._tokens.padded(examples))
+            self._eval_flops[shape] = self.cost_model.eval_flops(*shape, padded=padded)
         if shape not in self._eval_flops:
             self._eval_flops[shape] = profiling.counted_forward(
                 self._profile_model(), fexec.to_host(input_ids), fexec.to_host(mask))[1]
@@ -591,8 +647,11 @@ class PeftTrainer:
 
     def _step_profile(self, examples: np.ndarray) -> StepProfile:
         """Profile of the uncached one-device step of this batch's shape (profiled by a separate
-        forward/backward that changes nothing, once per shape)."""
-        shape = (len(examples), self._tokens.seq_len(examples))
+        forward/backward that changes nothing, once per shape and padding; with
+        ``model.cost_model``, the cost model's profile of the shape)."""
+        shape = (len(examples), self._tokens.seq_len(examples), self._tokens.padded(examples))
+        if self.cost_model is not None:
+            return self.cost_model.profile(*shape)
         profile = self._step_profiles.get(shape)
         if profile is None:
             profile = profiling.count_step_flops(self._profile_model(), *self._tokens.batch(examples), self._weight_ptrs)
@@ -640,6 +699,8 @@ class PeftTrainer:
 
     def _memory_of(self, profile: StepProfile) -> int:
         """Job memory for a step profile [bytes] (see :func:`fomo.profiling.job_memory_bytes`)."""
+        if self.cost_model is not None:
+            return self.cost_model.job_memory_bytes(profile)
         return profiling.job_memory_bytes(
             self._weights_bytes,
             self._adapter_bytes,
