@@ -19,6 +19,56 @@ LORA_EXPERIMENTS = ("fedavg", "aircomp_vs_ofdma", "lola_compare", "federated_def
 """Experiments that fine-tune with ``peft`` (neural_aircomp trains its own projections)."""
 
 
+ALL_PEFT_METHODS = ("lora", "prompt_tuning", "ia3", "prefix_tuning", "bitfit")
+"""Every ``peft.method`` value (netsim.scenario.PeftSpec)."""
+
+PEFT_METHODS_BY_EXPERIMENT: dict[str, tuple[str, ...]] = {
+    "fedavg": ALL_PEFT_METHODS,
+    "aircomp_vs_ofdma": ALL_PEFT_METHODS,
+    "lola_compare": ("lora",),                          # per-block LoRA depth profile and block training
+    "prompt_service": ("lora", "prompt_tuning"),        # prompt libraries of soft prompts or LoRA states
+    "d2d_prompt_transfer": ("lora", "prompt_tuning"),
+}
+"""The ``peft.method`` values each experiment runs (``neural_aircomp`` trains no PEFT method;
+``federated_deft``: per variant, :data:`PEFT_METHODS_BY_DEFT_VARIANT`)."""
+
+PEFT_METHODS_BY_DEFT_VARIANT: dict[str, tuple[str, ...]] = {
+    "fedavg": ALL_PEFT_METHODS,
+    "split": ALL_PEFT_METHODS,                          # trains its own prompt; the peft section is ignored
+    "emulator": ("lora", "prompt_tuning"),              # adapters plugged in by module name, blocks dropped
+    "zeroth_order": ("lora", "prompt_tuning"),
+}
+"""The ``peft.method`` values each ``federated_deft`` variant runs."""
+
+QUANTIZED_BASE_EXPERIMENTS = ("fedavg", "aircomp_vs_ofdma")
+"""Experiments that run LoRA on a quantised base (``peft.base_quantization`` int8 / nf4); in
+``federated_deft`` its ``fedavg`` variant only."""
+
+
+def check_peft_method(scenario: Scenario) -> None:
+    """``peft.method`` and ``peft.base_quantization`` must be ones the experiment (and, for
+    ``federated_deft``, each of its variants) runs; ValueError naming the field, its value and
+    the allowed values otherwise. Applies to ``trainer: real`` and to ``lola_compare`` with any
+    trainer (its analytic profile is LoRA's)."""
+    exp, peft = scenario.experiment, scenario.peft
+    if exp == "neural_aircomp" or (scenario.trainer != "real" and exp != "lola_compare"):
+        return
+    if exp == "federated_deft":
+        pairs = [(f"experiment 'federated_deft' with variant {v!r}", PEFT_METHODS_BY_DEFT_VARIANT[v],
+                  v == "fedavg") for v in scenario.federated_deft.variants]
+    else:
+        pairs = [(f"experiment {exp!r}", PEFT_METHODS_BY_EXPERIMENT.get(exp, ALL_PEFT_METHODS),
+                  exp in QUANTIZED_BASE_EXPERIMENTS)]
+    for what, allowed, quantized_ok in pairs:
+        if peft.method not in allowed:
+            raise ValueError(f"peft.method={peft.method!r}: {what} runs {' and '.join(allowed)} only; allowed: "
+                             f"{list(allowed)}")
+        if peft.base_quantization != "none" and not quantized_ok:
+            raise ValueError(f"peft.base_quantization={peft.base_quantization!r}: {what} runs LoRA on a float base "
+                             f"only (a quantised base runs in experiments {list(QUANTIZED_BASE_EXPERIMENTS)} and "
+                             "federated_deft's 'fedavg' variant); allowed: 'none'")
+
+
 def model_depth(model_dir: str) -> int:
     """Number of transformer blocks from the checkpoint's config.json (an integer in 1..1024;
     ValueError naming model.path and config.json otherwise)."""
@@ -80,6 +130,7 @@ def check_scenario_resources(scenario: Scenario) -> None:
 
         get_task(scenario.data.task)
     _check_dynamics(scenario)
+    check_peft_method(scenario)
     if scenario.trainer != "real":
         return
     info = check_checkpoint(scenario.model.path or default_model_path())
@@ -98,8 +149,8 @@ def check_scenario_resources(scenario: Scenario) -> None:
         check_d2d_tasks(scenario)
         check_d2d_graph(scenario)
         return
-    uses_lora = scenario.experiment in LORA_EXPERIMENTS and scenario.peft.method == "lora"
-    if uses_lora:
+    uses_targets = scenario.experiment in LORA_EXPERIMENTS and scenario.peft.method in ("lora", "ia3")
+    if uses_targets:
         check_target_modules(info, list(scenario.peft.target_modules))
     from fomo.data import check_data_fits
 
@@ -245,11 +296,27 @@ def _ignored(prefix: str, section: BaseModel, names: tuple[str, ...] | None, rea
 def _peft_warnings(s: Scenario) -> Iterator[str]:
     if s.experiment == "neural_aircomp":
         yield from _ignored("peft", s.peft, None, "experiment 'neural_aircomp' trains its own projections, not PEFT")
-    elif s.peft.method == "prompt_tuning":
-        yield from _ignored("peft", s.peft, ("rank", "alpha", "dropout", "target_modules", "layers"),
-                            "LoRA only, and peft.method is 'prompt_tuning'")
     else:
-        yield from _ignored("peft", s.peft, ("num_virtual_tokens",), "prompt tuning only, and peft.method is 'lora'")
+        used = PEFT_FIELDS_BY_METHOD[s.peft.method]
+        for name in type(s.peft).model_fields:
+            if name in used or name == "method":
+                continue
+            users = sorted(PEFT_METHOD_LABELS[m] for m, fields in PEFT_FIELDS_BY_METHOD.items() if name in fields)
+            who = users[0] if len(users) == 1 else f"{', '.join(users[:-1])} and {users[-1]}"
+            yield from _ignored("peft", s.peft, (name,), f"{who} only, and peft.method is {s.peft.method!r}")
+
+
+PEFT_FIELDS_BY_METHOD: dict[str, tuple[str, ...]] = {
+    "lora": ("rank", "alpha", "dropout", "target_modules", "layers", "rank_per_layer", "base_quantization"),
+    "prompt_tuning": ("num_virtual_tokens",),
+    "prefix_tuning": ("num_virtual_tokens",),
+    "ia3": ("target_modules", "feedforward_modules", "layers"),
+    "bitfit": ("layers",),
+}
+"""The ``peft`` fields each method reads (the others have no effect)."""
+
+PEFT_METHOD_LABELS = {"lora": "LoRA", "prompt_tuning": "prompt tuning", "prefix_tuning": "prefix tuning",
+                      "ia3": "IA3", "bitfit": "BitFit"}
 
 
 def _data_warnings(s: Scenario) -> Iterator[str]:

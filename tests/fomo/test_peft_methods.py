@@ -252,3 +252,37 @@ def test_ia3_on_top_blocks_uses_the_activation_cache_exactly() -> None:
     (a,), (b,) = plain.local_train(work), cached.local_train(work)
     assert a.flops == b.flops
     assert b.loss == pytest.approx(a.loss, rel=1e-4)   # float32: same maths, other matrix shapes
+
+
+def _as_float64(trainer: Any) -> Any:
+    """The trainer's model and global state in float64 (quantisation codes stay integers, their
+    scales become float64), for "same maths" comparisons of values."""
+    trainer.model.double()
+    trainer._trainable = models.trainable_parameters(trainer.model)
+    trainer._global = {n: t.double() for n, t in trainer._global.items()}
+    return trainer
+
+
+@pytest.mark.parametrize("scheme", ["nf4"])   # int8 differs only in QuantizedLinear.dequantize
+def test_batched_lora_on_a_quantised_base_equals_sequential(scheme: str) -> None:
+    """LoRA on a quantised base is batched (the quantised layers are frozen and shared, computing
+    every row with the same dequantised weight): the same costs bit for bit, and in float64 the
+    same losses (relative 1e-10) and SGD updates (1e-8 of the largest entry), the tolerances of
+    tests/fomo/test_fomo_execution.py (derived there from the float64 summation-order bound)."""
+    peft = {"method": "lora", "base_quantization": scheme}
+    work = [LocalJob(device_id=d, round=1, steps=s, batch_size=2) for d, s in enumerate([2, 1, 2])]
+    seq, bat = small_scenario(peft, strategy="sequential"), small_scenario(peft, strategy="batched")
+    a_tr, b_tr = build_trainer(seq, seed=0), build_trainer(bat, seed=0)
+    assert b_tr.strategy == "batched" and not any("batched" in n for n in b_tr.execution_notes)
+    a, b = a_tr.local_train(work), b_tr.local_train(work)
+    assert [r.flops for r in a] == [r.flops for r in b]
+    assert [r.peak_memory_bytes for r in a] == [r.peak_memory_bytes for r in b]
+    seq64 = Scenario.model_validate({**seq.model_dump(), "training": {**seq.training.model_dump(), "optimizer": "sgd"}})
+    bat64 = Scenario.model_validate({**bat.model_dump(), "training": {**bat.training.model_dump(), "optimizer": "sgd"}})
+    a64 = _as_float64(build_trainer(seq64, seed=0)).local_train(work)
+    b64 = _as_float64(build_trainer(bat64, seed=0)).local_train(work)
+    for x, y in zip(a64, b64):
+        assert abs(x.loss - y.loss) <= 1e-10 * abs(x.loss)
+        scale = max(float(t.abs().max()) for t in x.update.values())
+        assert scale > 0
+        assert max(float((x.update[n] - y.update[n]).abs().max()) for n in x.update) <= 1e-8 * scale
