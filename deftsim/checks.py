@@ -33,7 +33,7 @@ PEFT_METHODS_BY_EXPERIMENT: dict[str, tuple[str, ...]] = {
 ``federated_deft``: per variant, :data:`PEFT_METHODS_BY_DEFT_VARIANT`)."""
 
 PEFT_METHODS_BY_DEFT_VARIANT: dict[str, tuple[str, ...]] = {
-    "fedavg": ALL_PEFT_METHODS,
+    "lora": ALL_PEFT_METHODS,                           # the plain trainer with the peft section's method
     "split": ALL_PEFT_METHODS,                          # trains its own prompt; the peft section is ignored
     "emulator": ("lora", "prompt_tuning"),              # adapters plugged in by module name, blocks dropped
     "zeroth_order": ("lora", "prompt_tuning"),
@@ -42,7 +42,7 @@ PEFT_METHODS_BY_DEFT_VARIANT: dict[str, tuple[str, ...]] = {
 
 QUANTIZED_BASE_EXPERIMENTS = ("fedavg", "aircomp_vs_ofdma")
 """Experiments that run LoRA on a quantised base (``peft.base_quantization`` int8 / nf4); in
-``federated_deft`` its ``fedavg`` variant only."""
+``federated_deft`` its ``lora`` variant (the plain trainer) only."""
 
 
 def check_peft_method(scenario: Scenario) -> None:
@@ -55,7 +55,7 @@ def check_peft_method(scenario: Scenario) -> None:
         return
     if exp == "federated_deft":
         pairs = [(f"experiment 'federated_deft' with variant {v!r}", PEFT_METHODS_BY_DEFT_VARIANT[v],
-                  v == "fedavg") for v in scenario.federated_deft.variants]
+                  v == "lora") for v in scenario.federated_deft.variants]
     else:
         pairs = [(f"experiment {exp!r}", PEFT_METHODS_BY_EXPERIMENT.get(exp, ALL_PEFT_METHODS),
                   exp in QUANTIZED_BASE_EXPERIMENTS)]
@@ -66,7 +66,7 @@ def check_peft_method(scenario: Scenario) -> None:
         if peft.base_quantization != "none" and not quantized_ok:
             raise ValueError(f"peft.base_quantization={peft.base_quantization!r}: {what} runs LoRA on a float base "
                              f"only (a quantised base runs in experiments {list(QUANTIZED_BASE_EXPERIMENTS)} and "
-                             "federated_deft's 'fedavg' variant); allowed: 'none'")
+                             "federated_deft's 'lora' variant); allowed: 'none'")
 
 
 def model_depth(model_dir: str) -> int:
