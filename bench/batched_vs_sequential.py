@@ -25,7 +25,8 @@ in two separate verdicts:
 ``--device`` / ``--precision`` set ``execution.device`` / ``execution.precision`` of both
 trainers (fomo/execution.py; docs/gpu_precision.md), so the speedup is batched against
 sequential on the same device and precision, in the same process. On a GPU the peak below is
-that of one large float32 (or, with bf16, bfloat16) ``torch.mm`` on the GPU.
+that of one large float32 ``torch.mm`` on the GPU; with bf16 (on either device), of one large
+bfloat16 ``torch.mm``.
 
 Also prints the counted FLOPs per second of both strategies against the float32 matmul peak
 of the host (one large ``torch.mm``, same process): when the batched step already runs at
@@ -55,21 +56,25 @@ forward conditioning of about 5 (tests/fomo/test_execution.py)."""
 
 
 def device_matmul_peak_gflops(device: str, precision: str, seconds: float = 1.0) -> float:
-    """Best GFLOP/s of one large ``torch.mm`` (4096 x 384 @ 384 x 1536) on a CUDA device, in
-    float32 or bfloat16 (synchronised timings)."""
+    """Best GFLOP/s of one large ``torch.mm`` (4096 x 384 @ 384 x 1536) on ``device`` (the CPU
+    or a CUDA GPU, synchronised timings), in float32 or bfloat16."""
     import torch
+
+    def sync() -> None:
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a = torch.randn(4096, 384, device=device, dtype=dtype)
     b = torch.randn(384, 1536, device=device, dtype=dtype)
     flops = 2.0 * 4096 * 384 * 1536
     torch.mm(a, b)
-    torch.cuda.synchronize()
+    sync()
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         t0 = time.perf_counter()
         torch.mm(a, b)
-        torch.cuda.synchronize()
+        sync()
         best = max(best, flops / (time.perf_counter() - t0) / 1e9)
     return best
 
@@ -113,7 +118,7 @@ def main() -> None:
 
     seq.local_train(jobs(2))  # warm-up: profiles the step shape in both trainers (not timed)
     bat.local_train(jobs(2))
-    if bat.placement.on_cpu:
+    if bat.placement.on_cpu and args.precision == "fp32":
         peak = matmul_peak_gflops()
         print(f"float32 matmul peak: {peak:.1f} GFLOP/s ({threads} threads)")
     else:
