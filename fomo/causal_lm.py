@@ -41,6 +41,8 @@ Execution
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -115,7 +117,9 @@ def load_decoder(model_spec: "ModelSpec", disable_dropout: bool = True
                 if "dropout" in key and isinstance(value, float):
                     setattr(config, key, 0.0)
         tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
-        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32, **extra)
+        # transformers' GGUF reader draws its own tqdm bar on stderr, which quiet_hf cannot turn off
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32, **extra)
     if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
         model = model.float()   # dtype=float32 normally does it; a GGUF model (marked quantised) is float32 already
     if disable_dropout:
