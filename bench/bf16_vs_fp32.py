@@ -5,18 +5,21 @@
    per device): sequential fp32, sequential bf16, batched fp32 and batched bf16 (``--k``
    devices in one pass). Each gets the same ``local_train`` call of ``--k`` devices, the order
    rotated every repeat; the speed-up is min(fp32) / min(bf16) over the repeats (the minimum is
-   the estimate least disturbed by other processes). The first call's losses give the bf16
+   the estimate least disturbed by other processes), on the wall clock and on this process's
+   CPU-time clock (``time.process_time``, which other processes' load disturbs less: they take
+   cores, not this process's instructions). The first call's losses give the bf16
    loss gap, against the tolerance 5 x 2 x 2^-8 derived in tests/fomo/test_execution.py.
 2. Accuracy. ``deftsim run scenarios/quickstart.yaml`` with ``execution.precision`` fp32 and
    bf16 (``stop.target_accuracy`` off, so both runs train every round of the scenario), one
    pair per ``--seeds`` entry; final and best accuracy of each, and whether the two runs'
    simulated timelines agree (simulated time, FLOPs, bytes sent, device energy: they must).
 
-    python bench/bf16_vs_fp32.py [--quick] [--k 16] [--batch 4] [--tokens 32] [--repeats 3]
+    python bench/bf16_vs_fp32.py [--quick] [--k 16] [--batch 4] [--tokens 32] [--repeats 5]
                                  [--seeds 0] [--skip-quickstart] [--device cpu|cuda]
 
 ``--quick``: 2 repeats and no quickstart runs. Ends with one line
-``RESULT bf16_speedup_sequential=... bf16_speedup_batched_k16=... ms_step_sequential_fp32=...
+``RESULT bf16_speedup_sequential=... bf16_speedup_sequential_cpu_time=... bf16_speedup_batched_k16=...
+ms_step_sequential_fp32=...
 ... first_step_loss_rel_gap=... quickstart_final_accuracy_fp32=... quickstart_final_accuracy_bf16=...
 quickstart_accuracy_gap=... same_timeline=1``.
 """
@@ -31,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, load_average, loss_rel_diff, min_of_alternating, result_line, set_threads, small_scenario
+from _common import (ROOT, load_average, loss_rel_diff, min_of_alternating_clocks, result_line, set_threads,
+                     small_scenario)
 
 BF16_LOSS_RTOL = 5 * 2 * 2.0**-8
 TIMELINE_KEYS = ("sim_time_s", "total_flops", "total_bytes_sent", "total_device_energy_j", "num_events",
@@ -76,18 +80,21 @@ def step_speed(args: argparse.Namespace, threads: int) -> dict[str, object]:
 
     first = {key: t.local_train(jobs()) for key, t in trainers.items()}   # warm-up, profiles; compared
     runs = {f"{s}_{p}": (lambda t=t: t.local_train(jobs())) for (s, p), t in trainers.items()}
-    best = min_of_alternating(runs, args.repeats)
+    load_before = load_average()
+    clocks = min_of_alternating_clocks(runs, args.repeats)
     out: dict[str, object] = {}
     print(f"step speed: {args.k} devices x 1 AdamW step of {args.batch} x {args.tokens} tokens, device={device}, "
-          f"threads={threads}, min of {args.repeats} rotated repeats (load {load_average()})")
+          f"threads={threads}, min of {args.repeats} rotated repeats (load before {load_before}, after "
+          f"{load_average()})")
     for strategy in ("sequential", "batched"):
-        fp32_s, bf16_s = best[f"{strategy}_fp32"], best[f"{strategy}_bf16"]
         key = "sequential" if strategy == "sequential" else f"batched_k{args.k}"
-        out[f"bf16_speedup_{key}"] = fp32_s / bf16_s
-        out[f"ms_step_{strategy}_fp32"] = 1000 * fp32_s / args.k
-        out[f"ms_step_{strategy}_bf16"] = 1000 * bf16_s / args.k
-        print(f"  {strategy:10s}: ms per device step fp32 {1000 * fp32_s / args.k:7.1f}, bf16 {1000 * bf16_s / args.k:7.1f}"
-              f" -> bf16 speed-up {fp32_s / bf16_s:.2f}x")
+        for clock, suffix in (("wall", ""), ("cpu", "_cpu_time")):
+            fp32_s, bf16_s = clocks[clock][f"{strategy}_fp32"], clocks[clock][f"{strategy}_bf16"]
+            out[f"bf16_speedup_{key}{suffix}"] = fp32_s / bf16_s
+            out[f"ms_step_{strategy}_fp32{suffix}"] = 1000 * fp32_s / args.k
+            out[f"ms_step_{strategy}_bf16{suffix}"] = 1000 * bf16_s / args.k
+            print(f"  {strategy:10s} ({clock} clock): ms per device step fp32 {1000 * fp32_s / args.k:7.1f}, "
+                  f"bf16 {1000 * bf16_s / args.k:7.1f} -> bf16 speed-up {fp32_s / bf16_s:.2f}x")
     gap = max(loss_rel_diff(first[(s, "fp32")], first[(s, "bf16")]) for s in ("sequential", "batched"))
     costs_equal = all([(r.flops, r.peak_memory_bytes, r.update_bytes) for r in first[(s, "fp32")]]
                       == [(r.flops, r.peak_memory_bytes, r.update_bytes) for r in first[(s, "bf16")]]
@@ -146,12 +153,12 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=16, help="devices per call (batched: in one pass)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=None, help="timed calls per trainer (default 3; quick 2)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls per trainer (default 5; quick 2)")
     ap.add_argument("--seeds", default="0", help="comma-separated run seeds of the quickstart pairs")
     ap.add_argument("--skip-quickstart", action="store_true")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="execution.device of the step trainers")
     args = ap.parse_args()
-    args.repeats = args.repeats or (2 if args.quick else 3)
+    args.repeats = args.repeats or (2 if args.quick else 5)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     threads = set_threads()
     print(f"host: {cpu_name()} ({cpu_flags()}), {threads} torch threads")

@@ -272,3 +272,22 @@ def test_cpu_only_experiments_refuse_cuda_and_bf16(experiment: str, execution: d
     for fine in ExecutionSpec.placement_experiments():
         spec.check_experiment(fine)
     ExecutionSpec(device="auto").check_experiment(experiment)
+
+
+def test_the_off_cpu_path_profiles_a_float32_replica(fp32: PeftTrainer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The code path of a GPU placement, exercised on the CPU (the placement claims not to be on
+    the CPU, so the trainer keeps a CPU replica for profiling and moves the model, a no-op
+    here): costs, losses, updates and evaluation equal the default trainer's bit for bit."""
+    monkeypatch.setattr(fexec.Placement, "on_cpu", property(lambda self: False))
+    off = build_trainer(scenario(), 0)
+    assert off._cpu_replica is not None and off._profile_model() is off._cpu_replica
+    assert off._weight_ptrs == frozenset(p.untyped_storage().data_ptr() for p in
+                                         list(off._cpu_replica.parameters()) + list(off._cpu_replica.buffers()))
+    fp32._device_rngs.clear()
+    fp32._load_state(fp32._global)
+    a, b = fp32.local_train(jobs(7, 3, steps=2)), off.local_train(jobs(7, 3, steps=2))
+    assert [(r.flops, r.peak_memory_bytes, r.update_bytes, r.loss) for r in a] == \
+        [(r.flops, r.peak_memory_bytes, r.update_bytes, r.loss) for r in b]
+    assert all(torch.equal(x.update[n], y.update[n]) for x, y in zip(a, b) for n in x.update)
+    assert fp32.job_memory_bytes(4) == off.job_memory_bytes(4)
+    assert fp32.evaluate() == off.evaluate()
