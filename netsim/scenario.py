@@ -299,9 +299,11 @@ class PeftSpec(Spec):
     rank: Int = Field(8, ge=1, le=1024, description="LoRA rank r")
     alpha: PositiveFloat = Field(16.0, le=1e6, description="LoRA scaling alpha (scale = alpha / r)")
     dropout: Float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"])
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"],
+                                      description="lora and ia3: the modules adapted (name or suffix, or all-linear)")
     layers: Optional[list[Annotated[Int, Field(ge=0)]]] = Field(
-        None, description="transformer blocks that get LoRA (null: all)"
+        None, description="lora, ia3, bitfit: the transformer blocks that get the adapter / whose biases train "
+        "(null: all)"
     )
     num_virtual_tokens: Int = Field(8, ge=1, le=512, description="prompt and prefix tuning only")
     feedforward_modules: Optional[list[str]] = Field(
