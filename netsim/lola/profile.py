@@ -30,7 +30,7 @@ class DepthProfile:
     weights_bytes : float            all frozen + trainable weights held by a device [bytes]
     layers : list[list[int]]         transformer layer indices of each block
     optimizer_states : int           optimizer tensors per trainable parameter (AdamW: 2)
-    source : str                     "measured" or "analytic"
+    source : str                     "measured", "analytic" or "cost_model:<architecture>"
     """
 
     forward_flops: float
