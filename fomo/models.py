@@ -431,9 +431,9 @@ def apply_peft(model: "PreTrainedModel", peft_spec: "PeftSpec", task_type: str =
     method = peft_spec.method
     if method in ("lora", "ia3"):
         check_layers(model, peft_spec.layers)
+        if method == "lora":
+            check_rank_per_layer(model, peft_spec)
         check_target_modules(model, list(peft_spec.target_modules), method)
-    if method == "lora":
-        check_rank_per_layer(model, peft_spec)
     if method == "ia3" and peft_spec.feedforward_modules:
         check_target_modules(model, list(peft_spec.feedforward_modules), method, field="peft.feedforward_modules")
     if method == "bitfit":
