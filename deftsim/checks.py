@@ -11,8 +11,8 @@ from typing import Any, Iterator
 
 from pydantic import BaseModel
 
-from fomo.checkpoint import (ALL_LINEAR, HEAD_MODULES, CheckpointInfo, adaptable_modules, check_checkpoint,
-                             check_head_fits, config_depth, default_model_path, read_config)
+from fomo.checkpoint import (ALL_LINEAR, HEAD_MODULES, CheckpointInfo, adaptable_modules, check_head_fits,
+                             check_model_source, config_depth, decoder_lora_targets, read_config)
 from netsim.scenario import Scenario
 
 LORA_EXPERIMENTS = ("fedavg", "aircomp_vs_ofdma", "lola_compare", "federated_deft")
@@ -133,7 +133,8 @@ def check_scenario_resources(scenario: Scenario) -> None:
     check_peft_method(scenario)
     if scenario.trainer != "real":
         return
-    info = check_checkpoint(scenario.model.path or default_model_path())
+    causal = scenario.model.objective == "causal_lm"
+    info = check_model_source(scenario.model.objective, scenario.model.path)
     depth = info.depth
     bad = [layer for layer in (scenario.peft.layers or []) if layer >= depth]
     if bad:
@@ -151,11 +152,14 @@ def check_scenario_resources(scenario: Scenario) -> None:
         return
     uses_targets = scenario.experiment in LORA_EXPERIMENTS and scenario.peft.method in ("lora", "ia3")
     if uses_targets:
-        check_target_modules(info, list(scenario.peft.target_modules))
+        targets = list(scenario.peft.target_modules)
+        if causal and info.shapes is not None:
+            targets = decoder_lora_targets(targets, adaptable_modules(info.shapes))
+        check_target_modules(info, targets)
     from fomo.data import check_data_fits
 
     num_classes = check_data_fits(scenario)
-    if scenario.experiment in LORA_EXPERIMENTS:
+    if scenario.experiment in LORA_EXPERIMENTS and not causal:
         check_head_fits(info, num_classes)
 
 

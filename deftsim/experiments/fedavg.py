@@ -6,6 +6,7 @@ with ``channel.uplink_access: aircomp``, over the air (``netsim.protocols.fedavg
 clusters and consensus come into the summary through ``dynamics_summary``)."""
 from __future__ import annotations
 
+import math
 import time
 
 from netsim.protocols import make_simulation, protocol_name
@@ -41,6 +42,9 @@ def fedavg(scenario: Scenario, on_round=None) -> ExperimentResult:
     summary.update(sim.dynamics_summary())
     if hasattr(trainer, "cost_report"):   # the real trainer: which model's costs drove the timeline
         summary.update(trainer.cost_report(scenario.training.batch_size))
+    if scenario.model.objective == "causal_lm" and sim.last_evaluation is not None:
+        summary["final_test_nll"] = float(sim.last_evaluation.loss)      # mean next-token NLL [nats]
+        summary["final_perplexity"] = math.exp(sim.last_evaluation.loss)
     if isinstance(sim, AirCompFedAvgSimulation):
         summary["aircomp"] = aircomp_summary(sim.aircomp_log)
     title = f"{scenario.name} (seed {scenario.seed})"
