@@ -335,6 +335,11 @@ class CausalLMTrainer(PeftTrainer):
         examples = np.resize(self._train_examples, int(batch_size))
         return self._memory_of(self._profile(*self._full_length_batch(examples)))
 
+    def _trained_step_profile(self, batch_size: int) -> StepProfile:
+        """The decoder's profile of one step at the worst-case shape (for the cost report)."""
+        examples = np.resize(self._train_examples, int(batch_size))
+        return self._profile(*self._full_length_batch(examples))
+
     # ------------------------------------------------------------ evaluation
     def _eval_forward(self, input_ids: torch.Tensor, mask: torch.Tensor, examples: np.ndarray
                       ) -> tuple[torch.Tensor, float]:

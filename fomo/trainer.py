@@ -362,31 +362,32 @@ class PeftTrainer:
     def cost_report(self, batch_size: int) -> dict:
         """Where the timeline's costs come from, for ``summary.json``: ``costs_from`` is
         ``trained_model`` or ``cost_model``; ``trained_model`` holds the model actually trained
-        (``name``: its folder) and, with ``model.cost_model``, ``cost_model`` the counted costs of
-        that architecture, each {name, parameters, flops_per_step, peak_memory_bytes,
-        payload_bytes} of one step of ``batch_size`` examples at ``model.max_length_tokens``
-        (padded). Accuracy always comes from the trained model."""
-        examples = np.resize(self._train_examples, batch_size)
-        input_ids, mask, labels = self._full_length_batch(examples)
-        padded = bool(self._tokens.lengths_tokens[examples].min() < self._max_length_tokens)
-        if self.cost_model is None:
-            memory = self.job_memory_bytes(batch_size)
-            step = self._step_profiles[(int(batch_size), self._max_length_tokens, padded)]
-            payload = self._adapter_bytes
-        else:
-            step = profiling.count_step_flops(self._profile_model(), input_ids, mask, labels, self._weight_ptrs)
-            payload = models.tensor_bytes(list(self._global.values()))
-            memory = profiling.job_memory_bytes(self._weights_bytes, payload, self._optimizer_name,
-                                                step.saved_activation_bytes)
+        and, with ``model.cost_model``, ``cost_model`` the counted costs of that architecture,
+        each {name, parameters, flops_per_step, peak_memory_bytes, payload_bytes} of one step of
+        ``batch_size`` examples at ``model.max_length_tokens``. Accuracy always comes from the
+        trained model."""
+        step = self._trained_step_profile(batch_size)
+        payload = models.tensor_bytes(list(self._global.values()))
+        memory = profiling.job_memory_bytes(self._weights_bytes, payload, self._optimizer_name,
+                                            step.saved_activation_bytes)
         trained = {"name": self._model_name, "parameters": self._base_parameters, "flops_per_step": step.flops,
                    "peak_memory_bytes": int(memory), "payload_bytes": int(payload),
                    "batch_size": int(batch_size), "seq_len": self._max_length_tokens}
         out: dict = {"costs_from": "trained_model" if self.cost_model is None else "cost_model",
                      "trained_model": trained}
         if self.cost_model is not None:
+            examples = np.resize(self._train_examples, batch_size)
+            padded = bool(self._tokens.lengths_tokens[examples].min() < self._max_length_tokens)
             out["cost_model"] = {**self.cost_model.summary(batch_size, self._max_length_tokens, padded).to_dict(),
                                  "notes": list(self.cost_model.notes)}
         return out
+
+    def _trained_step_profile(self, batch_size: int) -> StepProfile:
+        """The trained model's own profile of one step at the worst-case shape (the batch of
+        :meth:`job_memory_bytes`), whatever drives the timeline."""
+        examples = np.resize(self._train_examples, batch_size)
+        input_ids, mask, labels = self._full_length_batch(examples)
+        return profiling.count_step_flops(self._profile_model(), input_ids, mask, labels, self._weight_ptrs)
 
     def min_job_flops(self, steps: int, batch_size: int) -> float:
         """Fewest FLOPs a local job of ``steps`` x ``batch_size`` can count: every batch as
