@@ -53,10 +53,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fomo import checkpoint
-from fomo import data as fdata
 from fomo import lm_data, models, profiling
 from fomo.profiling import StepProfile
-from fomo.trainer import PeftTrainer, configure_threads
+from fomo.trainer import PeftTrainer
 from netsim.interfaces import EvalResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -245,45 +244,29 @@ class CausalLMTrainer(PeftTrainer):
     only: a decoder has no head.
     """
 
-    def __init__(self, scenario: "Scenario", seed: int) -> None:   # noqa: D107 (replaces the parent's)
-        configure_threads()
+    def __init__(self, scenario: "Scenario", seed: int) -> None:
         if scenario.model.cost_model is not None:
             raise ValueError(f"model.cost_model={scenario.model.cost_model!r} is not supported with "
                              "model.objective=causal_lm (the costs are counted on the decoder trained); allowed: null")
-        self.placement = self._resolve_placement(scenario)   # CPU float32 (SUPPORTS_PLACEMENT not declared)
-        self.cost_model = None
-        self._cpu_replica = None
-        self.seed = int(seed)
-        self._optimizer_name = scenario.training.optimizer
-        self._learning_rate = float(scenario.training.learning_rate)
-        self._max_length_tokens = int(scenario.model.max_length_tokens)
         self.loss_on = scenario.data.loss_on
+        super().__init__(scenario, seed)
 
-        texts, labels, self.class_names = fdata.load_texts(scenario.data)
-        self.num_classes: int = len(self.class_names)
-        train_idx, test_idx, parts = fdata.split_and_partition(labels, scenario.data, scenario.num_devices, self.seed)
-        self._train_examples: np.ndarray = train_idx
-        self._device_examples: list[np.ndarray] = [train_idx[p] for p in parts]
-        self._test_examples: np.ndarray = test_idx[: scenario.data.max_test_examples]
-        self._device_rngs: dict[int, np.random.Generator] = {}
+    def _load_model(self, scenario: "Scenario") -> tuple[Any, nn.Module]:
+        """The decoder (:func:`load_decoder`); its tokenizer is kept for generation."""
+        self.tokenizer, base = load_decoder(scenario.model)
+        return self.tokenizer, base
 
-        torch.manual_seed(fdata.torch_init_seed(self.seed))
-        tokenizer, base = load_decoder(scenario.model)
-        self.tokenizer = tokenizer
-        self._model_name = checkpoint.model_source("causal_lm", scenario.model.path)
-        self._base_parameters = int(sum(p.numel() for p in base.parameters()))
-        self._tokens = lm_data.tokenize_examples(tokenizer, texts, labels, self.class_names, scenario.data,
-                                                 self._max_length_tokens)
-        self.model = apply_decoder_peft(base, scenario.peft)
+    def _model_label(self, scenario: "Scenario") -> str:
+        return checkpoint.model_source("causal_lm", scenario.model.path)
 
-        self._trainable = models.trainable_parameters(self.model)
-        self._global = {n: p.detach().clone() for n, p in self._trainable}
-        self._adapter_bytes = models.tensor_bytes(list(self._global.values()))
-        self._weights_bytes = profiling.weights_bytes(self.model)
-        self._weight_ptrs = profiling.storage_ptrs(self.model)
-        self._step_profiles: dict[tuple[int, int, bool], StepProfile] = {}
-        self._eval_flops: dict[tuple[int, int], float] = {}
-        self._configure_execution(scenario)
+    def _tokenize(self, tokenizer: Any, texts: list[str], labels: np.ndarray, scenario: "Scenario") -> Any:
+        """Instruction/response examples (:func:`fomo.lm_data.tokenize_examples`)."""
+        return lm_data.tokenize_examples(tokenizer, texts, labels, self.class_names, scenario.data,
+                                         self._max_length_tokens)
+
+    def _training_model(self, scenario: "Scenario", base: nn.Module) -> nn.Module:
+        """The decoder with LoRA or prompt tuning, task type CAUSAL_LM."""
+        return apply_decoder_peft(base, scenario.peft)
 
     def _configure_execution(self, scenario: "Scenario") -> None:
         """Sequential steps, no activation cache, no pruned block (module docstring)."""

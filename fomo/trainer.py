@@ -234,11 +234,11 @@ class PeftTrainer:
         self._device_rngs: dict[int, np.random.Generator] = {}
 
         torch.manual_seed(fdata.torch_init_seed(self.seed))
-        tokenizer, base = models.load_base(scenario.model, self.num_classes)
-        self._model_name = scenario.model.path or "all-MiniLM-L6-v2"
+        tokenizer, base = self._load_model(scenario)
+        self._model_name = self._model_label(scenario)
         self._base_parameters = int(sum(p.numel() for p in base.parameters()))
         self.model = self._training_model(scenario, base)
-        self._tokens = tokenize_all(tokenizer, texts, labels, self._max_length_tokens)
+        self._tokens = self._tokenize(tokenizer, texts, labels, scenario)
 
         self._trainable = models.trainable_parameters(self.model)
         self._global: PeftState = {n: p.detach().clone() for n, p in self._trainable}
@@ -283,6 +283,20 @@ class PeftTrainer:
         """The float32 CPU model that step profiles and FLOP counts run on: the model itself on
         the CPU (profiled outside autocast), its CPU replica when the steps run on a GPU."""
         return self.model if self._cpu_replica is None else self._cpu_replica
+
+    def _load_model(self, scenario: "Scenario") -> tuple["PreTrainedTokenizerBase", torch.nn.Module]:
+        """(tokenizer, base model) of ``model.path``: a sequence-classification checkpoint with a
+        fresh head of ``num_classes`` outputs. Subclasses load other models (a decoder)."""
+        return models.load_base(scenario.model, self.num_classes)
+
+    def _model_label(self, scenario: "Scenario") -> str:
+        """The trained model's name in ``summary.json`` (its folder, or the default's name)."""
+        return scenario.model.path or "all-MiniLM-L6-v2"
+
+    def _tokenize(self, tokenizer: "PreTrainedTokenizerBase", texts: list[str], labels: np.ndarray,
+                  scenario: "Scenario") -> TokenizedTexts:
+        """Every text tokenized once (:func:`tokenize_all`); subclasses build other examples."""
+        return tokenize_all(tokenizer, texts, labels, self._max_length_tokens)
 
     def _training_model(self, scenario: "Scenario", base: torch.nn.Module) -> torch.nn.Module:
         """The model the devices train: the base wrapped with the ``peft`` section's method.
