@@ -225,16 +225,11 @@ def wrap_peft(model: nn.Module, peft_spec: "PeftSpec", objective: str) -> nn.Mod
     """The PEFT method on ``model`` as the trained model gets it (:func:`fomo.models.apply_peft`);
     a causal LM gets peft's CAUSAL_LM task type and an encoder-decoder SEQ_2_SEQ_LM (no
     classification head to train)."""
-    if objective != "causal_lm" and not is_encoder_decoder(model.config):
-        return apply_peft(model, peft_spec)
-    from peft import get_peft_model
-
-    from .models import peft_config
-
-    config = peft_config(peft_spec, model)
-    config.task_type = "CAUSAL_LM" if objective == "causal_lm" else "SEQ_2_SEQ_LM"
-    with quiet_hf():
-        return get_peft_model(model, config)
+    if objective == "causal_lm":
+        return apply_peft(model, peft_spec, task_type="CAUSAL_LM")
+    if is_encoder_decoder(model.config):
+        return apply_peft(model, peft_spec, task_type="SEQ_2_SEQ_LM")
+    return apply_peft(model, peft_spec)
 
 
 def weightless_model(config: "PretrainedConfig", objective: str, peft_spec: Optional["PeftSpec"],

@@ -45,7 +45,11 @@ def test_reference_architectures_are_the_scenarios_names() -> None:
     PeftSpec(),
     PeftSpec(rank=4, target_modules=["query", "key", "value", "dense"], layers=[4, 5]),
     PeftSpec(method="prompt_tuning", num_virtual_tokens=4),
-], ids=["lora", "lora-top-blocks", "prompt-tuning"])
+    PeftSpec(method="ia3", target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"]),
+    PeftSpec(method="prefix_tuning", num_virtual_tokens=4),
+    PeftSpec(method="bitfit"),
+    PeftSpec(base_quantization="nf4"),
+], ids=["lora", "lora-top-blocks", "prompt-tuning", "ia3", "prefix-tuning", "bitfit", "lora-nf4"])
 def test_counts_equal_the_materialised_model_exactly(peft_spec: PeftSpec) -> None:
     """minilm-l6 is the trained model's own architecture: FLOPs, saved bytes, weights and payload
     of the weightless graph equal the real model's, padded batch or not, to the last unit."""
