@@ -35,6 +35,8 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "memory_per_device": (["--quick"], []),
     "overhead_vs_bare_torch": (["--quick"], []),
     "flower_vs_deftsim": (["--quick"], []),
+    "peft_methods": (["--quick"], []),
+    "cost_model": (["--arch", "llama-2-7b", "t5-xxl"], []),
 }
 
 
