@@ -37,6 +37,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "flower_vs_deftsim": (["--quick"], []),
     "peft_methods": (["--quick"], []),
     "cost_model": (["--arch", "llama-2-7b", "t5-xxl"], []),
+    "bf16_vs_fp32": (["--quick"], []),
 }
 
 

@@ -133,6 +133,10 @@ def check_scenario_resources(scenario: Scenario) -> None:
     check_peft_method(scenario)
     if scenario.trainer != "real":
         return
+    if scenario.execution.device == "cuda":   # a GPU must exist (torch, imported only here)
+        from fomo.execution import check_execution
+
+        check_execution(scenario.execution)
     causal = scenario.model.objective == "causal_lm"
     info = check_model_source(scenario.model.objective, scenario.model.path)
     depth = info.depth

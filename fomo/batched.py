@@ -51,8 +51,9 @@ bfloat16 rounding (a batched kernel may round a product differently), not bitwis
 
 Supported: LoRA without dropout (``peft.dropout = 0``: dropout masks would come from one RNG
 stream instead of each job's own seed) and prompt tuning, whose trainable tensors all live in
-``nn.Linear`` or ``nn.Embedding`` modules. Anything else runs sequentially (see
-:func:`unsupported_reason`).
+``nn.Linear`` or ``nn.Embedding`` modules, LoRA on a quantised base (``peft.base_quantization``)
+included: its frozen quantised layers are split per device like float ones. Anything else runs
+sequentially (see :func:`unsupported_reason`).
 """
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fomo.quantization import QuantizedLinear
 
 BATCHED_METHODS = ("lora", "prompt_tuning")
 """PEFT methods whose steps can run batched (others run one device at a time)."""
@@ -244,6 +247,15 @@ def _frozen_linear(module: nn.Linear, x: torch.Tensor, num_devices: int, rows: i
     return F.linear(x, module.weight, module.bias)
 
 
+def _frozen_quantized(module: QuantizedLinear, x: torch.Tensor, num_devices: int, rows: int) -> torch.Tensor:
+    """A frozen quantised linear layer (``peft.base_quantization``) on the combined batch, split
+    per device exactly as :func:`_frozen_linear` splits a float one."""
+    forward = type(module).forward
+    if x.shape[0] == rows and x.numel() // x.shape[-1] // num_devices < SMALL_ROWS:
+        return torch.cat([forward(module, xk) for xk in x.split(rows // num_devices)])
+    return forward(module, x)
+
+
 @contextlib.contextmanager
 def per_device_modules(model: nn.Module, stack: DeviceStack, rows: int) -> Iterator[None]:
     """Within the block, every trainable ``nn.Linear`` of ``model`` computes each device's rows
@@ -259,6 +271,9 @@ def per_device_modules(model: nn.Module, stack: DeviceStack, rows: int) -> Itera
             if local is None:
                 if type(module) is nn.Linear:
                     module.forward = lambda x, _m=module: _frozen_linear(_m, x, k, rows)
+                    patched.append((module, "forward"))
+                elif isinstance(module, QuantizedLinear):   # a quantised base: the same split
+                    module.forward = lambda x, _m=module: _frozen_quantized(_m, x, k, rows)
                     patched.append((module, "forward"))
                 continue
             weight = stack.tensors[local["weight"]]

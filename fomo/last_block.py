@@ -91,6 +91,12 @@ def position0_forward(block: nn.Module) -> Callable[..., torch.Tensor]:
     return forward
 
 
+def _uses_prefix(model: nn.Module) -> bool:
+    """Whether a peft config of the model is prefix tuning (keys and values prepended per block)."""
+    configs = getattr(model, "peft_config", None) or {}
+    return any(str(getattr(c, "peft_type", "")).endswith("PREFIX_TUNING") for c in configs.values())
+
+
 def find_prunable_last_block(model: nn.Module, input_ids: torch.Tensor,
                              attention_mask: torch.Tensor) -> tuple[Optional[nn.Module], str]:
     """The model's last transformer block if it can be pruned to position 0, else
@@ -108,6 +114,9 @@ def find_prunable_last_block(model: nn.Module, input_ids: torch.Tensor,
         return None, "the last block is a decoder block"
     if any(isinstance(m, nn.Dropout) and m.p > 0 for m in block.modules()):
         return None, "the last block has active dropout"
+    if _uses_prefix(model):
+        return None, ("prefix tuning prepends learned keys and values in every block's attention, which the "
+                      "pruned block does not see")
     try:
         with torch.no_grad():
             full = model(input_ids=input_ids, attention_mask=attention_mask).logits

@@ -388,7 +388,7 @@ class PeftTrainer:
                    "peak_memory_bytes": int(memory), "payload_bytes": int(payload),
                    "batch_size": int(batch_size), "seq_len": self._max_length_tokens}
         out: dict = {"costs_from": "trained_model" if self.cost_model is None else "cost_model",
-                     "trained_model": trained}
+                     "trained_model": trained, "execution": self.placement.record()}
         if self.cost_model is not None:
             examples = np.resize(self._train_examples, batch_size)
             padded = bool(self._tokens.lengths_tokens[examples].min() < self._max_length_tokens)

@@ -571,8 +571,7 @@ class ExecutionSpec(Spec):
         in float32 only (prompt_service, d2d_prompt_transfer, neural_aircomp, lola_compare):
         ValueError naming the fields, their values and what is allowed. ``device: auto`` with
         float32 is accepted everywhere (those experiments resolve it to the CPU). Whether a GPU
-        exists is checked when the trainer is built (``fomo.execution``), not here (no torch).
-        (To be called by ``Scenario._protocol_checks``.)"""
+        exists is checked when the trainer is built (``fomo.execution``), not here (no torch)."""
         if self.device in ("cpu", "auto") and self.precision == "fp32":
             return
         allowed = self.placement_experiments()
@@ -702,6 +701,7 @@ class Scenario(Spec):
         """Settings that only make sense together (each error names both fields)."""
         tr, st = self.training, self.strategies
         self.model.check_objective(self.experiment, self.peft)
+        self.execution.check_experiment(self.experiment)
         if self.model.cost_model is not None:
             self._cost_model_checks()
         if self.experiment == "federated_deft":

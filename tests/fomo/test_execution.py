@@ -109,9 +109,6 @@ def test_deftsim_run_with_cuda_and_no_gpu_exits_2(tmp_path: Path) -> None:
 
 
 @no_gpu
-@pytest.mark.xfail(strict=True, reason="deftsim validate does not build the trainer: needs deftsim.checks."
-                   "check_scenario_resources to call fomo.execution.check_execution(scenario.execution) "
-                   "when execution.device != 'cpu' (then remove this mark)")
 def test_deftsim_validate_with_cuda_and_no_gpu_exits_2() -> None:
     assert_exit_2, deftsim, sets = _cli()
     res = deftsim("validate", ROOT / "scenarios" / "quickstart.yaml", *sets(["execution.device=cuda"]), cwd=ROOT)

@@ -238,7 +238,7 @@ def test_prefix_tuning_skips_the_activation_cache_and_the_pruned_last_block_with
     assert trainer.activation_cache is None and trainer.pruned_block is None
     notes = " | ".join(trainer.execution_notes)
     assert "activation_cache_bytes not applied" in notes and "prompt_encoder" in notes
-    assert "prune_last_block not applied" in notes
+    assert "prune_last_block not applied: prefix tuning prepends" in notes
 
 
 def test_ia3_on_top_blocks_uses_the_activation_cache_exactly() -> None:
