@@ -194,9 +194,14 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled tokens of a batch (with autograd graph)."""
-    nll, count = token_nll(sequence_logits(model, input_ids, attention_mask), labels)
-    return nll / max(count, 1)
+    """Mean next-token cross-entropy over the labelled tokens of a batch (with autograd graph).
+    The count stays a tensor: nothing here looks at values, so a weightless model
+    (:mod:`fomo.cost_model`) runs the same ops."""
+    logits = sequence_logits(model, input_ids, attention_mask)
+    target = labels[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
+                          ignore_index=lm_data.IGNORE_INDEX, reduction="sum")
+    return nll / (target != lm_data.IGNORE_INDEX).sum().clamp(min=1)
 
 
 def exact_matches(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -210,16 +215,9 @@ def exact_matches(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: 
 def count_causal_step(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       labels: torch.Tensor, exclude_ptrs: frozenset[int]) -> StepProfile:
     """Counted FLOPs (forward + backward) and saved-activation bytes of one causal-LM step,
-    without changing the model (no optimizer step, gradients reset, torch RNG restored)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    with torch.random.fork_rng(devices=[]):
-        with profiling.flop_counter() as counter:
-            with profiling.SavedTensorMeter(exclude_ptrs) as meter:
-                loss = causal_lm_loss(model, input_ids, attention_mask, labels)
-            loss.backward()
-    for p in params:
-        p.grad = None
-    return StepProfile(float(counter.get_total_flops()), meter.saved_bytes)
+    without changing the model (:func:`fomo.profiling.count_step_flops` with
+    :func:`causal_lm_loss`)."""
+    return profiling.count_step_flops(model, input_ids, attention_mask, labels, exclude_ptrs, loss=causal_lm_loss)
 
 
 def counted_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -245,9 +243,6 @@ class CausalLMTrainer(PeftTrainer):
     """
 
     def __init__(self, scenario: "Scenario", seed: int) -> None:
-        if scenario.model.cost_model is not None:
-            raise ValueError(f"model.cost_model={scenario.model.cost_model!r} is not supported with "
-                             "model.objective=causal_lm (the costs are counted on the decoder trained); allowed: null")
         self.loss_on = scenario.data.loss_on
         super().__init__(scenario, seed)
 
@@ -300,9 +295,21 @@ class CausalLMTrainer(PeftTrainer):
         return loss.detach()
 
     def _profile(self, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> StepProfile:
-        """Counted cost of a step on this batch, once per (batch, length, padded) shape (a batch
-        without padding lets the attention drop its mask, so its count may differ)."""
-        shape = (int(input_ids.shape[0]), int(input_ids.shape[1]), bool(int(mask.sum(dim=1).min()) < mask.shape[1]))
+        """Counted cost of a step on this batch's shape: the decoder's (:meth:`_count`), or with
+        ``model.cost_model`` that architecture's (:mod:`fomo.cost_model`)."""
+        if self.cost_model is not None:
+            return self.cost_model.profile(*self._shape(input_ids, mask))
+        return self._count(input_ids, mask, labels)
+
+    @staticmethod
+    def _shape(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[int, int, bool]:
+        """(batch, length, padded): a batch without padding lets the attention drop its mask,
+        so its count may differ."""
+        return int(input_ids.shape[0]), int(input_ids.shape[1]), bool(int(mask.sum(dim=1).min()) < mask.shape[1])
+
+    def _count(self, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> StepProfile:
+        """The decoder's own counted cost of a step of this batch's shape (once per shape)."""
+        shape = self._shape(input_ids, mask)
         profile = self._step_profiles.get(shape)
         if profile is None:
             profile = count_causal_step(self.model, input_ids, mask, labels, self._weight_ptrs)
@@ -321,13 +328,15 @@ class CausalLMTrainer(PeftTrainer):
     def _trained_step_profile(self, batch_size: int) -> StepProfile:
         """The decoder's profile of one step at the worst-case shape (for the cost report)."""
         examples = np.resize(self._train_examples, int(batch_size))
-        return self._profile(*self._full_length_batch(examples))
+        return self._count(*self._full_length_batch(examples))
 
     # ------------------------------------------------------------ evaluation
     def _eval_forward(self, input_ids: torch.Tensor, mask: torch.Tensor, examples: np.ndarray
                       ) -> tuple[torch.Tensor, float]:
         """Sequence logits of an evaluation batch and its forward FLOPs (counted once per shape)."""
         shape = (int(input_ids.shape[0]), int(input_ids.shape[1]))
+        if shape not in self._eval_flops and self.cost_model is not None:
+            self._eval_flops[shape] = self.cost_model.eval_flops(*self._shape(input_ids, mask))
         if shape not in self._eval_flops:
             logits, self._eval_flops[shape] = counted_forward(self.model, input_ids, mask)
             return logits, self._eval_flops[shape]

@@ -166,7 +166,7 @@ class HostAttention(TorchFunctionMode):
         is_causal = args[5] if len(args) > 5 else kwargs.get("is_causal", False)
         scale = kwargs.get("scale")
         enable_gqa = kwargs.get("enable_gqa", False)
-        if enable_gqa or self._host_choice(q, k, v, mask, dropout_p, is_causal) != 1:  # 1: SDPBackend.FLASH_ATTENTION
+        if self._host_choice(q, k, v, mask, dropout_p, is_causal, enable_gqa) != 1:  # 1: SDPBackend.FLASH_ATTENTION
             return func(*args, **kwargs)
         if mask is not None and mask.dtype == torch.bool:  # as the CPU kernel's caller converts it
             mask = torch.where(mask, 0.0, float("-inf")).to(q.dtype)
@@ -175,7 +175,7 @@ class HostAttention(TorchFunctionMode):
 
     @staticmethod
     def _host_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                     dropout_p: float, is_causal: bool) -> int:
+                     dropout_p: float, is_causal: bool, enable_gqa: bool) -> int:
         with unset_fake_temporarily():
             def tiny(t: torch.Tensor) -> torch.Tensor:
                 shape = [1] * (t.dim() - 2) + [2, t.shape[-1]]
@@ -185,7 +185,8 @@ class HostAttention(TorchFunctionMode):
             small_mask = None
             if mask is not None:
                 small_mask = torch.zeros([1] * (mask.dim() - 2) + [2, 2], dtype=mask.dtype)
-            return int(torch._fused_sdp_choice(tiny(q), tiny(k), tiny(v), small_mask, float(dropout_p), bool(is_causal)))
+            return int(torch._fused_sdp_choice(tiny(q), tiny(k), tiny(v), small_mask, float(dropout_p), bool(is_causal),
+                                               enable_gqa=bool(enable_gqa)))
 
 
 def architecture_peft(peft_spec: "PeftSpec", model: nn.Module) -> tuple["PeftSpec", Optional[str]]:
@@ -230,6 +231,33 @@ def wrap_peft(model: nn.Module, peft_spec: "PeftSpec", objective: str) -> nn.Mod
     if is_encoder_decoder(model.config):
         return apply_peft(model, peft_spec, task_type="SEQ_2_SEQ_LM")
     return apply_peft(model, peft_spec)
+
+
+@contextlib.contextmanager
+def host_causal_mask_rule() -> Iterator[None]:
+    """transformers' decoder-mask rules as they apply to real tensors. On a real batch it drops
+    the causal mask (``is_causal`` instead of a materialised mask) when no token is padded, the
+    query and key lengths agree (no cache) and no sliding window cuts it, and it finds no packed
+    sequences in the default position ids (0, 1, 2, ...). On fake tensors it can look at no
+    value, so it keeps every mask and assumes packing; within the block both are decided from
+    the shapes and from whether a padding mask is given (the cost model passes none for an
+    unpadded batch, and deftsim never passes position ids)."""
+    from transformers import masking_utils
+
+    originals = masking_utils._ignore_causal_mask_sdpa, masking_utils.find_packed_sequence_indices
+
+    def ignore_causal_mask(padding_mask: Any, q_length: int, kv_length: int, q_offset: Any, kv_offset: Any,
+                           local_attention_size: Optional[int] = None) -> bool:
+        if local_attention_size is not None and kv_length >= local_attention_size:
+            return False
+        return padding_mask is None and (q_length == 1 or kv_length == q_length)
+
+    masking_utils._ignore_causal_mask_sdpa = ignore_causal_mask
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils._ignore_causal_mask_sdpa, masking_utils.find_packed_sequence_indices = originals
 
 
 def weightless_model(config: "PretrainedConfig", objective: str, peft_spec: Optional["PeftSpec"],
@@ -325,7 +353,7 @@ class CostModel:
 
     @contextlib.contextmanager
     def _counting(self) -> Iterator[None]:
-        with self._mode, HostAttention():
+        with self._mode, HostAttention(), host_causal_mask_rule():
             yield
 
     def _inputs(self, batch_size: int, seq_len: int, padded: bool
@@ -346,7 +374,7 @@ class CostModel:
 
     def _loss(self) -> profiling.LossFn:
         seq2seq = self.objective == "classification" and is_encoder_decoder(self.config)
-        return profiling.causal_lm_loss if seq2seq else profiling.step_loss(self.objective)
+        return profiling.labels_loss if seq2seq else profiling.step_loss(self.objective)
 
     def profile(self, batch_size: int, seq_len: int, padded: bool = True) -> StepProfile:
         """FLOPs (forward + backward) and saved-activation bytes of one training step of

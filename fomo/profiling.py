@@ -160,11 +160,11 @@ def classification_loss(
     return F.cross_entropy(classification_logits(model, input_ids, attention_mask), labels)
 
 
-def causal_lm_loss(
+def labels_loss(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy of a causal LM over the tokens whose label is not -100
-    (transformers shifts the labels by one inside the model)."""
+    """transformers' own loss of a model given ``labels`` (an encoder-decoder's decoder targets:
+    mean cross-entropy over the labelled target tokens)."""
     return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
 
 
@@ -172,8 +172,11 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.T
 
 
 def step_loss(objective: str) -> LossFn:
-    """The training loss of ``model.objective``: classification or causal LM."""
+    """The training loss of ``model.objective``: classification, or the causal LM's next-token
+    loss (:func:`fomo.causal_lm.causal_lm_loss`)."""
     if objective == "causal_lm":
+        from fomo.causal_lm import causal_lm_loss
+
         return causal_lm_loss
     if objective == "classification":
         return classification_loss

@@ -279,9 +279,6 @@ class ModelSpec(Spec):
         if peft.rank_per_layer is not None:
             raise ValueError("model.objective='causal_lm' with peft.rank_per_layer is not supported; use peft.rank "
                              "(and peft.layers to choose the blocks)")
-        if self.cost_model is not None:
-            raise ValueError(f"model.objective='causal_lm' with model.cost_model={self.cost_model!r} is not supported "
-                             "(the costs are counted on the decoder trained); allowed: null")
 
 
 class PeftSpec(Spec):

@@ -106,7 +106,7 @@ def test_folder_architectures_equal_their_materialised_models(tmp_path, name: st
     assert cost.parameters == sum(p.numel() for n, p in real.named_parameters()
                                   if "lora_" not in n and "modules_to_save" not in n)
     seq2seq = fcost.is_encoder_decoder(hf_config)
-    loss = profiling.causal_lm_loss if (seq2seq or objective == "causal_lm") else profiling.classification_loss
+    loss = profiling.labels_loss if seq2seq else profiling.step_loss(objective)
     for padded in (False, True):
         ids, mask, labels = _batch(4, 12, padded, vocab=300, causal=objective == "causal_lm")
         if seq2seq:

@@ -6,6 +6,8 @@ and not the accuracy; LoLa's depth profile counted without weights must equal th
 on the real checkpoint."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -77,3 +79,41 @@ def test_weightless_depth_profile_equals_the_measured_one() -> None:
     for field in ("forward_flops", "backward_flops", "activation_bytes", "trainable_bytes", "weights_bytes",
                   "layers"):
         assert getattr(weightless, field) == getattr(real, field), field
+
+
+def test_a_decoder_trained_small_and_costed_as_llama_2_7b(tmp_path) -> None:
+    """Causal-LM fine-tuning of a tiny random decoder with Llama-2-7B's costs: every step,
+    memory and upload is Llama-2-7B's (the classification default targets mapped to q_proj and
+    v_proj); with the trained decoder's own config as the cost model the costs are its own."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fomo import build_trainer, checkpoint
+    from fomo.cost_model import CostModel
+
+    gguf = Path(checkpoint.default_decoder_path())
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+
+    def trainer(cost_model):
+        return build_trainer(Scenario.model_validate({
+            "model": {"path": str(tmp_path / "tiny"), "objective": "causal_lm", "max_length_tokens": 24,
+                      "cost_model": cost_model},
+            "devices": [{"count": 2}], "data": {"max_test_examples": 8}, "training": {"batch_size": 4}}), 0)
+
+    own, big = trainer(str(tmp_path / "tiny")), trainer("llama-2-7b")
+    examples = own._train_examples[:4]
+    batch = own._tokens.batch(examples)
+    assert own._step_profile(examples) == own._count(*batch)            # its own config: its own costs
+    assert own.adapter_bytes() == own.cost_model.payload_bytes
+    llama = CostModel("llama-2-7b", PeftSpec(), 2, objective="causal_lm")
+    assert big._step_profile(examples) == llama.profile(*big._shape(batch[0], batch[1]))
+    assert big.adapter_bytes() == llama.payload_bytes == 4 * 32 * 2 * (2 * 4096 * 8)
+    assert big.job_memory_bytes(4) > 26e9
+    report = big.cost_report(4)
+    assert report["costs_from"] == "cost_model" and report["cost_model"]["name"] == "llama-2-7b"
+    assert report["trained_model"]["parameters"] < 1e8
