@@ -281,18 +281,9 @@ class CausalLMTrainer(PeftTrainer):
             warnings.warn(note, RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------ steps and costs
-    def _train_step(self, optimizer: torch.optim.Optimizer, examples: np.ndarray, base, prox_mu: float = 0.0
-                    ) -> torch.Tensor:
-        """One optimizer step on the mean next-token loss of a batch (FedProx adds
-        mu/2 ||w - w_base||^2 when ``prox_mu`` > 0); returns the loss."""
-        optimizer.zero_grad(set_to_none=True)
-        loss = causal_lm_loss(self.model, *self._tokens.batch(examples))
-        total = loss
-        if prox_mu > 0:
-            total = loss + 0.5 * prox_mu * sum(((p - base[n]) ** 2).sum() for n, p in self._trainable)
-        total.backward()
-        optimizer.step()
-        return loss.detach()
+    def _batch_loss(self, examples: np.ndarray) -> torch.Tensor:
+        """The mean next-token loss of a batch (the parent's step adds FedProx's term)."""
+        return causal_lm_loss(self.model, *self._tokens.batch(examples))
 
     def _profile(self, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> StepProfile:
         """Counted cost of a step on this batch's shape: the decoder's (:meth:`_count`), or with

@@ -565,17 +565,22 @@ class PeftTrainer:
     def _train_step(self, optimizer: torch.optim.Optimizer, examples: np.ndarray, base: PeftState,
                     prox_mu: float = 0.0) -> torch.Tensor:
         """One optimizer step on a batch of ``examples`` (through the host's execution tricks:
-        activation cache, pruned last block); returns the cross-entropy. FedProx (``prox_mu``
+        activation cache, pruned last block); returns the loss (:meth:`_batch_loss`). FedProx (``prox_mu``
         > 0) adds mu/2 ||w - w_base||^2 over the trainable tensors to the minimised loss."""
         optimizer.zero_grad(set_to_none=True)
-        input_ids, mask, labels = self.placement.batch(self._tokens.batch(examples))
-        loss = F.cross_entropy(self._logits(input_ids, mask, examples), labels)
+        loss = self._batch_loss(examples)
         total = loss
         if prox_mu > 0:
             total = loss + 0.5 * prox_mu * sum(((p - base[n]) ** 2).sum() for n, p in self._trainable)
         total.backward()
         optimizer.step()
         return loss.detach()
+
+    def _batch_loss(self, examples: np.ndarray) -> torch.Tensor:
+        """The training loss of a batch of ``examples``: cross-entropy of the classification
+        logits (subclasses train other objectives)."""
+        input_ids, mask, labels = self.placement.batch(self._tokens.batch(examples))
+        return F.cross_entropy(self._logits(input_ids, mask, examples), labels)
 
     def _run_batched(self, plans: Sequence[PlannedJob]) -> list[LocalResult]:
         """Batched strategy: jobs grouped by (steps, batch_size), in plan order, each group cut
