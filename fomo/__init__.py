@@ -23,6 +23,13 @@ batched    batched multi-device LoRA steps (one forward/backward for K devices, 
 prefix_cache  frozen-prefix activation cache (``execution.activation_cache_bytes``).
 last_block    the last block computed only at the position the head reads
               (``execution.prune_last_block``).
+execution     where the steps run and in what precision (``execution.device``/``precision``).
+quantization  int8 / NF4 storage of the frozen base's linear layers (``peft.base_quantization``).
+cost_model    costs of any architecture counted on its module graph without weights
+              (``model.cost_model``); the reference architectures are in ``architectures/``.
+causal_lm, lm_data
+              causal-LM fine-tuning of a decoder (``model.objective: causal_lm``): loading from
+              a folder or a GGUF file, instruction/response examples, exact match and perplexity.
 
 Federated fine-tuning without the whole model on the device (experiment ``federated_deft``):
 
