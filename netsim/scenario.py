@@ -12,12 +12,12 @@ one protocol or component reads is defined in that module and imported here)::
     ├── edge_servers: [EdgeServerSpec]
     ├── channel: ChannelSpec          path loss, fading, noise, bandwidths
     ├── d2d: D2DSpec                  device-to-device graph (networkx)
-    ├── model: ModelSpec              local Hugging Face checkpoint + tokenization
-    ├── peft: PeftSpec                LoRA / prompt tuning
+    ├── model: ModelSpec              local Hugging Face checkpoint or GGUF file, objective, cost model
+    ├── peft: PeftSpec                LoRA (float or quantised base), prompt/prefix tuning, IA3, BitFit
     ├── data: DataSpec                data set, partition across devices, test split
     ├── training: TrainingSpec        rounds, local steps, batch, optimizer, selection
     ├── stop: StopSpec                target accuracy, round limit, simulated-time horizon
-    ├── execution: ExecutionSpec      how the host runs the real steps (never changes the timeline)
+    ├── execution: ExecutionSpec      how and where the host runs the real steps (never changes the timeline)
     ├── trainer: "real" | "fake"      real PyTorch steps or the torch-free stand-in
     │
     │   owned by other modules:
@@ -265,14 +265,14 @@ class ModelSpec(Spec):
         Nothing to check for ``classification``. (Called by ``Scenario._protocol_checks``.)"""
         if self.objective != "causal_lm":
             return
-        CAUSAL_LM_EXPERIMENTS, CAUSAL_LM_PEFT_METHODS = self.causal_lm_experiments(), self.causal_lm_peft_methods()
-        if experiment not in CAUSAL_LM_EXPERIMENTS:
+        experiments, methods = self.causal_lm_experiments(), self.causal_lm_peft_methods()
+        if experiment not in experiments:
             raise ValueError(f"model.objective='causal_lm' is not supported by experiment={experiment!r} (it "
                              "trains a classification head); allowed experiments with causal_lm: "
-                             f"{', '.join(CAUSAL_LM_EXPERIMENTS)}")
-        if peft.method not in CAUSAL_LM_PEFT_METHODS:
+                             f"{', '.join(experiments)}")
+        if peft.method not in methods:
             raise ValueError(f"model.objective='causal_lm' with peft.method={peft.method!r} is not supported; "
-                             f"allowed: {', '.join(CAUSAL_LM_PEFT_METHODS)}")
+                             f"allowed: {', '.join(methods)}")
         if peft.base_quantization != "none":
             raise ValueError(f"model.objective='causal_lm' with peft.base_quantization={peft.base_quantization!r} "
                              "is not supported; allowed: 'none' (a float base)")
