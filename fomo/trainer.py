@@ -361,17 +361,17 @@ class PeftTrainer:
         """Peak memory of a local job of this batch size at the worst-case sequence length
         ``model.max_length_tokens`` [bytes] (profiled once per batch size, model unchanged; with
         ``model.cost_model``, the cost model's)."""
+        if self.cost_model is not None:
+            shape = self._worst_case_shape(batch_size)[1]
+            return self.cost_model.job_memory_bytes(self.cost_model.profile(*shape))
+        return self._memory_of(self._trained_step_profile(batch_size))
+
+    def _worst_case_shape(self, batch_size: int) -> tuple[np.ndarray, tuple[int, int, bool]]:
+        """(examples, (batch, tokens, padded)) of the worst-case batch of :meth:`job_memory_bytes`:
+        the first training examples, every one cut or padded to ``model.max_length_tokens``."""
         examples = np.resize(self._train_examples, batch_size)
         padded = bool(self._tokens.lengths_tokens[examples].min() < self._max_length_tokens)
-        shape = (int(batch_size), self._max_length_tokens, padded)
-        if self.cost_model is not None:
-            return self.cost_model.job_memory_bytes(self.cost_model.profile(*shape))
-        if shape not in self._step_profiles:
-            input_ids, mask, labels = self._full_length_batch(examples)
-            self._step_profiles[shape] = profiling.count_step_flops(
-                self._profile_model(), input_ids, mask, labels, self._weight_ptrs
-            )
-        return self._memory_of(self._step_profiles[shape])
+        return examples, (int(batch_size), self._max_length_tokens, padded)
 
     def cost_report(self, batch_size: int) -> dict:
         """Where the timeline's costs come from, for ``summary.json``: ``costs_from`` is
@@ -390,18 +390,19 @@ class PeftTrainer:
         out: dict = {"costs_from": "trained_model" if self.cost_model is None else "cost_model",
                      "trained_model": trained, "execution": self.placement.record()}
         if self.cost_model is not None:
-            examples = np.resize(self._train_examples, batch_size)
-            padded = bool(self._tokens.lengths_tokens[examples].min() < self._max_length_tokens)
-            out["cost_model"] = {**self.cost_model.summary(batch_size, self._max_length_tokens, padded).to_dict(),
+            out["cost_model"] = {**self.cost_model.summary(*self._worst_case_shape(batch_size)[1]).to_dict(),
                                  "notes": list(self.cost_model.notes)}
         return out
 
     def _trained_step_profile(self, batch_size: int) -> StepProfile:
         """The trained model's own profile of one step at the worst-case shape (the batch of
-        :meth:`job_memory_bytes`), whatever drives the timeline."""
-        examples = np.resize(self._train_examples, batch_size)
-        input_ids, mask, labels = self._full_length_batch(examples)
-        return profiling.count_step_flops(self._profile_model(), input_ids, mask, labels, self._weight_ptrs)
+        :meth:`job_memory_bytes`, whose cache it shares), whatever drives the timeline."""
+        examples, shape = self._worst_case_shape(batch_size)
+        if shape not in self._step_profiles:
+            input_ids, mask, labels = self._full_length_batch(examples)
+            self._step_profiles[shape] = profiling.count_step_flops(
+                self._profile_model(), input_ids, mask, labels, self._weight_ptrs)
+        return self._step_profiles[shape]
 
     def min_job_flops(self, steps: int, batch_size: int) -> float:
         """Fewest FLOPs a local job of ``steps`` x ``batch_size`` can count: every batch as
